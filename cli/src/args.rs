@@ -1,0 +1,237 @@
+//! Command-line arguments, and the pure function that turns them (and a config file) into a
+//! [`NodeConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use df_node::Multiaddr;
+use df_node::config::default_data_dir;
+use df_node::{ApiAddr, NodeConfig, Role};
+
+/// Peer-to-peer distribution of files and container images.
+#[derive(Debug, Parser)]
+#[command(name = "df", version, about, long_about = None)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Download a URL through the swarm (like wget / dfget).
+    Get(GetArgs),
+    /// Run a node: download for this host, serve peers, and (with `--mirror-listen`, later) a registry mirror.
+    Node(ServeArgs),
+    /// Run a seed: fetch origins for the swarm and cache what it fetched.
+    Seed(ServeArgs),
+    /// Print a node's status as JSON.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GetArgs {
+    /// The URL to download (http or https).
+    pub url: String,
+    /// Write to FILE (through a temporary file beside it, renamed on success).
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FILE",
+        conflicts_with = "output_document"
+    )]
+    pub output: Option<PathBuf>,
+    /// Write to FILE, or to standard output with `-O -`.
+    #[arg(short = 'O', long = "output-document", value_name = "FILE")]
+    pub output_document: Option<PathBuf>,
+    /// The node's API (HOST:PORT or a unix socket path). Default: the local node's socket, and an
+    /// embedded node for this one download when nothing listens there.
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<String>,
+    /// Extra request header for the origin, `Name: value` (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
+    pub headers: Vec<String>,
+    /// Expected digest of the content, `sha256:HEX` or `sha512:HEX`. The digest alone names the
+    /// task, so the same bytes at two URLs are one swarm.
+    #[arg(long)]
+    pub digest: Option<String>,
+    /// Tag separating tasks of the same URL.
+    #[arg(long, default_value = "")]
+    pub tag: String,
+    /// Query parameter ignored when naming the task (repeatable), e.g. a signature.
+    #[arg(long = "filtered-query-param", value_name = "NAME")]
+    pub filtered_query_params: Vec<String>,
+    /// Give up after this long (e.g. `30s`, `10m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Never fetch from the origin (only peers and seeds serve).
+    #[arg(long)]
+    pub disable_back_to_source: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// For the embedded node: peers to join (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+}
+
+#[derive(Debug, Args, Default)]
+pub(crate) struct ServeArgs {
+    /// TOML config file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (identity key, piece store, API socket).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// libp2p listen address (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<Multiaddr>,
+    /// Peer to join through, with or without /p2p/<peer id> (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Local API address: HOST:PORT or a unix socket path.
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<String>,
+    /// Data-plane (piece transfer) listen address, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub data_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// The node's API (HOST:PORT or a unix socket path).
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<String>,
+}
+
+/// Builds a node's config: defaults, then the config file's text (if any), then the flags.
+pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> Result<NodeConfig> {
+    let mut cfg: NodeConfig = match file {
+        Some(text) => toml::from_str(text).context("invalid config file")?,
+        None => NodeConfig::default(),
+    };
+    cfg.role = role;
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if !args.listen.is_empty() {
+        cfg.listen = args.listen.clone();
+    }
+    if !args.bootstrap.is_empty() {
+        cfg.bootstrap = args.bootstrap.clone();
+    }
+    if let Some(a) = &args.api {
+        cfg.api = Some(a.parse::<ApiAddr>().map_err(anyhow::Error::msg)?);
+    }
+    if let Some(a) = args.data_listen {
+        cfg.data_listen = a;
+    }
+    if cfg.listen.is_empty() {
+        bail!("no listen address: give --listen or `listen` in the config file");
+    }
+    Ok(cfg)
+}
+
+/// The API address a client command uses: the flag, else the default node's socket.
+pub(crate) fn client_api(flag: Option<&str>) -> Result<(ApiAddr, bool)> {
+    match flag {
+        Some(a) => Ok((a.parse::<ApiAddr>().map_err(anyhow::Error::msg)?, true)),
+        None => Ok((ApiAddr::default_for(&default_data_dir()), false)),
+    }
+}
+
+/// Parses `Name: value`.
+pub(crate) fn parse_header(h: &str) -> Result<(String, String)> {
+    let (k, v) = h
+        .split_once(':')
+        .with_context(|| format!("malformed header {h:?}: expected 'Name: value'"))?;
+    let k = k.trim();
+    if k.is_empty() || k.contains(char::is_whitespace) {
+        bail!("malformed header {h:?}: expected 'Name: value'");
+    }
+    Ok((k.to_owned(), v.trim().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let args = ServeArgs {
+            data_dir: Some("/tmp/x".into()),
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()],
+            api: Some("127.0.0.1:7000".into()),
+            ..ServeArgs::default()
+        };
+        let file = r#"
+            data_dir = "/var/lib/df"
+            listen = ["/ip4/0.0.0.0/tcp/5001"]
+            [download]
+            max_inflight_pieces = 3
+        "#;
+        let cfg = node_config(Role::Seed, Some(file), &args).unwrap();
+        assert_eq!(cfg.role, Role::Seed);
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(
+            cfg.listen,
+            vec!["/ip4/0.0.0.0/tcp/5001".parse::<Multiaddr>().unwrap()]
+        );
+        assert_eq!(cfg.bootstrap.len(), 1);
+        assert_eq!(
+            cfg.api,
+            Some(ApiAddr::Tcp("127.0.0.1:7000".parse().unwrap()))
+        );
+        assert_eq!(cfg.download.max_inflight_pieces, 3);
+        assert_eq!(cfg.download.max_inflight_per_source, 4);
+    }
+
+    #[test]
+    fn bad_file_and_bad_flags_are_errors() {
+        assert!(node_config(Role::Node, Some("listen = 5"), &ServeArgs::default()).is_err());
+        let args = ServeArgs {
+            api: Some("not an address".into()),
+            ..ServeArgs::default()
+        };
+        assert!(node_config(Role::Node, None, &args).is_err());
+    }
+
+    #[test]
+    fn headers() {
+        assert_eq!(
+            parse_header("Authorization: Bearer a:b").unwrap(),
+            ("Authorization".into(), "Bearer a:b".into())
+        );
+        assert!(parse_header("nocolon").is_err());
+        assert!(parse_header(": x").is_err());
+    }
+
+    #[test]
+    fn cli_parses_dfget_style_flags() {
+        let cli = Cli::try_parse_from([
+            "df",
+            "get",
+            "http://h/f",
+            "-O",
+            "-",
+            "-H",
+            "A: b",
+            "--digest",
+            "sha256:00",
+            "--filtered-query-param",
+            "sig",
+            "--timeout",
+            "30s",
+            "--no-progress",
+        ])
+        .unwrap();
+        let Command::Get(g) = cli.command else {
+            panic!()
+        };
+        assert_eq!(g.output_document, Some(PathBuf::from("-")));
+        assert_eq!(g.timeout, Some(Duration::from_secs(30)));
+        assert!(Cli::try_parse_from(["df", "get", "u", "-o", "a", "-O", "b"]).is_err());
+    }
+}

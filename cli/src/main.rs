@@ -1,0 +1,122 @@
+//! `df`: the command-line front end.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`args`] | clap definitions; args + config file → `NodeConfig` (pure) |
+//! | [`get`] | `df get` (daemon or embedded node; temp file + rename; digest check) |
+//! | [`progress`] | the progress bar |
+//!
+//! Exit codes: 0 success, 1 failure (one line on standard error), 2 usage error.
+
+mod args;
+mod get;
+mod progress;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use df_node::Role;
+use df_node::api::client::ApiClient;
+
+use args::{Cli, Command, ServeArgs, StatusArgs, client_api, node_config};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("df: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Get(a) => {
+                // The embedded node's warnings repeat what df prints itself: keep stderr to one line.
+                init_logging("error");
+                tokio::select! {
+                    r = get::run(a) => r,
+                    _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+                }
+            }
+            Command::Node(a) => {
+                init_logging("info");
+                serve(Role::Node, a).await
+            }
+            Command::Seed(a) => {
+                init_logging("info");
+                serve(Role::Seed, a).await
+            }
+            Command::Status(a) => {
+                init_logging("warn");
+                status(a).await
+            }
+        }
+    });
+    // Dropping the runtime would wait for blocking tasks (e.g. a stuck stdin): don't.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("df: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(role: Role, args: ServeArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let cfg = node_config(role, file.as_deref(), &args)?;
+    let node = df_seed::start(cfg).await?;
+    for a in node.listen_addrs() {
+        tracing::info!(addr = %a, "bootstrap others with");
+    }
+    tracing::info!(api = %node.api_addr(), data = %node.data_addr(), "serving");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let (addr, _) = client_api(args.api.as_deref())?;
+    let v = ApiClient::new(addr).status_json().await?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}

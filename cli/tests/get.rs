@@ -1,0 +1,196 @@
+//! `df get` as a user runs it: the real binary, a local origin, with and without a daemon.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use df_node::Role;
+use df_testnet::{TestNode, TestOrigin, content, sha256_hex};
+
+const MIB: usize = 1 << 20;
+
+/// Runs `df` with an empty default data dir, so no daemon is found unless `--api` is given.
+fn df(args: &[&str], data_home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_df"))
+        .args(args)
+        .env("DF_DATA_DIR", data_home)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running df")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Files in `dir` other than `keep`.
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_without_a_daemon_writes_the_file() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(9 * MIB + 3, 1);
+    origin.put("/file.bin", data.clone());
+    let home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("file.bin");
+    let url = origin.url("/file.bin");
+    let o = tokio::task::spawn_blocking({
+        let (out, home) = (out.clone(), home.path().to_owned());
+        move || {
+            df(
+                &["get", &url, "-o", out.to_str().unwrap(), "--no-progress"],
+                &home,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
+    assert_eq!(leftovers(out_dir.path()), vec!["file.bin".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_to_stdout_streams_in_order_through_a_daemon() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(2 * 4 * MIB + 17, 2);
+    origin.put("/s", data.clone());
+    let node = TestNode::start(Role::Node, vec![], |_| {}).await.unwrap();
+    let api = node.node.api_addr().to_string();
+    let home = tempfile::tempdir().unwrap();
+    let url = origin.url("/s");
+    let o = tokio::task::spawn_blocking(move || {
+        df(
+            &["get", &url, "-O", "-", "--api", &api, "--no-progress"],
+            home.path(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    assert_eq!(o.stdout.len(), data.len());
+    assert_eq!(sha256_hex(&o.stdout), sha256_hex(&data));
+    // `df status` prints the daemon's status JSON.
+    let api = node.node.api_addr().to_string();
+    let home = tempfile::tempdir().unwrap();
+    let s = tokio::task::spawn_blocking(move || df(&["status", "--api", &api], home.path()))
+        .await
+        .unwrap();
+    assert!(s.status.success(), "{}", stderr(&s));
+    let v: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
+    assert_eq!(v["peer_id"], node.node.peer_id().to_string());
+    assert!(v["bytes"]["from_origin"].as_u64().unwrap() >= data.len() as u64);
+}
+
+/// Runs a failing `df get -o FILE` and returns its stderr, checking it left nothing behind.
+async fn fails(args: Vec<String>) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out");
+    let mut full = args.clone();
+    full.extend([
+        "-o".into(),
+        out.to_str().unwrap().into(),
+        "--no-progress".into(),
+    ]);
+    let o = tokio::task::spawn_blocking({
+        let home = home.path().to_owned();
+        move || df(&full.iter().map(String::as_str).collect::<Vec<_>>(), &home)
+    })
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "expected failure: {}", stderr(&o));
+    assert!(leftovers(out_dir.path()).is_empty(), "left files behind");
+    let err = stderr(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_print_one_clear_line_and_leave_no_file() {
+    let origin = TestOrigin::start().await.unwrap();
+    for status in [404u16, 403, 500] {
+        let path = format!("/e{status}");
+        origin.fail(&path, status);
+        let err = fails(vec!["get".into(), origin.url(&path)]).await;
+        assert!(err.contains(&status.to_string()), "status {status}: {err}");
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = fails(vec!["get".into(), format!("http://{closed}/x")]).await;
+    assert!(err.contains("cannot reach origin"), "{err}");
+
+    let err = fails(vec!["get".into(), "no-scheme/path".into()]).await;
+    assert!(err.contains("malformed URL"), "{err}");
+
+    origin.put("/d", content(1000, 3));
+    let err = fails(vec![
+        "get".into(),
+        origin.url("/d"),
+        "--digest".into(),
+        format!("sha256:{}", "ab".repeat(32)),
+    ])
+    .await;
+    assert!(err.contains("digest mismatch"), "{err}");
+
+    let sock = tempfile::tempdir().unwrap();
+    let api = sock.path().join("nobody.sock");
+    let err = fails(vec![
+        "get".into(),
+        origin.url("/d"),
+        "--api".into(),
+        api.to_str().unwrap().into(),
+    ])
+    .await;
+    assert!(err.contains("cannot reach the df API"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_reported_and_leaves_nothing() {
+    // A 1 MiB tmpfs: root is needed to mount it (CI runs as root).
+    let mnt = tempfile::tempdir().unwrap();
+    let ok = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "tmpfs",
+            mnt.path().to_str().unwrap(),
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "mounting a tmpfs failed: this test needs root");
+    let origin = TestOrigin::start().await.unwrap();
+    origin.put("/big", content(3 * MIB, 4));
+    let home = tempfile::tempdir().unwrap();
+    let out = mnt.path().join("big");
+    let url = origin.url("/big");
+    let o = tokio::task::spawn_blocking({
+        let (out, home) = (out.clone(), home.path().to_owned());
+        move || {
+            df(
+                &["get", &url, "-o", out.to_str().unwrap(), "--no-progress"],
+                &home,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let listing = leftovers(mnt.path());
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no space left"), "{}", stderr(&o));
+    assert!(listing.is_empty(), "left {listing:?}");
+}

@@ -1,0 +1,215 @@
+//! A client of the local API, for front ends (the CLI, the registry mirror, tests).
+
+use std::ops::Range;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, BodyStream, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{ErrorBody, TaskInfo};
+use crate::config::ApiAddr;
+use crate::node::NodeStatus;
+use crate::task::{DownloadRequest, TaskError};
+
+/// Errors talking to the local API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot reach the df API at {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The node answered with a task error.
+    #[error("{0}")]
+    Task(TaskError),
+    #[error("the df API answered {status}: {body}")]
+    Http { status: StatusCode, body: String },
+    #[error("talking to the df API failed: {0}")]
+    Protocol(String),
+}
+
+/// A stream of content bytes.
+pub type ContentStream = Pin<Box<dyn Stream<Item = Result<Bytes, ApiError>> + Send>>;
+
+/// Client of one node's API. Each call opens its own connection.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    addr: ApiAddr,
+}
+
+impl ApiClient {
+    pub fn new(addr: ApiAddr) -> ApiClient {
+        ApiClient { addr }
+    }
+
+    pub fn addr(&self) -> &ApiAddr {
+        &self.addr
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(header::HeaderName, String)],
+    ) -> Result<http::Response<Incoming>, ApiError> {
+        let unreachable = |e: std::io::Error| ApiError::Unreachable {
+            addr: self.addr.to_string(),
+            source: e,
+        };
+        let proto = |e: hyper::Error| ApiError::Protocol(e.to_string());
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "df");
+        for (k, v) in headers {
+            builder = builder.header(k, v);
+        }
+        if body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        match &self.addr {
+            ApiAddr::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(unreachable)?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                    .await
+                    .map_err(proto)?;
+                tokio::spawn(conn);
+                send.send_request(req).await.map_err(proto)
+            }
+            ApiAddr::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(unreachable)?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                    .await
+                    .map_err(proto)?;
+                tokio::spawn(conn);
+                send.send_request(req).await.map_err(proto)
+            }
+        }
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ApiError> {
+        let resp = self.send(method, path, body, &[]).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ApiError::Protocol(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(error_from(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol(e.to_string()))
+    }
+
+    /// `GET /healthz`.
+    pub async fn healthz(&self) -> Result<(), ApiError> {
+        let resp = self.send(Method::GET, "/healthz", None, &[]).await?;
+        if resp.status() == StatusCode::OK {
+            Ok(())
+        } else {
+            Err(ApiError::Http {
+                status: resp.status(),
+                body: String::new(),
+            })
+        }
+    }
+
+    /// `GET /v1/status` as raw JSON (printed by `df status`).
+    pub async fn status_json(&self) -> Result<serde_json::Value, ApiError> {
+        self.json(Method::GET, "/v1/status", None).await
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<NodeStatus, ApiError> {
+        self.json(Method::GET, "/v1/status", None).await
+    }
+
+    /// `POST /v1/tasks`: starts or joins a download.
+    pub async fn create_task(&self, req: &DownloadRequest) -> Result<TaskInfo, ApiError> {
+        let body = serde_json::to_vec(req).map_err(|e| ApiError::Protocol(e.to_string()))?;
+        self.json(Method::POST, "/v1/tasks", Some(body)).await
+    }
+
+    /// `GET /v1/tasks/{id}`.
+    pub async fn task(&self, id: &str) -> Result<TaskInfo, ApiError> {
+        self.json(Method::GET, &format!("/v1/tasks/{id}"), None)
+            .await
+    }
+
+    /// `GET /v1/tasks/{id}/content`: the content (or `range` of it), streamed in order.
+    /// Returns the number of bytes to expect and the stream.
+    pub async fn content(
+        &self,
+        id: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<(u64, ContentStream), ApiError> {
+        let mut headers = Vec::new();
+        if let Some(r) = &range {
+            headers.push((
+                header::RANGE,
+                format!("bytes={}-{}", r.start, r.end.saturating_sub(1)),
+            ));
+        }
+        let resp = self
+            .send(
+                Method::GET,
+                &format!("/v1/tasks/{id}/content"),
+                None,
+                &headers,
+            )
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ApiError::Protocol(e.to_string()))?
+                .to_bytes();
+            return Err(error_from(status, &bytes));
+        }
+        let len = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| ApiError::Protocol("content response without a length".into()))?;
+        let stream = BodyStream::new(resp.into_body()).filter_map(|frame| async move {
+            match frame {
+                Ok(f) => f.into_data().ok().map(Ok),
+                Err(e) => Some(Err(ApiError::Protocol(format!(
+                    "content stream broken: {e}"
+                )))),
+            }
+        });
+        Ok((len, Box::pin(stream)))
+    }
+}
+
+fn error_from(status: StatusCode, body: &[u8]) -> ApiError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ApiError::Task(e.error),
+        Err(_) => ApiError::Http {
+            status,
+            body: String::from_utf8_lossy(body).chars().take(500).collect(),
+        },
+    }
+}

@@ -1,0 +1,85 @@
+//! The local API that front ends (the CLI, the registry mirror) use: HTTP/1.1 with JSON, on a unix
+//! socket by default or `HOST:PORT`.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /healthz` | `200 ok` once the node serves |
+//! | `GET /v1/status` | [`NodeStatus`](crate::node::NodeStatus) JSON |
+//! | `GET /metrics` | Prometheus text |
+//! | `POST /v1/tasks` | body: [`DownloadRequest`](crate::task::DownloadRequest) JSON; starts or joins the task and answers [`TaskInfo`] once its length is known, or `{"error": {"code": …}}` |
+//! | `GET /v1/tasks` | every live and recently finished task, [`TaskInfo`] each |
+//! | `GET /v1/tasks/{id}` | one task's [`TaskInfo`] (progress, sources, error) |
+//! | `GET`/`HEAD /v1/tasks/{id}/content` | the content, in order, streamed as pieces arrive; `Range: bytes=…` supported. A task that fails mid-stream aborts the response. |
+//! | `DELETE /v1/tasks/{id}` | evicts a finished task from the cache |
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+use crate::task::{Phase, Progress, TaskError};
+use df_protocols::task::TaskKey;
+
+/// A task as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// The task key (a CID).
+    pub id: String,
+    /// `starting`, `running`, `complete` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_length: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece_length: Option<u32>,
+    pub pieces_total: u32,
+    pub pieces_done: u32,
+    pub bytes_done: u64,
+    /// Bytes of this task this node received from peers and seeds.
+    pub from_peers: u64,
+    /// Bytes of this task this node fetched from the origin itself.
+    pub from_origin: u64,
+    /// Sources (peers and seeds) known for this task now.
+    pub sources: usize,
+    /// Peers dropped from this task for sending corrupt pieces.
+    pub banned_peers: Vec<String>,
+    /// Whether this node is fetching the origin for this task now.
+    pub producing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+}
+
+impl TaskInfo {
+    pub fn from_progress(key: &TaskKey, p: &Progress) -> TaskInfo {
+        let (state, error) = match &p.phase {
+            Phase::Starting => ("starting", None),
+            Phase::Running => ("running", None),
+            Phase::Complete => ("complete", None),
+            Phase::Failed(e) => ("failed", Some(e.clone())),
+        };
+        let h = p.header.as_ref().map(|h| &h.header);
+        TaskInfo {
+            id: key.to_string(),
+            state: state.to_owned(),
+            source_url: h.map(|h| h.source_url.clone()),
+            content_length: h.map(|h| h.content_length),
+            piece_length: h.map(|h| h.piece_length),
+            pieces_total: p.have.len(),
+            pieces_done: p.have.count(),
+            bytes_done: p.bytes_done(),
+            from_peers: p.from_peers,
+            from_origin: p.from_origin,
+            sources: p.sources,
+            banned_peers: p.banned.iter().map(ToString::to_string).collect(),
+            producing: p.producing,
+            error,
+        }
+    }
+}
+
+/// An error answer: `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: TaskError,
+}

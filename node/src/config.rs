@@ -1,0 +1,398 @@
+//! Node configuration: a serde struct whose `Default` is the documented default of every key.
+//! The CLI reads it from TOML (`--config FILE`) and lays its flags over it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// What a node is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A long-running peer (`df node`): downloads for its host, serves what it holds, and fetches
+    /// origins for the swarm when no seed is responsible.
+    Node,
+    /// A seed (`df seed`): fetches origins for the swarm and caches what it fetched.
+    Seed,
+    /// The short-lived node `df get` runs when no daemon is listening: serves while it downloads,
+    /// never fetches origins for others.
+    Ephemeral,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Seed => "seed",
+            Role::Ephemeral => "ephemeral",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "node" => Ok(Role::Node),
+            "seed" => Ok(Role::Seed),
+            "ephemeral" => Ok(Role::Ephemeral),
+            other => Err(format!("unknown role {other:?}")),
+        }
+    }
+}
+
+/// Where the local API listens: a unix socket path or `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl ApiAddr {
+    /// The default API socket for a data directory: `<data_dir>/api.sock`.
+    pub fn default_for(data_dir: &Path) -> ApiAddr {
+        ApiAddr::Unix(data_dir.join("api.sock"))
+    }
+}
+
+impl fmt::Display for ApiAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiAddr::Unix(p) => write!(f, "{}", p.display()),
+            ApiAddr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl FromStr for ApiAddr {
+    type Err = String;
+
+    /// `HOST:PORT` (IP literal or `localhost`) is TCP; anything containing `/` is a socket path.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(ApiAddr::Unix(PathBuf::from(path)));
+        }
+        if s.contains('/') {
+            return Ok(ApiAddr::Unix(PathBuf::from(s)));
+        }
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(ApiAddr::Tcp(a));
+        }
+        if let Some(port) = s.strip_prefix("localhost:")
+            && let Ok(port) = port.parse::<u16>()
+        {
+            return Ok(ApiAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        Err(format!(
+            "invalid API address {s:?}: expected HOST:PORT or a unix socket path"
+        ))
+    }
+}
+
+impl Serialize for ApiAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The default data directory: `$DF_DATA_DIR`, else `$XDG_DATA_HOME/df`, else
+/// `$HOME/.local/share/df`, else `./df-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DF_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("df");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/df");
+    }
+    PathBuf::from("df-data")
+}
+
+/// Everything a node is started with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Default: `node`. Set by the subcommand (`df node`, `df seed`), not usually in the file.
+    pub role: Role,
+    /// Default: see [`default_data_dir`]. Holds the identity key, the RocksDB store, the API socket.
+    pub data_dir: PathBuf,
+    /// libp2p listen addresses. Default: `/ip4/0.0.0.0/tcp/4001` and `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through, with or without `/p2p/<peer id>`. Default: none.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Local API address. Default: `<data_dir>/api.sock`.
+    pub api: Option<ApiAddr>,
+    /// Data-plane (piece transfer) listen address. Default: `0.0.0.0:4002`.
+    pub data_listen: SocketAddr,
+    pub network: NetworkConfig,
+    pub download: DownloadConfig,
+    pub upload: UploadConfig,
+    pub origin: OriginConfig,
+    pub storage: StorageConfig,
+    pub trust: TrustConfig,
+    /// Deliberate misbehaviour for tests of the swarm's defences. Never read from a file.
+    #[serde(skip)]
+    pub faults: FaultInjection,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            role: Role::Node,
+            data_dir: default_data_dir(),
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/udp/4001/quic-v1"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+            ],
+            bootstrap: Vec::new(),
+            api: None,
+            data_listen: SocketAddr::from(([0, 0, 0, 0], 4002)),
+            network: NetworkConfig::default(),
+            download: DownloadConfig::default(),
+            upload: UploadConfig::default(),
+            origin: OriginConfig::default(),
+            storage: StorageConfig::default(),
+            trust: TrustConfig::default(),
+            faults: FaultInjection::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The API address in effect.
+    pub fn api_addr(&self) -> ApiAddr {
+        self.api
+            .clone()
+            .unwrap_or_else(|| ApiAddr::default_for(&self.data_dir))
+    }
+
+    /// A config for tests and embedded use: loopback, ephemeral ports, everything under `dir`.
+    pub fn local(dir: &Path, role: Role) -> NodeConfig {
+        NodeConfig {
+            role,
+            data_dir: dir.to_path_buf(),
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+            ],
+            api: Some(ApiAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))),
+            data_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..NodeConfig::default()
+        }
+    }
+}
+
+/// libp2p settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Close a connection idle for this long. Default: `5m`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Timeout of one control request (includes the origin's first answer for `start_task`).
+    /// Default: `60s`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How a node downloads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadConfig {
+    /// Pieces in flight per task. Default: `8`.
+    pub max_inflight_pieces: usize,
+    /// Pieces in flight from one source. Default: `4`.
+    pub max_inflight_per_source: usize,
+    /// Give up on one piece request after this long and ask elsewhere. Default: `30s`.
+    #[serde(with = "humantime_serde")]
+    pub piece_timeout: Duration,
+    /// With pieces still missing and no progress for this long, check the producer is alive and
+    /// otherwise ask the next responsible peer to fetch the missing pieces. Default: `5s`.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Consecutive failures after which a source is dropped for a task. Default: `3`.
+    pub max_source_failures: u32,
+    /// Whether this node may fetch origins itself (for its own downloads and, in a swarm without
+    /// seeds, for peers). Default: `true`.
+    pub back_to_source: bool,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            max_inflight_pieces: 8,
+            max_inflight_per_source: 4,
+            piece_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(5),
+            max_source_failures: 3,
+            back_to_source: true,
+        }
+    }
+}
+
+/// How a node serves pieces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadConfig {
+    /// Piece responses being sent at once; more requests are answered "busy". Default: `32`.
+    pub max_concurrent: usize,
+    /// Close a data-plane connection idle for this long. Default: `60s`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            max_concurrent: 32,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How a producer fetches origins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginConfig {
+    /// Range requests in flight to one origin per task. Default: `4`.
+    pub concurrency: usize,
+    /// Retries of one range request after a transient failure (connection error, 5xx, 429).
+    /// Default: `3`.
+    pub retries: u32,
+    /// Connect timeout. Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A response body that delivers no bytes for this long fails (and is retried). Default: `30s`.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        OriginConfig {
+            concurrency: 4,
+            retries: 3,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The piece store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// RocksDB memtable memory, all column families together. Default: `32MiB`.
+    pub memtable_budget: ByteSize,
+    /// Disk space for cached tasks; above it, least recently used finished tasks are evicted down
+    /// to 90 % of it. `0` means no limit. Default: `0`.
+    pub quota: ByteSize,
+    /// Evict finished tasks not downloaded or uploaded for this long. `0s` keeps them forever.
+    /// Default: `24h` (`0s` on seeds is common).
+    #[serde(with = "humantime_serde")]
+    pub task_ttl: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            memtable_budget: ByteSize::mib(32),
+            quota: ByteSize::b(0),
+            task_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Whose task headers and piece hashes a node accepts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Peer IDs allowed to produce tasks (normally the seeds). Empty (default): any peer that
+    /// fetched the origin is accepted as producer, and the first header seen for a task pins it.
+    pub producers: Vec<PeerId>,
+}
+
+/// Test-only misbehaviour.
+#[derive(Debug, Clone, Default)]
+pub struct FaultInjection {
+    /// Flip a byte in every piece this node uploads.
+    pub corrupt_uploads: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_addr_parses_tcp_and_unix() {
+        assert_eq!(
+            "127.0.0.1:65000".parse::<ApiAddr>().unwrap(),
+            ApiAddr::Tcp("127.0.0.1:65000".parse().unwrap())
+        );
+        assert_eq!(
+            "localhost:8080".parse::<ApiAddr>().unwrap(),
+            ApiAddr::Tcp("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            "/run/df/api.sock".parse::<ApiAddr>().unwrap(),
+            ApiAddr::Unix("/run/df/api.sock".into())
+        );
+        assert!("nonsense".parse::<ApiAddr>().is_err());
+    }
+
+    #[test]
+    fn toml_overrides_only_what_it_names() {
+        let cfg: NodeConfig = toml::from_str(
+            r#"
+            bootstrap = ["/ip4/10.0.0.1/tcp/4001"]
+            [download]
+            stall_timeout = "2s"
+            [storage]
+            quota = "10GiB"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.download.stall_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.download.max_inflight_pieces, 8);
+        assert_eq!(cfg.storage.quota, ByteSize::gib(10));
+        assert_eq!(cfg.bootstrap.len(), 1);
+        assert!(toml::from_str::<NodeConfig>("unknown_key = 1").is_err());
+    }
+}

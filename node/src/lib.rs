@@ -1,0 +1,31 @@
+//! The `df` peer: everything a node runs.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`node`] | [`Node`]: starts and wires the parts below; answers peers' control requests |
+//! | [`network`] | the libp2p swarm's event loop and its [`network::NetworkClient`] handle |
+//! | [`task`] | per-task runners: discovery, producer election, piece scheduling, verification, production |
+//! | [`transfer`] | the data plane: piece server and client over TCP |
+//! | [`store`] | the RocksDB piece store |
+//! | [`origin`] | the back-to-source trait (the HTTP implementation is in `df-seed`) |
+//! | [`api`] | the local HTTP API server and its client |
+//! | [`config`] | [`NodeConfig`] and its documented defaults |
+//! | [`metrics`] | counters for `/v1/status` and `/metrics` |
+//! | [`gc`] | cache eviction by TTL and quota |
+
+pub mod api;
+pub mod config;
+pub mod gc;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod origin;
+pub mod store;
+pub mod task;
+pub mod transfer;
+
+pub use config::{ApiAddr, NodeConfig, Role};
+pub use libp2p::{Multiaddr, PeerId};
+pub use node::{Node, NodeError, NodeStatus};
+pub use origin::{Origin, OriginError, OriginResponse, OriginSpec};
+pub use task::{DownloadRequest, Phase, Progress, TaskError};

@@ -1,0 +1,869 @@
+//! The libp2p side of a node.
+//!
+//! [`spawn`] builds the swarm (TCP + noise + yamux and QUIC, DNS; identify, ping, Kademlia,
+//! gossipsub with validation, and the `/df/control/1` request-response protocol) and returns a
+//! cloneable [`NetworkClient`], a stream of curated [`NetworkEvent`]s, and the [`EventLoop`] that alone
+//! owns the `Swarm`. Raw swarm events never leave this module. Read-mostly facts (connected peers and
+//! their addresses, listen addresses, known seeds) are published in [`NetState`].
+
+mod codec;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use df_protocols::control::{ControlRequest, ControlResponse};
+use df_protocols::gossip::GossipMessage;
+use df_protocols::limits::MAX_GOSSIP_MESSAGE;
+use df_protocols::task::TaskKey;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::core::ConnectedPoint;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId, TopicHash};
+use libp2p::kad::{self, QueryId, QueryResult, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Role;
+use codec::ControlCodec;
+
+/// Kademlia key under which seeds register as providers.
+pub const SEEDS_KEY: &[u8] = b"/df/seeds/1";
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/df/kad/1.0.0");
+const IDENTIFY_PROTOCOL: &str = "/df/id/1.0.0";
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum NetworkError {
+    #[error("building the swarm failed: {0}")]
+    Build(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot dial {addr}: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("publishing failed: {0}")]
+    Publish(String),
+    #[error("the network event loop has stopped")]
+    Stopped,
+}
+
+/// What the network settings a node starts with.
+#[derive(Clone)]
+pub struct NetworkSettings {
+    pub keypair: libp2p::identity::Keypair,
+    pub role: Role,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+/// A connected peer as seen by this node.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub ip: Option<IpAddr>,
+    pub role: Option<Role>,
+    connections: usize,
+}
+
+/// Read-mostly network facts, updated by the event loop.
+pub struct NetState {
+    peers: RwLock<HashMap<PeerId, PeerInfo>>,
+    listen_addrs: RwLock<Vec<Multiaddr>>,
+    seeds: RwLock<HashSet<PeerId>>,
+    /// Number of connected peers that completed identify.
+    identified: watch::Sender<usize>,
+}
+
+impl Default for NetState {
+    fn default() -> Self {
+        NetState {
+            peers: RwLock::default(),
+            listen_addrs: RwLock::default(),
+            seeds: RwLock::default(),
+            identified: watch::channel(0).0,
+        }
+    }
+}
+
+impl NetState {
+    /// Waits until at least `n` connected peers have identified themselves; false on timeout.
+    pub async fn wait_identified(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.identified.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|&c| c >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn update_identified(&self) {
+        let n = self
+            .peers
+            .read()
+            .map(|p| p.values().filter(|i| i.role.is_some()).count())
+            .unwrap_or(0);
+        self.identified.send_replace(n);
+    }
+
+    pub fn connected_peers(&self) -> Vec<PeerId> {
+        self.peers
+            .read()
+            .map(|p| p.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn peer(&self, peer: &PeerId) -> Option<PeerInfo> {
+        self.peers.read().ok()?.get(peer).cloned()
+    }
+
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.peers.read().is_ok_and(|p| p.contains_key(peer))
+    }
+
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen_addrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// Seeds learned from identify or the seed provider records.
+    pub fn seeds(&self) -> Vec<PeerId> {
+        self.seeds
+            .read()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn forget_seed(&self, peer: &PeerId) {
+        if let Ok(mut s) = self.seeds.write() {
+            s.remove(peer);
+        }
+    }
+
+    fn add_seed(&self, peer: PeerId) {
+        if let Ok(mut s) = self.seeds.write() {
+            s.insert(peer);
+        }
+    }
+}
+
+/// Curated events for the node.
+#[derive(Debug)]
+pub enum NetworkEvent {
+    /// A decoded gossip message on a subscribed task topic. The node must answer with
+    /// [`NetworkClient::report_validation`].
+    Gossip {
+        task: TaskKey,
+        source: Option<PeerId>,
+        propagation_source: PeerId,
+        message_id: MessageId,
+        message: GossipMessage,
+    },
+    /// A control request; answer on `reply` (dropping it fails the request).
+    Request {
+        peer: PeerId,
+        request: ControlRequest,
+        reply: oneshot::Sender<ControlResponse>,
+    },
+    /// A peer subscribed to a task topic.
+    PeerSubscribed {
+        peer: PeerId,
+        task: TaskKey,
+    },
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+}
+
+type Reply<T> = oneshot::Sender<T>;
+type RequestReply = Reply<Result<(ControlResponse, Option<IpAddr>), NetworkError>>;
+
+enum Command {
+    Dial(Multiaddr, Reply<Result<(), NetworkError>>),
+    Subscribe(TaskKey),
+    Unsubscribe(TaskKey),
+    Publish(TaskKey, Vec<u8>, Reply<Result<(), NetworkError>>),
+    ReportValidation(MessageId, PeerId, MessageAcceptance),
+    StartProviding(Vec<u8>),
+    StopProviding(Vec<u8>),
+    GetProviders(Vec<u8>, Reply<HashSet<PeerId>>),
+    GetClosestPeers(Vec<u8>, Reply<Vec<PeerId>>),
+    Request(PeerId, Box<ControlRequest>, RequestReply),
+}
+
+/// Cloneable handle to the network event loop.
+#[derive(Clone)]
+pub struct NetworkClient {
+    commands: mpsc::Sender<Command>,
+    state: Arc<NetState>,
+    local_peer_id: PeerId,
+}
+
+impl NetworkClient {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    pub fn state(&self) -> &NetState {
+        &self.state
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), NetworkError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| NetworkError::Stopped)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
+        self.call(|r| Command::Dial(addr, r)).await?
+    }
+
+    pub async fn subscribe(&self, task: TaskKey) -> Result<(), NetworkError> {
+        self.send(Command::Subscribe(task)).await
+    }
+
+    pub async fn unsubscribe(&self, task: TaskKey) -> Result<(), NetworkError> {
+        self.send(Command::Unsubscribe(task)).await
+    }
+
+    pub async fn publish(&self, task: TaskKey, msg: &GossipMessage) -> Result<(), NetworkError> {
+        let data = msg
+            .encode()
+            .map_err(|e| NetworkError::Publish(e.to_string()))?;
+        self.call(|r| Command::Publish(task, data, r)).await?
+    }
+
+    pub async fn report_validation(
+        &self,
+        id: MessageId,
+        propagation_source: PeerId,
+        verdict: MessageAcceptance,
+    ) {
+        let _ = self
+            .send(Command::ReportValidation(id, propagation_source, verdict))
+            .await;
+    }
+
+    pub async fn start_providing(&self, key: Vec<u8>) -> Result<(), NetworkError> {
+        self.send(Command::StartProviding(key)).await
+    }
+
+    pub async fn stop_providing(&self, key: Vec<u8>) -> Result<(), NetworkError> {
+        self.send(Command::StopProviding(key)).await
+    }
+
+    /// Providers of `key` found by a DHT query (local records included).
+    pub async fn get_providers(&self, key: Vec<u8>) -> Result<HashSet<PeerId>, NetworkError> {
+        self.call(|r| Command::GetProviders(key, r)).await
+    }
+
+    /// The peers closest to `key` by XOR distance, as found by a DHT query.
+    pub async fn get_closest_peers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, NetworkError> {
+        self.call(|r| Command::GetClosestPeers(key, r)).await
+    }
+
+    /// Sends a control request; returns the response and the IP the peer was reached at.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        req: ControlRequest,
+    ) -> Result<(ControlResponse, Option<IpAddr>), NetworkError> {
+        self.call(|r| Command::Request(peer, Box::new(req), r))
+            .await?
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    control: request_response::Behaviour<ControlCodec>,
+}
+
+fn agent_version(role: Role) -> String {
+    format!("df/{} {}", env!("CARGO_PKG_VERSION"), role.as_str())
+}
+
+fn role_from_agent(agent: &str) -> Option<Role> {
+    let rest = agent.strip_prefix("df/")?;
+    let role = rest.split_whitespace().nth(1)?;
+    role.parse().ok()
+}
+
+fn build_swarm(s: &NetworkSettings) -> Result<Swarm<Behaviour>, NetworkError> {
+    let role = s.role;
+    let request_timeout = s.request_timeout;
+    let build = |e: String| NetworkError::Build(e);
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(s.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| build(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| build(e.to_string()))?
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
+                    .with_agent_version(agent_version(role)),
+            );
+            let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+            kad_cfg.set_query_timeout(Duration::from_secs(20));
+            kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(120)));
+            kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
+            kad_cfg.set_provider_record_ttl(Some(Duration::from_secs(1800)));
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad_cfg,
+            );
+            kad.set_mode(Some(if role == Role::Ephemeral {
+                kad::Mode::Client
+            } else {
+                kad::Mode::Server
+            }));
+            let gossip_cfg = gossipsub::ConfigBuilder::default()
+                .validate_messages()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(MAX_GOSSIP_MESSAGE + 4096)
+                .heartbeat_interval(Duration::from_millis(500))
+                .build()
+                .map_err(|e| e.to_string())?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_cfg,
+            )?;
+            let control = request_response::Behaviour::with_codec(
+                ControlCodec,
+                [(codec::PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(request_timeout),
+            );
+            Ok(Behaviour {
+                identify,
+                ping: ping::Behaviour::default(),
+                kad,
+                gossipsub,
+                control,
+            })
+        })
+        .map_err(|e| build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(s.idle_timeout))
+        .build();
+    Ok(swarm)
+}
+
+/// Builds the swarm and starts listening. Returns once every listener has an address.
+pub async fn spawn(
+    settings: NetworkSettings,
+) -> Result<
+    (
+        NetworkClient,
+        mpsc::UnboundedReceiver<NetworkEvent>,
+        EventLoop,
+    ),
+    NetworkError,
+> {
+    let mut swarm = build_swarm(&settings)?;
+    let local_peer_id = *swarm.local_peer_id();
+    for addr in &settings.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetworkError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let state = Arc::new(NetState::default());
+    let mut ev_loop = EventLoop {
+        swarm,
+        commands: cmd_rx,
+        events: ev_tx,
+        state: state.clone(),
+        role: settings.role,
+        topics: HashMap::new(),
+        conn_ips: HashMap::new(),
+        pending_requests: HashMap::new(),
+        pending_providers: HashMap::new(),
+        pending_closest: HashMap::new(),
+        seed_queries: HashSet::new(),
+        inbound_replies: FuturesUnordered::new(),
+        bootstrapped: false,
+        bootstrap: Vec::new(),
+    };
+    ev_loop.await_listeners(settings.listen.len()).await?;
+    let client = NetworkClient {
+        commands: cmd_tx,
+        state,
+        local_peer_id,
+    };
+    ev_loop.bootstrap = settings.bootstrap;
+    ev_loop.dial_bootstrap();
+    Ok((client, ev_rx, ev_loop))
+}
+
+type InboundReply = futures::future::BoxFuture<
+    'static,
+    (ResponseChannel<ControlResponse>, Option<ControlResponse>),
+>;
+
+/// Owns the swarm; run it with [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::UnboundedSender<NetworkEvent>,
+    state: Arc<NetState>,
+    role: Role,
+    topics: HashMap<TopicHash, TaskKey>,
+    conn_ips: HashMap<ConnectionId, IpAddr>,
+    pending_requests: HashMap<OutboundRequestId, RequestReply>,
+    pending_providers: HashMap<QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
+    pending_closest: HashMap<QueryId, Reply<Vec<PeerId>>>,
+    seed_queries: HashSet<QueryId>,
+    inbound_replies: FuturesUnordered<InboundReply>,
+    bootstrapped: bool,
+    /// Bootstrap addresses, redialled while no peer is connected.
+    bootstrap: Vec<Multiaddr>,
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+impl EventLoop {
+    async fn await_listeners(&mut self, n: usize) -> Result<(), NetworkError> {
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        let mut seen = HashSet::new();
+        while seen.len() < n {
+            tokio::select! {
+                _ = &mut deadline => return Err(NetworkError::Build("listeners did not start within 10 s".into())),
+                ev = self.swarm.select_next_some() => {
+                    if let SwarmEvent::NewListenAddr { listener_id, .. } = &ev {
+                        seen.insert(*listener_id);
+                    }
+                    if let SwarmEvent::ListenerClosed { addresses, reason, .. } = &ev {
+                        return Err(NetworkError::Listen {
+                            addr: addresses.first().cloned().unwrap_or_else(Multiaddr::empty),
+                            reason: format!("{reason:?}"),
+                        });
+                    }
+                    self.on_swarm_event(ev);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            if let Err(e) = self.dial(addr) {
+                tracing::warn!(error = %e, "bootstrap dial failed");
+            }
+        }
+    }
+
+    fn dial(&mut self, addr: Multiaddr) -> Result<(), NetworkError> {
+        if let Some(peer) = peer_of(&addr) {
+            let mut without = addr.clone();
+            if matches!(without.iter().last(), Some(Protocol::P2p(_))) {
+                without.pop();
+            }
+            self.swarm.behaviour_mut().kad.add_address(&peer, without);
+        }
+        self.swarm
+            .dial(addr.clone())
+            .map_err(|e| NetworkError::Dial {
+                addr,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Runs until `shutdown` is cancelled or every client handle is dropped.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut seeds_tick = tokio::time::interval(Duration::from_secs(30));
+        seeds_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Alone (bootstrap peers not up yet, or all gone): redial them, backing off to a minute.
+        let mut redial_every = Duration::from_secs(1);
+        let redial = tokio::time::sleep(redial_every);
+        tokio::pin!(redial);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                Some((channel, resp)) = self.inbound_replies.next(), if !self.inbound_replies.is_empty() => {
+                    if let Some(resp) = resp {
+                        let _ = self.swarm.behaviour_mut().control.send_response(channel, resp);
+                    }
+                }
+                _ = seeds_tick.tick() => self.refresh_seeds(),
+                _ = &mut redial => {
+                    if self.state.connected_peers().is_empty() && !self.bootstrap.is_empty() {
+                        tracing::info!("no peers connected; redialling bootstrap peers");
+                        self.dial_bootstrap();
+                        redial_every = (redial_every * 2).min(Duration::from_secs(60));
+                    } else {
+                        redial_every = Duration::from_secs(1);
+                    }
+                    redial.as_mut().reset(tokio::time::Instant::now() + redial_every);
+                }
+            }
+        }
+        tracing::debug!("network event loop stopped");
+    }
+
+    fn refresh_seeds(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if self.role == Role::Seed
+            && let Err(e) = kad.start_providing(RecordKey::new(&SEEDS_KEY))
+        {
+            tracing::warn!(error = %e, "cannot register as seed provider");
+        }
+        if self.state.connected_peers().is_empty() {
+            return;
+        }
+        let id = kad.get_providers(RecordKey::new(&SEEDS_KEY));
+        self.seed_queries.insert(id);
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let b = self.swarm.behaviour_mut();
+        match cmd {
+            Command::Dial(addr, reply) => {
+                let _ = reply.send(self.dial(addr));
+            }
+            Command::Subscribe(task) => {
+                let topic = IdentTopic::new(task.topic());
+                self.topics.insert(topic.hash(), task);
+                if let Err(e) = b.gossipsub.subscribe(&topic) {
+                    tracing::warn!(%task, error = %e, "subscribe failed");
+                }
+            }
+            Command::Unsubscribe(task) => {
+                let topic = IdentTopic::new(task.topic());
+                self.topics.remove(&topic.hash());
+                b.gossipsub.unsubscribe(&topic);
+            }
+            Command::Publish(task, data, reply) => {
+                let topic = IdentTopic::new(task.topic());
+                let res = match b.gossipsub.publish(topic, data) {
+                    Ok(_) => Ok(()),
+                    // Nobody else is on the topic yet: nothing to tell, not an error.
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
+                    Err(gossipsub::PublishError::Duplicate) => Ok(()),
+                    Err(e) => Err(NetworkError::Publish(e.to_string())),
+                };
+                let _ = reply.send(res);
+            }
+            Command::ReportValidation(id, source, verdict) => {
+                b.gossipsub
+                    .report_message_validation_result(&id, &source, verdict);
+            }
+            Command::StartProviding(key) => {
+                if let Err(e) = b.kad.start_providing(RecordKey::new(&key)) {
+                    tracing::warn!(error = %e, "start_providing failed");
+                }
+            }
+            Command::StopProviding(key) => b.kad.stop_providing(&RecordKey::new(&key)),
+            Command::GetProviders(key, reply) => {
+                let id = b.kad.get_providers(RecordKey::new(&key));
+                self.pending_providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::GetClosestPeers(key, reply) => {
+                let id = b.kad.get_closest_peers(key);
+                self.pending_closest.insert(id, reply);
+            }
+            Command::Request(peer, req, reply) => {
+                let id = b.control.send_request(&peer, *req);
+                self.pending_requests.insert(id, reply);
+            }
+        }
+    }
+
+    fn emit(&self, ev: NetworkEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if let Ok(mut a) = self.state.listen_addrs.write() {
+                    a.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                if let Ok(mut a) = self.state.listen_addrs.write() {
+                    a.retain(|x| x != &address);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let remote = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address,
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
+                };
+                let ip = ip_of(remote);
+                if let Some(ip) = ip {
+                    self.conn_ips.insert(connection_id, ip);
+                }
+                let new = {
+                    let Ok(mut peers) = self.state.peers.write() else {
+                        return;
+                    };
+                    let e = peers.entry(peer_id).or_insert(PeerInfo {
+                        ip,
+                        role: None,
+                        connections: 0,
+                    });
+                    e.connections += 1;
+                    if e.ip.is_none() {
+                        e.ip = ip;
+                    }
+                    e.connections == 1
+                };
+                if new {
+                    tracing::debug!(%peer_id, "peer connected");
+                    self.emit(NetworkEvent::PeerConnected(peer_id));
+                }
+                if !self.bootstrapped {
+                    self.bootstrapped = true;
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    self.refresh_seeds();
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.conn_ips.remove(&connection_id);
+                if num_established == 0 {
+                    if let Ok(mut peers) = self.state.peers.write() {
+                        peers.remove(&peer_id);
+                    }
+                    self.state.update_identified();
+                    tracing::debug!(%peer_id, "peer disconnected");
+                    self.emit(NetworkEvent::PeerDisconnected(peer_id));
+                } else if let Ok(mut peers) = self.state.peers.write()
+                    && let Some(p) = peers.get_mut(&peer_id)
+                {
+                    p.connections = num_established as usize;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let role = role_from_agent(&info.agent_version);
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                if role == Some(Role::Seed) {
+                    self.state.add_seed(peer_id);
+                }
+                if let Ok(mut peers) = self.state.peers.write()
+                    && let Some(p) = peers.get_mut(&peer_id)
+                {
+                    p.role = role.or(Some(Role::Node));
+                }
+                self.state.update_identified();
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => self.on_kad_result(id, result, step.last),
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                let verdict_ignore = |s: &mut Self, v| {
+                    s.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(&message_id, &propagation_source, v);
+                };
+                let Some(task) = self.topics.get(&message.topic).copied() else {
+                    verdict_ignore(self, MessageAcceptance::Ignore);
+                    return;
+                };
+                match GossipMessage::decode(&message.data) {
+                    Ok(msg) => self.emit(NetworkEvent::Gossip {
+                        task,
+                        source: message.source,
+                        propagation_source,
+                        message_id,
+                        message: msg,
+                    }),
+                    Err(e) => {
+                        tracing::debug!(%propagation_source, error = %e, "rejecting gossip");
+                        verdict_ignore(self, MessageAcceptance::Reject);
+                    }
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {
+                if let Some(task) = self.topics.get(&topic).copied() {
+                    self.emit(NetworkEvent::PeerSubscribed {
+                        peer: peer_id,
+                        task,
+                    });
+                }
+            }
+            BehaviourEvent::Control(ev) => self.on_control_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_kad_result(&mut self, id: QueryId, result: QueryResult, last: bool) {
+        match result {
+            QueryResult::GetProviders(res) => {
+                let found = match res {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+                    _ => HashSet::new(),
+                };
+                if self.seed_queries.contains(&id) {
+                    let me = *self.swarm.local_peer_id();
+                    for p in found {
+                        if p != me {
+                            self.state.add_seed(p);
+                        }
+                    }
+                    if last {
+                        self.seed_queries.remove(&id);
+                    }
+                    return;
+                }
+                if let Some((acc, _)) = self.pending_providers.get_mut(&id) {
+                    acc.extend(found);
+                }
+                if last && let Some((acc, reply)) = self.pending_providers.remove(&id) {
+                    let _ = reply.send(acc);
+                }
+            }
+            QueryResult::GetClosestPeers(res) => {
+                let peers = match res {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                if let Some(reply) = self.pending_closest.remove(&id) {
+                    let _ = reply.send(peers.into_iter().map(|p| p.peer_id).collect());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_control_event(&mut self, ev: request_response::Event<ControlRequest, ControlResponse>) {
+        match ev {
+            request_response::Event::Message {
+                peer,
+                connection_id,
+                message,
+            } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let (tx, rx) = oneshot::channel();
+                    self.inbound_replies
+                        .push(Box::pin(async move { (channel, rx.await.ok()) }));
+                    self.emit(NetworkEvent::Request {
+                        peer,
+                        request,
+                        reply: tx,
+                    });
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let ip = self.conn_ips.get(&connection_id).copied();
+                    if let Some(reply) = self.pending_requests.remove(&request_id) {
+                        let _ = reply.send(Ok((response, ip)));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(NetworkError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound control request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_version_carries_the_role() {
+        assert_eq!(
+            role_from_agent(&agent_version(Role::Seed)),
+            Some(Role::Seed)
+        );
+        assert_eq!(
+            role_from_agent(&agent_version(Role::Node)),
+            Some(Role::Node)
+        );
+        assert_eq!(role_from_agent("rust-libp2p/0.1"), None);
+    }
+}

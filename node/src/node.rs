@@ -1,0 +1,533 @@
+//! A running node: the network loop, the request/gossip dispatcher, the data server, the API
+//! server and the task runners, wired together. [`Node::start`] returns once all of them listen.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use df_protocols::control::{
+    ControlError, ControlRequest, ControlResponse, DataAccess, ErrorCode, TaskState,
+};
+use df_protocols::manifest::SignedHeader;
+use df_protocols::task::TaskKey;
+use libp2p::gossipsub::MessageAcceptance;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api;
+use crate::config::{ApiAddr, NodeConfig, Role};
+use crate::metrics::{ByteCounters, Gauges, Metrics};
+use crate::network::{self, NetworkEvent, NetworkSettings};
+use crate::origin::Origin;
+use crate::store::{PieceStore, StoreError};
+use crate::task::{DownloadRequest, Progress, RunnerMsg, TaskContext, TaskError, TaskRegistry};
+use crate::transfer::{DataClient, DataServer, TokenIssuer};
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("identity key {path}: {reason}")]
+    Identity { path: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub peer_id: String,
+    pub role: Role,
+    pub listen_addrs: Vec<String>,
+    pub data_addr: String,
+    pub connected_peers: usize,
+    pub known_seeds: usize,
+    pub active_tasks: usize,
+    pub bytes: ByteCounters,
+}
+
+struct NodeInner {
+    ctx: Arc<TaskContext>,
+    tokens: TokenIssuer,
+    data_addr: SocketAddr,
+    api_addr: ApiAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// A running node; cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+/// Loads the node's identity from `path`, creating it on first start.
+pub fn load_or_create_identity(path: &Path) -> Result<Keypair, NodeError> {
+    let err = |reason: String| NodeError::Identity {
+        path: path.display().to_string(),
+        reason,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+            let tmp = path.with_extension("tmp");
+            write_private(&tmp, &bytes).map_err(|e| err(e.to_string()))?;
+            std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+impl Node {
+    /// Starts a node: opens the store, starts listening (libp2p, data plane, API) and joins the swarm.
+    pub async fn start(config: NodeConfig, origin: Arc<dyn Origin>) -> Result<Node, NodeError> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| NodeError::DataDir {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
+        let keypair = load_or_create_identity(&dir.join("identity.key"))?;
+        let peer_id = keypair.public().to_peer_id();
+        let store = {
+            let path = dir.join("store");
+            let cfg = config.storage.clone();
+            tokio::task::spawn_blocking(move || PieceStore::open(&path, &cfg))
+                .await
+                .map_err(|e| StoreError::Io(e.to_string()))??
+        };
+        let data_listener =
+            TcpListener::bind(config.data_listen)
+                .await
+                .map_err(|e| NodeError::Listen {
+                    addr: config.data_listen.to_string(),
+                    source: e,
+                })?;
+        let data_addr = data_listener.local_addr().map_err(|e| NodeError::Listen {
+            addr: config.data_listen.to_string(),
+            source: e,
+        })?;
+
+        let (net, events, event_loop) = network::spawn(NetworkSettings {
+            keypair: keypair.clone(),
+            role: config.role,
+            listen: config.listen.clone(),
+            bootstrap: config.bootstrap.clone(),
+            idle_timeout: config.network.idle_timeout,
+            request_timeout: config.network.request_timeout,
+        })
+        .await?;
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let tokens = TokenIssuer::random();
+        let activity = Arc::new(crate::gc::Activity::default());
+        let ctx = Arc::new(TaskContext {
+            config: config.clone(),
+            keypair,
+            peer_id,
+            net: net.clone(),
+            store: store.clone(),
+            data: DataClient::new(peer_id),
+            origin,
+            metrics: metrics.clone(),
+            activity: activity.clone(),
+            registry: TaskRegistry::default(),
+        });
+
+        tracker.spawn(event_loop.run(shutdown.clone()));
+        let server = DataServer::new(
+            data_listener,
+            store.clone(),
+            tokens.clone(),
+            &config.upload,
+            metrics,
+            activity,
+            config.faults.corrupt_uploads,
+        );
+        tracker.spawn(server.run(shutdown.clone()));
+        if config.role == Role::Seed {
+            let _ = net.start_providing(network::SEEDS_KEY.to_vec()).await;
+        }
+        let api_listener = api::server::ApiListener::bind(&config.api_addr())
+            .await
+            .map_err(|e| NodeError::Listen {
+                addr: config.api_addr().to_string(),
+                source: e,
+            })?;
+        let api_addr = api_listener.local_addr();
+
+        let node = Node {
+            inner: Arc::new(NodeInner {
+                ctx,
+                tokens,
+                data_addr,
+                api_addr,
+                shutdown: shutdown.clone(),
+                tracker: tracker.clone(),
+            }),
+        };
+        tracker.spawn(dispatch(node.clone(), events, shutdown.clone()));
+        tracker.spawn(api::server::serve(
+            api_listener,
+            node.clone(),
+            shutdown.clone(),
+        ));
+        if config.storage.task_ttl.as_secs() > 0 || config.storage.quota.as_u64() > 0 {
+            tracker.spawn(crate::gc::run(node.clone(), shutdown));
+        }
+        tracing::info!(%peer_id, role = %config.role, data = %data_addr, api = %node.inner.api_addr, "node started");
+        Ok(node)
+    }
+
+    pub(crate) fn ctx(&self) -> &Arc<TaskContext> {
+        &self.inner.ctx
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.ctx.peer_id
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.ctx.config
+    }
+
+    /// libp2p listen addresses, each with `/p2p/<peer id>`: what others bootstrap from.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.inner
+            .ctx
+            .net
+            .state()
+            .listen_addrs()
+            .into_iter()
+            .map(|a| a.with_p2p(self.peer_id()).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    pub fn data_addr(&self) -> SocketAddr {
+        self.inner.data_addr
+    }
+
+    /// The address the API actually listens on (port 0 resolved).
+    pub fn api_addr(&self) -> ApiAddr {
+        self.inner.api_addr.clone()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let ctx = &self.inner.ctx;
+        NodeStatus {
+            peer_id: self.peer_id().to_string(),
+            role: ctx.config.role,
+            listen_addrs: self
+                .listen_addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            data_addr: self.inner.data_addr.to_string(),
+            connected_peers: ctx.net.state().connected_peers().len(),
+            known_seeds: ctx.net.state().seeds().len(),
+            active_tasks: ctx.registry.active_count(),
+            bytes: ctx.metrics.bytes(),
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let ctx = &self.inner.ctx;
+        ctx.metrics.render(&Gauges {
+            connected_peers: ctx.net.state().connected_peers().len(),
+            active_tasks: ctx.registry.active_count(),
+            store_bytes: ctx.store.disk_usage(),
+        })
+    }
+
+    pub(crate) fn store(&self) -> &PieceStore {
+        &self.inner.ctx.store
+    }
+
+    /// Starts (or joins) the download of a task; returns once its header is known, or the error
+    /// that prevents it (origin status, no source, …).
+    pub async fn download(
+        &self,
+        req: DownloadRequest,
+    ) -> Result<(TaskKey, SignedHeader), TaskError> {
+        let key = req.task_key()?;
+        let ctx = &self.inner.ctx;
+        let store = ctx.store.clone();
+        let rec = tokio::task::spawn_blocking(move || store.task(&key))
+            .await
+            .map_err(|e| TaskError::internal(e.to_string()))??;
+        if let Some(rec) = rec
+            && rec.complete
+        {
+            if ctx.registry.live(&key).is_none() {
+                ctx.registry
+                    .remember(key, Progress::complete(rec.header.clone()));
+            }
+            return Ok((key, rec.header));
+        }
+        let runner = ctx
+            .registry
+            .get_or_start(ctx, key)
+            .ok_or_else(|| TaskError::internal("task registry unavailable"))?;
+        let (tx, rx) = oneshot::channel();
+        runner
+            .tx
+            .send(RunnerMsg::Download { req, reply: tx })
+            .map_err(|_| TaskError::internal("task runner stopped"))?;
+        let header = rx
+            .await
+            .map_err(|_| TaskError::internal("task runner stopped"))??;
+        Ok((key, header))
+    }
+
+    /// The progress of a live or recently finished task (complete tasks in the store included).
+    pub async fn progress(&self, key: &TaskKey) -> Option<watch::Receiver<Progress>> {
+        let ctx = &self.inner.ctx;
+        if let Some(p) = ctx.registry.progress(key) {
+            return Some(p);
+        }
+        let store = ctx.store.clone();
+        let k = *key;
+        let rec = tokio::task::spawn_blocking(move || store.task(&k))
+            .await
+            .ok()?
+            .ok()
+            .flatten()?;
+        rec.complete
+            .then(|| ctx.registry.remember(*key, Progress::complete(rec.header)))
+    }
+
+    /// Every task the node knows now (live and recently finished).
+    pub fn tasks(&self) -> Vec<(TaskKey, Progress)> {
+        self.inner
+            .ctx
+            .registry
+            .list()
+            .into_iter()
+            .map(|(k, p, _)| (k, p))
+            .collect()
+    }
+
+    /// Removes a finished task from the store (it must not be running).
+    pub async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError> {
+        let ctx = &self.inner.ctx;
+        if ctx.registry.live(key).is_some() {
+            return Err(TaskError::bad_request("task is in progress"));
+        }
+        let store = ctx.store.clone();
+        let k = *key;
+        let existed = tokio::task::spawn_blocking(move || {
+            let existed = store.task(&k)?.is_some();
+            store.delete_task(&k)?;
+            Ok::<_, StoreError>(existed)
+        })
+        .await
+        .map_err(|e| TaskError::internal(e.to_string()))??;
+        ctx.registry.forget(key);
+        let _ = ctx.net.stop_providing(key.to_bytes()).await;
+        Ok(existed)
+    }
+
+    /// Stops everything and flushes the store.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        let store = self.inner.ctx.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        if let ApiAddr::Unix(p) = &self.inner.api_addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Waits until `n` peers are connected and identified; false after `timeout`.
+    pub async fn wait_for_peers(&self, n: usize, timeout: std::time::Duration) -> bool {
+        self.inner.ctx.net.state().wait_identified(n, timeout).await
+    }
+
+    /// Resolves when the node has been asked to stop.
+    pub async fn stopped(&self) {
+        self.inner.shutdown.cancelled().await;
+    }
+
+    fn task_state_from_store(&self, key: &TaskKey) -> TaskState {
+        let store = &self.inner.ctx.store;
+        let Ok(Some(rec)) = store.task(key) else {
+            return TaskState::default();
+        };
+        let n = rec.header.header.layout().piece_count();
+        let hashes = store.hashes(key).unwrap_or_default();
+        let bitfield = store.bitfield(key, n).ok().filter(|b| b.count() > 0);
+        TaskState {
+            header: Some(rec.header),
+            hashes,
+            bitfield,
+            producing: false,
+            data: None,
+        }
+    }
+
+    async fn handle_request(&self, peer: PeerId, request: ControlRequest) -> ControlResponse {
+        let ctx = &self.inner.ctx;
+        match request {
+            ControlRequest::GetTask { task } => {
+                let mut state = match ctx.registry.live(&task) {
+                    Some(h) => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = h.tx.send(RunnerMsg::GetState { reply: tx });
+                        match rx.await {
+                            Ok(s) => s,
+                            Err(_) => self.state_blocking(task).await,
+                        }
+                    }
+                    None => self.state_blocking(task).await,
+                };
+                if state.bitfield.is_some() {
+                    state.data = Some(DataAccess {
+                        port: self.inner.data_addr.port(),
+                        token: self.inner.tokens.token_for(&peer),
+                    });
+                }
+                ControlResponse::Task(state)
+            }
+            ControlRequest::StartTask {
+                task,
+                origin,
+                missing,
+            } => {
+                if ctx.config.role == Role::Ephemeral || !ctx.config.download.back_to_source {
+                    return ControlResponse::Error(ControlError {
+                        code: ErrorCode::Declined,
+                        message: "this node does not fetch origins for others".into(),
+                        origin_status: None,
+                    });
+                }
+                if ctx.registry.live(&task).is_none() {
+                    let store = ctx.store.clone();
+                    if let Ok(Ok(Some(rec))) =
+                        tokio::task::spawn_blocking(move || store.task(&task)).await
+                        && rec.complete
+                    {
+                        return ControlResponse::Started { header: rec.header };
+                    }
+                }
+                let Some(runner) = ctx.registry.get_or_start(ctx, task) else {
+                    return ControlResponse::Error(
+                        TaskError::internal("registry unavailable").to_control(),
+                    );
+                };
+                let (tx, rx) = oneshot::channel();
+                let _ = runner.tx.send(RunnerMsg::StartTask {
+                    origin,
+                    missing,
+                    reply: tx,
+                });
+                rx.await.unwrap_or_else(|_| {
+                    ControlResponse::Error(TaskError::internal("task stopped").to_control())
+                })
+            }
+        }
+    }
+
+    async fn state_blocking(&self, task: TaskKey) -> TaskState {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.task_state_from_store(&task))
+            .await
+            .unwrap_or_default()
+    }
+}
+
+async fn dispatch(
+    node: Node,
+    mut events: mpsc::UnboundedReceiver<NetworkEvent>,
+    shutdown: CancellationToken,
+) {
+    let ctx = node.ctx().clone();
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = events.recv() => match ev { Some(ev) => ev, None => break },
+        };
+        match ev {
+            NetworkEvent::Gossip {
+                task,
+                source,
+                propagation_source,
+                message_id,
+                message,
+            } => match ctx.registry.live(&task) {
+                Some(h) => {
+                    let _ = h.tx.send(RunnerMsg::Gossip {
+                        source,
+                        propagation_source,
+                        message_id,
+                        message,
+                    });
+                }
+                None => {
+                    ctx.net
+                        .report_validation(
+                            message_id,
+                            propagation_source,
+                            MessageAcceptance::Ignore,
+                        )
+                        .await;
+                }
+            },
+            NetworkEvent::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let resp = node.handle_request(peer, request).await;
+                    let _ = reply.send(resp);
+                });
+            }
+            NetworkEvent::PeerSubscribed { peer, task } => {
+                if let Some(h) = ctx.registry.live(&task) {
+                    let _ = h.tx.send(RunnerMsg::PeerSubscribed(peer));
+                }
+            }
+            NetworkEvent::PeerDisconnected(peer) => {
+                for tx in ctx.registry.all_live() {
+                    let _ = tx.send(RunnerMsg::PeerDisconnected(peer));
+                }
+            }
+            NetworkEvent::PeerConnected(_) => {}
+        }
+    }
+}

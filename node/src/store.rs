@@ -1,0 +1,438 @@
+//! The piece store: RocksDB with one column family per kind of record.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `tasks` | task | JSON [`TaskRecord`]: signed header, completion, last access |
+//! | `hashes` | task ‖ index | JSON: producer + signed piece hash |
+//! | `pieces` | task ‖ index | the piece's bytes, kept in RocksDB blob files (`enable_blob_files`) |
+//! | `have` | task ‖ index | empty: the piece is stored (written in the same batch as the piece) |
+//!
+//! `task` is the task key's CID bytes prefixed by their length, so one task's records are a prefix range.
+//!
+//! Pieces are written without the write-ahead log: every piece is checked against its hash when read
+//! by a peer anyway, and a crash only loses pieces that were still in the memtable. `atomic_flush`
+//! keeps `pieces` and `have` consistent across such a loss; a `have` marker whose piece is missing is
+//! treated as not held. Everything else goes through the WAL.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use df_protocols::PeerId;
+use df_protocols::manifest::{PieceHashBatch, SignedHeader, SignedPieceHash};
+use df_protocols::piece::Bitfield;
+use df_protocols::task::TaskKey;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction,
+    IteratorMode, Options, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::StorageConfig;
+
+const CF_TASKS: &str = "tasks";
+const CF_HASHES: &str = "hashes";
+const CF_PIECES: &str = "pieces";
+const CF_HAVE: &str = "have";
+
+/// Errors of the piece store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no space left on device for the piece store")]
+    NoSpace,
+    #[error("piece store I/O error: {0}")]
+    Io(String),
+    #[error("corrupt record in the piece store: {0}")]
+    Corrupt(String),
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        let msg = e.into_string();
+        if msg.contains("No space left") || msg.contains("NoSpace") {
+            StoreError::NoSpace
+        } else {
+            StoreError::Io(msg)
+        }
+    }
+}
+
+/// What the store keeps about a task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub header: SignedHeader,
+    pub complete: bool,
+    /// Seconds since the Unix epoch of the last download or upload of this task.
+    pub last_access: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredHash {
+    producer: PeerId,
+    #[serde(flatten)]
+    hash: SignedPieceHash,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Handle to the store; cheap to clone. All methods block: call them from `spawn_blocking`.
+#[derive(Clone)]
+pub struct PieceStore {
+    db: Arc<DB>,
+}
+
+fn task_prefix(task: &TaskKey) -> Vec<u8> {
+    let b = task.to_bytes();
+    let mut out = Vec::with_capacity(1 + b.len() + 4);
+    out.push(b.len() as u8);
+    out.extend(b);
+    out
+}
+
+fn piece_key(task: &TaskKey, index: u32) -> Vec<u8> {
+    let mut k = task_prefix(task);
+    k.extend(index.to_be_bytes());
+    k
+}
+
+fn index_of(key: &[u8], prefix_len: usize) -> Option<u32> {
+    let b: [u8; 4] = key.get(prefix_len..prefix_len + 4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(b))
+}
+
+impl PieceStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path, cfg: &StorageConfig) -> Result<PieceStore, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_atomic_flush(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_total_wal_size(64 << 20);
+        db_opts.set_db_write_buffer_size(cfg.memtable_budget.as_u64() as usize);
+
+        let cache = Cache::new_lru_cache(8 << 20);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+
+        let mut small = Options::default();
+        small.set_block_based_table_factory(&table);
+        small.set_write_buffer_size(4 << 20);
+
+        let mut pieces = Options::default();
+        pieces.set_block_based_table_factory(&table);
+        pieces.set_enable_blob_files(true);
+        pieces.set_min_blob_size(64 << 10);
+        pieces.set_blob_file_size(256 << 20);
+        pieces.set_blob_compression_type(DBCompressionType::None);
+        pieces.set_enable_blob_gc(true);
+        pieces.set_blob_gc_age_cutoff(0.5);
+        pieces.set_write_buffer_size((cfg.memtable_budget.as_u64() / 2) as usize);
+        pieces.set_max_write_buffer_number(2);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_TASKS, small.clone()),
+            ColumnFamilyDescriptor::new(CF_HASHES, small.clone()),
+            ColumnFamilyDescriptor::new(CF_PIECES, pieces),
+            ColumnFamilyDescriptor::new(CF_HAVE, small),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
+        Ok(PieceStore { db: Arc::new(db) })
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| StoreError::Corrupt(format!("column family {name} missing")))
+    }
+
+    pub fn put_task(&self, rec: &TaskRecord) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.db
+            .put_cf(self.cf(CF_TASKS)?, task_prefix(&rec.header.header.task), v)?;
+        Ok(())
+    }
+
+    pub fn task(&self, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_TASKS)?, task_prefix(task))?
+        {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("task {task}: {e}"))),
+        }
+    }
+
+    /// Every task record (unparseable ones are skipped and logged).
+    pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_TASKS)?, IteratorMode::Start) {
+            let (k, v) = item?;
+            match serde_json::from_slice::<TaskRecord>(&v) {
+                Ok(rec) => out.push(rec),
+                Err(e) => {
+                    tracing::warn!(key = %hex::encode(&k), error = %e, "skipping corrupt task record")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_hashes(
+        &self,
+        task: &TaskKey,
+        producer: PeerId,
+        hashes: &[SignedPieceHash],
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(CF_HASHES)?;
+        let mut batch = WriteBatch::default();
+        for h in hashes {
+            let v = serde_json::to_vec(&StoredHash {
+                producer,
+                hash: h.clone(),
+            })
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            batch.put_cf(cf, piece_key(task, h.index), v);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// All stored piece hashes of a task, grouped by producer.
+    pub fn hashes(&self, task: &TaskKey) -> Result<Vec<PieceHashBatch>, StoreError> {
+        let prefix = task_prefix(task);
+        let mut out: Vec<PieceHashBatch> = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_HASHES)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let s: StoredHash = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(format!("hash of {task}: {e}")))?;
+            match out.iter_mut().find(|b| b.producer == s.producer) {
+                Some(b) => b.hashes.push(s.hash),
+                None => out.push(PieceHashBatch {
+                    producer: s.producer,
+                    hashes: vec![s.hash],
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores a piece (already verified by the caller) and marks it held.
+    pub fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError> {
+        let key = piece_key(task, index);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_PIECES)?, &key, data);
+        batch.put_cf(self.cf(CF_HAVE)?, &key, []);
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    pub fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_PIECES)?, piece_key(task, index))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Which of a task's `count` pieces are stored.
+    pub fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError> {
+        let prefix = task_prefix(task);
+        let mut bf = Bitfield::new(count);
+        let iter = self.db.iterator_cf(
+            self.cf(CF_HAVE)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Some(i) = index_of(&k, prefix.len()) {
+                bf.set(i);
+            }
+        }
+        Ok(bf)
+    }
+
+    /// Forgets a piece (its `have` marker and bytes), e.g. after finding it missing or corrupt.
+    pub fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError> {
+        let key = piece_key(task, index);
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_HAVE)?, &key);
+        batch.delete_cf(self.cf(CF_PIECES)?, &key);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Removes everything stored for a task.
+    pub fn delete_task(&self, task: &TaskKey) -> Result<(), StoreError> {
+        let start = task_prefix(task);
+        let mut end = start.clone();
+        end.extend([0xff; 5]);
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_TASKS)?, &start);
+        for name in [CF_HASHES, CF_PIECES, CF_HAVE] {
+            batch.delete_range_cf(self.cf(name)?, &start, &end);
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Bytes on disk used by the store's SST and blob files.
+    pub fn disk_usage(&self) -> u64 {
+        [CF_TASKS, CF_HASHES, CF_PIECES, CF_HAVE]
+            .iter()
+            .filter_map(|n| {
+                let cf = self.db.cf_handle(n)?;
+                let sst = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                let blob = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.total-blob-file-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                let mem = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                Some(sst + blob + mem)
+            })
+            .sum()
+    }
+
+    /// Flushes memtables (pieces are written without WAL): call on shutdown.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let cfs: Vec<&rocksdb::ColumnFamily> = [CF_TASKS, CF_HASHES, CF_PIECES, CF_HAVE]
+            .iter()
+            .filter_map(|n| self.db.cf_handle(n))
+            .collect();
+        self.db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use df_protocols::Keypair;
+    use df_protocols::manifest::{TaskHeader, Validators};
+    use df_protocols::piece::PieceHash;
+    use df_protocols::task::parse_url;
+
+    fn header(key: &Keypair, url: &str) -> SignedHeader {
+        let u = parse_url(url).unwrap();
+        TaskHeader {
+            task: TaskKey::for_url(&u, ""),
+            source_url: u.to_string(),
+            content_length: 10,
+            piece_length: 4,
+            content_digest: None,
+            validators: Validators::default(),
+            producer: key.public().to_peer_id(),
+        }
+        .sign(key)
+        .unwrap()
+    }
+
+    #[test]
+    fn pieces_hashes_and_tasks_round_trip_and_stay_separate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let key = Keypair::generate_ed25519();
+        let a = header(&key, "http://h/a");
+        let b = header(&key, "http://h/b");
+        let (ta, tb) = (a.header.task, b.header.task);
+        for h in [&a, &b] {
+            store
+                .put_task(&TaskRecord {
+                    header: h.clone(),
+                    complete: false,
+                    last_access: 1,
+                })
+                .unwrap();
+        }
+        store.put_piece(&ta, 0, b"abcd").unwrap();
+        store.put_piece(&ta, 2, b"ij").unwrap();
+        store.put_piece(&tb, 1, b"zzzz").unwrap();
+        assert_eq!(store.piece(&ta, 0).unwrap().unwrap(), b"abcd");
+        assert!(store.piece(&ta, 1).unwrap().is_none());
+        assert_eq!(
+            store
+                .bitfield(&ta, 3)
+                .unwrap()
+                .iter_set()
+                .collect::<Vec<_>>(),
+            vec![0, 2]
+        );
+        assert_eq!(
+            store
+                .bitfield(&tb, 3)
+                .unwrap()
+                .iter_set()
+                .collect::<Vec<_>>(),
+            vec![1]
+        );
+
+        let sh = SignedPieceHash::sign(&ta, 0, PieceHash::of(b"abcd"), &key).unwrap();
+        store
+            .put_hashes(&ta, key.public().to_peer_id(), std::slice::from_ref(&sh))
+            .unwrap();
+        let got = store.hashes(&ta).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].hashes, vec![sh]);
+        assert!(store.hashes(&tb).unwrap().is_empty());
+        assert_eq!(store.tasks().unwrap().len(), 2);
+
+        store.delete_task(&ta).unwrap();
+        assert!(store.task(&ta).unwrap().is_none());
+        assert!(store.piece(&ta, 0).unwrap().is_none());
+        assert_eq!(store.bitfield(&ta, 3).unwrap().count(), 0);
+        assert_eq!(store.piece(&tb, 1).unwrap().unwrap(), b"zzzz");
+    }
+
+    #[test]
+    fn large_pieces_survive_flush_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Keypair::generate_ed25519();
+        let h = header(&key, "http://h/big");
+        let t = h.header.task;
+        let big: Vec<u8> = (0..(4 << 20)).map(|i| (i % 251) as u8).collect();
+        {
+            let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+            for i in 0..3 {
+                store.put_piece(&t, i, &big).unwrap();
+            }
+            store.flush().unwrap();
+        }
+        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        assert_eq!(store.bitfield(&t, 3).unwrap().count(), 3);
+        assert_eq!(store.piece(&t, 2).unwrap().unwrap(), big);
+        assert!(store.disk_usage() >= 3 * (4 << 20));
+    }
+}

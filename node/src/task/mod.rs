@@ -1,0 +1,475 @@
+//! Tasks: one [`runner`] per active task (downloading it for a local consumer, producing it from
+//! origin for the swarm, or both), a [`TaskRegistry`] of them, and the types the API sees.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`runner`] | the per-task state machine: discovery, producer election, piece scheduling, verification, announcements, stall recovery |
+//! | [`picker`] | rarest-first piece picking and source choice (pure) |
+//! | [`produce`] | fetching pieces from origin (ranges, retries), hashing and storing them |
+
+pub(crate) mod picker;
+pub(crate) mod produce;
+pub(crate) mod runner;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use df_protocols::control::{ControlError, ControlResponse, ErrorCode, OriginRequest, TaskState};
+use df_protocols::gossip::GossipMessage;
+use df_protocols::manifest::SignedHeader;
+use df_protocols::piece::Bitfield;
+use df_protocols::task::{self, ContentDigest, TaskKey};
+use libp2p::PeerId;
+use libp2p::gossipsub::MessageId;
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::network::NetworkClient;
+use crate::origin::{Origin, OriginError, OriginSpec};
+use crate::store::{PieceStore, StoreError};
+use crate::transfer::DataClient;
+
+/// How long finished tasks' progress stays visible in the API.
+const FINISHED_RETENTION: Duration = Duration::from_secs(600);
+
+/// Why a task failed. Serialised into API error bodies as `{"code": …, …}`.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum TaskError {
+    #[error("{message}")]
+    BadRequest { message: String },
+    #[error("{message}")]
+    OriginStatus { status: u16, message: String },
+    #[error("{message}")]
+    OriginUnreachable { message: String },
+    #[error("{message}")]
+    OriginFailed { message: String },
+    #[error("{message}")]
+    ContentChanged { message: String },
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("{message}")]
+    NoSource { message: String },
+    #[error("no space left on device ({message})")]
+    NoSpace { message: String },
+    #[error("{message}")]
+    Storage { message: String },
+    #[error("{message}")]
+    NotFound { message: String },
+    #[error("{message}")]
+    Internal { message: String },
+}
+
+impl TaskError {
+    pub fn bad_request(m: impl Into<String>) -> TaskError {
+        TaskError::BadRequest { message: m.into() }
+    }
+
+    pub fn internal(m: impl Into<String>) -> TaskError {
+        TaskError::Internal { message: m.into() }
+    }
+
+    /// The error to give a peer that asked us to start this task.
+    pub(crate) fn to_control(&self) -> ControlError {
+        let (code, origin_status) = match self {
+            TaskError::BadRequest { .. } => (ErrorCode::BadRequest, None),
+            TaskError::OriginStatus { status, .. } => (ErrorCode::OriginStatus, Some(*status)),
+            TaskError::OriginUnreachable { .. } | TaskError::OriginFailed { .. } => {
+                (ErrorCode::OriginUnreachable, None)
+            }
+            TaskError::ContentChanged { .. } | TaskError::DigestMismatch { .. } => {
+                (ErrorCode::ContentChanged, None)
+            }
+            TaskError::NoSource { .. } => (ErrorCode::Declined, None),
+            _ => (ErrorCode::Internal, None),
+        };
+        let mut message = self.to_string();
+        message.truncate(df_protocols::limits::MAX_ERROR_MESSAGE);
+        ControlError {
+            code,
+            message,
+            origin_status,
+        }
+    }
+
+    /// An error a peer reported, as a task error; `None` when the peer merely declined.
+    pub(crate) fn from_control(e: &ControlError) -> Option<TaskError> {
+        let message = e.message.clone();
+        Some(match e.code {
+            ErrorCode::OriginStatus => TaskError::OriginStatus {
+                status: e.origin_status.unwrap_or(0),
+                message,
+            },
+            ErrorCode::OriginUnreachable => TaskError::OriginUnreachable { message },
+            ErrorCode::ContentChanged => TaskError::ContentChanged { message },
+            ErrorCode::BadRequest => TaskError::BadRequest { message },
+            ErrorCode::Declined | ErrorCode::Internal => return None,
+        })
+    }
+}
+
+impl From<OriginError> for TaskError {
+    fn from(e: OriginError) -> Self {
+        let message = e.to_string();
+        match e {
+            OriginError::Status { status, .. } => TaskError::OriginStatus { status, message },
+            OriginError::Unreachable { .. } => TaskError::OriginUnreachable { message },
+            OriginError::Changed(_) => TaskError::ContentChanged { message },
+            OriginError::Body(_) | OriginError::Protocol(_) => TaskError::OriginFailed { message },
+        }
+    }
+}
+
+impl From<StoreError> for TaskError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoSpace => TaskError::NoSpace {
+                message: "piece store".into(),
+            },
+            other => TaskError::Storage {
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// A request to download a task for a local consumer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DownloadRequest {
+    pub url: String,
+    /// Request headers for the origin (e.g. `Authorization`); used for origin fetches only.
+    pub headers: Vec<(String, String)>,
+    pub digest: Option<ContentDigest>,
+    pub tag: String,
+    pub filtered_query_params: Vec<String>,
+    /// Never fetch from origin for this request, not even through a peer; only seeds may.
+    pub disable_back_to_source: bool,
+}
+
+impl DownloadRequest {
+    /// Checks the request and returns its task key.
+    pub fn task_key(&self) -> Result<TaskKey, TaskError> {
+        let url = task::parse_url(&self.url).map_err(|e| TaskError::bad_request(e.to_string()))?;
+        if self.url.len() > df_protocols::limits::MAX_URL_LEN {
+            return Err(TaskError::bad_request("URL too long"));
+        }
+        for (k, v) in &self.headers {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+                || http::HeaderValue::from_str(v).is_err()
+            {
+                return Err(TaskError::bad_request(format!("invalid header {k:?}")));
+            }
+        }
+        Ok(TaskKey::for_request(
+            &url,
+            &self.tag,
+            &self.filtered_query_params,
+            self.digest.as_ref(),
+        ))
+    }
+
+    pub(crate) fn origin_request(&self) -> OriginRequest {
+        OriginRequest {
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+            tag: self.tag.clone(),
+            filtered_query_params: self.filtered_query_params.clone(),
+            digest: self.digest.clone(),
+        }
+    }
+
+    pub(crate) fn from_origin_request(o: &OriginRequest) -> DownloadRequest {
+        DownloadRequest {
+            url: o.url.clone(),
+            headers: o.headers.clone(),
+            digest: o.digest.clone(),
+            tag: o.tag.clone(),
+            filtered_query_params: o.filtered_query_params.clone(),
+            disable_back_to_source: false,
+        }
+    }
+
+    pub(crate) fn origin_spec(&self) -> Result<OriginSpec, TaskError> {
+        let url = task::parse_url(&self.url).map_err(|e| TaskError::bad_request(e.to_string()))?;
+        Ok(OriginSpec {
+            url,
+            headers: self.headers.clone(),
+        })
+    }
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Looking for the header (peers, seeds, origin).
+    Starting,
+    Running,
+    Complete,
+    Failed(TaskError),
+}
+
+/// A task's progress, published by its runner.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub phase: Phase,
+    pub header: Option<SignedHeader>,
+    pub have: Bitfield,
+    pub from_peers: u64,
+    pub from_origin: u64,
+    pub sources: usize,
+    pub banned: Vec<PeerId>,
+    pub producing: bool,
+}
+
+impl Progress {
+    fn starting() -> Progress {
+        Progress {
+            phase: Phase::Starting,
+            header: None,
+            have: Bitfield::new(0),
+            from_peers: 0,
+            from_origin: 0,
+            sources: 0,
+            banned: Vec::new(),
+            producing: false,
+        }
+    }
+
+    /// Progress of a task found complete in the store.
+    pub(crate) fn complete(header: SignedHeader) -> Progress {
+        let n = header.header.layout().piece_count();
+        Progress {
+            phase: Phase::Complete,
+            header: Some(header),
+            have: Bitfield::full(n),
+            ..Progress::starting()
+        }
+    }
+
+    /// Bytes of the content held.
+    pub fn bytes_done(&self) -> u64 {
+        match &self.header {
+            None => 0,
+            Some(h) => {
+                let l = h.header.layout();
+                self.have
+                    .iter_set()
+                    .map(|i| u64::from(l.piece_len(i)))
+                    .sum()
+            }
+        }
+    }
+}
+
+/// Messages to a runner. Each is moved once through an unbounded channel, so variant sizes matter
+/// little; boxing the large ones would only add allocations.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum RunnerMsg {
+    Download {
+        req: DownloadRequest,
+        reply: oneshot::Sender<Result<SignedHeader, TaskError>>,
+    },
+    StartTask {
+        origin: OriginRequest,
+        missing: Vec<u32>,
+        reply: oneshot::Sender<ControlResponse>,
+    },
+    GetState {
+        reply: oneshot::Sender<TaskState>,
+    },
+    Gossip {
+        source: Option<PeerId>,
+        propagation_source: PeerId,
+        message_id: MessageId,
+        message: GossipMessage,
+    },
+    PeerSubscribed(PeerId),
+    PeerDisconnected(PeerId),
+    // Results of the runner's own jobs.
+    Providers(Vec<PeerId>),
+    Probed {
+        peer: PeerId,
+        result: Result<(TaskState, Option<std::net::IpAddr>), String>,
+    },
+    Elected(runner::Election),
+    Opened(
+        Result<crate::origin::OriginResponse, OriginError>,
+        Vec<u32>,
+        std::ops::Range<u64>,
+    ),
+    Fetched {
+        index: u32,
+        peer: PeerId,
+        result: Result<(u32, Duration), runner::FetchFailure>,
+    },
+    Produced {
+        index: u32,
+        len: u32,
+        result: Result<df_protocols::piece::PieceHash, produce::ProduceError>,
+    },
+    ProductionDone,
+    DigestChecked(Result<(), TaskError>),
+    HashesPersisted(Result<(), StoreError>),
+}
+
+/// What runners share: the node's parts.
+pub(crate) struct TaskContext {
+    pub config: NodeConfig,
+    pub keypair: Keypair,
+    pub peer_id: PeerId,
+    pub net: NetworkClient,
+    pub store: PieceStore,
+    pub data: DataClient,
+    pub origin: Arc<dyn Origin>,
+    pub metrics: Arc<Metrics>,
+    pub activity: Arc<crate::gc::Activity>,
+    pub registry: TaskRegistry,
+}
+
+struct Entry {
+    id: u64,
+    tx: Option<mpsc::UnboundedSender<RunnerMsg>>,
+    progress: watch::Receiver<Progress>,
+    finished_at: Option<Instant>,
+}
+
+/// The node's tasks: live runners and recently finished ones.
+#[derive(Clone, Default)]
+pub(crate) struct TaskRegistry {
+    inner: Arc<Mutex<RegistryInner>>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    next_id: u64,
+    entries: HashMap<TaskKey, Entry>,
+}
+
+/// A live runner's mailbox.
+pub(crate) struct RunnerHandle {
+    pub tx: mpsc::UnboundedSender<RunnerMsg>,
+}
+
+impl TaskRegistry {
+    /// The live runner of `key`, if any.
+    pub(crate) fn live(&self, key: &TaskKey) -> Option<RunnerHandle> {
+        let inner = self.inner.lock().ok()?;
+        let e = inner.entries.get(key)?;
+        let tx = e.tx.as_ref()?;
+        if tx.is_closed() {
+            return None;
+        }
+        Some(RunnerHandle { tx: tx.clone() })
+    }
+
+    /// The latest progress of a live or recently finished task.
+    pub(crate) fn progress(&self, key: &TaskKey) -> Option<watch::Receiver<Progress>> {
+        let inner = self.inner.lock().ok()?;
+        inner.entries.get(key).map(|e| e.progress.clone())
+    }
+
+    /// All tasks with their progress (live ones first).
+    pub(crate) fn list(&self) -> Vec<(TaskKey, Progress, bool)> {
+        let Ok(inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        inner
+            .entries
+            .iter()
+            .map(|(k, e)| (*k, e.progress.borrow().clone(), e.tx.is_some()))
+            .collect()
+    }
+
+    pub(crate) fn active_count(&self) -> usize {
+        self.inner
+            .lock()
+            .map(|i| i.entries.values().filter(|e| e.tx.is_some()).count())
+            .unwrap_or(0)
+    }
+
+    /// Returns the live runner of `key`, starting one if there is none.
+    pub(crate) fn get_or_start(
+        &self,
+        ctx: &Arc<TaskContext>,
+        key: TaskKey,
+    ) -> Option<RunnerHandle> {
+        if let Some(h) = self.live(&key) {
+            return Some(h);
+        }
+        let mut inner = self.inner.lock().ok()?;
+        let now = Instant::now();
+        inner.entries.retain(|_, e| {
+            e.finished_at
+                .is_none_or(|t| now.duration_since(t) < FINISHED_RETENTION)
+        });
+        inner.next_id += 1;
+        let id = inner.next_id;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ptx, prx) = watch::channel(Progress::starting());
+        inner.entries.insert(
+            key,
+            Entry {
+                id,
+                tx: Some(tx.clone()),
+                progress: prx.clone(),
+                finished_at: None,
+            },
+        );
+        let runner = runner::Runner::new(ctx.clone(), key, id, rx, tx.clone(), ptx);
+        tokio::spawn(runner.run());
+        Some(RunnerHandle { tx })
+    }
+
+    /// Called by a runner as it exits; returns whether it was still the registered one.
+    pub(crate) fn finished(&self, key: &TaskKey, id: u64) -> bool {
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        match inner.entries.get_mut(key) {
+            Some(e) if e.id == id => {
+                e.tx = None;
+                e.finished_at = Some(Instant::now());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records a finished task's progress (e.g. one found complete in the store).
+    pub(crate) fn remember(&self, key: TaskKey, progress: Progress) -> watch::Receiver<Progress> {
+        let (_tx, rx) = watch::channel(progress);
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.next_id += 1;
+            let id = inner.next_id;
+            inner.entries.insert(
+                key,
+                Entry {
+                    id,
+                    tx: None,
+                    progress: rx.clone(),
+                    finished_at: Some(Instant::now()),
+                },
+            );
+        }
+        rx
+    }
+
+    pub(crate) fn forget(&self, key: &TaskKey) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.entries.remove(key);
+        }
+    }
+
+    /// Mailboxes of every live runner.
+    pub(crate) fn all_live(&self) -> Vec<mpsc::UnboundedSender<RunnerMsg>> {
+        self.inner
+            .lock()
+            .map(|i| i.entries.values().filter_map(|e| e.tx.clone()).collect())
+            .unwrap_or_default()
+    }
+}

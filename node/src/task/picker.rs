@@ -1,0 +1,283 @@
+//! Piece and source picking, as a pure function of the download's state.
+//!
+//! * Pieces: rarest first among pieces whose hash is known and that some usable source holds, random
+//!   tie-break (so peers starting together fetch different pieces from the seed and then trade).
+//! * Sources: peers before seeds/producers (the seed's uplink is the scarce one), then the least
+//!   loaded relative to its measured throughput, random tie-break; at most `per_source` requests each.
+//! * Endgame: once every missing piece has been requested, a piece in flight from one source is
+//!   requested from a second one; the first answer wins. (Not earlier: while the producer is still
+//!   publishing hashes, duplicates would only waste the seed's uplink.)
+
+use df_protocols::piece::Bitfield;
+use libp2p::PeerId;
+use rand::Rng;
+
+/// What the picker needs to know about a source.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceView<'a> {
+    pub peer: PeerId,
+    pub have: &'a Bitfield,
+    pub inflight: usize,
+    /// A seed or the task's producer: used when no peer has the piece.
+    pub is_seed: bool,
+    /// Bytes per second measured so far (0 when unknown).
+    pub rate: f64,
+    /// Temporarily unusable (busy, backing off).
+    pub paused: bool,
+}
+
+/// The download's state as far as picking is concerned.
+pub(crate) struct PickInput<'a> {
+    pub have: &'a Bitfield,
+    pub hash_known: &'a Bitfield,
+    /// Pieces not to request (being produced from origin locally).
+    pub excluded: &'a Bitfield,
+    /// For each piece, the sources it is being fetched from now.
+    pub inflight: &'a dyn Fn(u32) -> Vec<PeerId>,
+    pub sources: &'a [SourceView<'a>],
+    pub per_source: usize,
+    /// Every missing piece is already requested: duplicates are allowed.
+    pub endgame: bool,
+}
+
+fn usable(s: &SourceView<'_>, per_source: usize) -> bool {
+    !s.paused && s.inflight < per_source
+}
+
+/// Picks the next (piece, source) to request, or `None` when nothing can be requested now.
+pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, PeerId)> {
+    let n = input.have.len();
+    let mut best: Vec<u32> = Vec::new();
+    let mut best_count = usize::MAX;
+    let mut endgame: Vec<u32> = Vec::new();
+    for i in 0..n {
+        if input.have.get(i) || !input.hash_known.get(i) || input.excluded.get(i) {
+            continue;
+        }
+        let busy = (input.inflight)(i);
+        let holders = input.sources.iter().filter(|s| s.have.get(i)).count();
+        if holders == 0 {
+            continue;
+        }
+        let free = input
+            .sources
+            .iter()
+            .any(|s| s.have.get(i) && usable(s, input.per_source) && !busy.contains(&s.peer));
+        if !free {
+            continue;
+        }
+        if !busy.is_empty() {
+            if input.endgame && busy.len() == 1 {
+                endgame.push(i);
+            }
+            continue;
+        }
+        match holders.cmp(&best_count) {
+            std::cmp::Ordering::Less => {
+                best_count = holders;
+                best.clear();
+                best.push(i);
+            }
+            std::cmp::Ordering::Equal => best.push(i),
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+    let piece = if !best.is_empty() {
+        best[rng.random_range(0..best.len())]
+    } else if !endgame.is_empty() {
+        endgame[rng.random_range(0..endgame.len())]
+    } else {
+        return None;
+    };
+    let busy = (input.inflight)(piece);
+    let source = pick_source(input, piece, &busy, rng)?;
+    Some((piece, source))
+}
+
+fn pick_source(
+    input: &PickInput<'_>,
+    piece: u32,
+    busy: &[PeerId],
+    rng: &mut impl Rng,
+) -> Option<PeerId> {
+    let candidates: Vec<&SourceView<'_>> = input
+        .sources
+        .iter()
+        .filter(|s| s.have.get(piece) && usable(s, input.per_source) && !busy.contains(&s.peer))
+        .collect();
+    let peers: Vec<&SourceView<'_>> = candidates.iter().copied().filter(|s| !s.is_seed).collect();
+    let pool = if peers.is_empty() { candidates } else { peers };
+    // Expected wait: requests queued at the source divided by its speed. Unknown speeds rank as the
+    // best known one, so new sources get tried.
+    let max_rate = pool.iter().map(|s| s.rate).fold(0.0, f64::max).max(1.0);
+    let cost = |s: &SourceView<'_>| {
+        let rate = if s.rate > 0.0 { s.rate } else { max_rate };
+        (s.inflight as f64 + 1.0) / rate
+    };
+    let min = pool.iter().map(|s| cost(s)).fold(f64::INFINITY, f64::min);
+    let best: Vec<&SourceView<'_>> = pool
+        .into_iter()
+        .filter(|s| cost(s) <= min * 1.0001)
+        .collect();
+    if best.is_empty() {
+        return None;
+    }
+    Some(best[rng.random_range(0..best.len())].peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn bf(len: u32, set: &[u32]) -> Bitfield {
+        let mut b = Bitfield::new(len);
+        for &i in set {
+            b.set(i);
+        }
+        b
+    }
+
+    struct Fixture {
+        have: Bitfield,
+        known: Bitfield,
+        excluded: Bitfield,
+        inflight: HashMap<u32, Vec<PeerId>>,
+        endgame: bool,
+    }
+
+    impl Fixture {
+        fn new(n: u32) -> Fixture {
+            Fixture {
+                have: Bitfield::new(n),
+                known: Bitfield::full(n),
+                excluded: Bitfield::new(n),
+                inflight: HashMap::new(),
+                endgame: true,
+            }
+        }
+
+        fn pick(&self, sources: &[SourceView<'_>], seed: u64) -> Option<(u32, PeerId)> {
+            use rand::SeedableRng;
+            let inflight = |i: u32| self.inflight.get(&i).cloned().unwrap_or_default();
+            let input = PickInput {
+                have: &self.have,
+                hash_known: &self.known,
+                excluded: &self.excluded,
+                inflight: &inflight,
+                sources,
+                per_source: 2,
+                endgame: self.endgame,
+            };
+            pick(&input, &mut rand::rngs::StdRng::seed_from_u64(seed))
+        }
+    }
+
+    fn src<'a>(peer: PeerId, have: &'a Bitfield, is_seed: bool) -> SourceView<'a> {
+        SourceView {
+            peer,
+            have,
+            inflight: 0,
+            is_seed,
+            rate: 0.0,
+            paused: false,
+        }
+    }
+
+    #[test]
+    fn rarest_piece_first() {
+        let f = Fixture::new(3);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let ha = bf(3, &[0, 1, 2]);
+        let hb = bf(3, &[0, 2]);
+        for seed in 0..20 {
+            let (piece, who) = f
+                .pick(&[src(a, &ha, false), src(b, &hb, false)], seed)
+                .unwrap();
+            assert_eq!(piece, 1);
+            assert_eq!(who, a);
+        }
+    }
+
+    #[test]
+    fn peers_are_preferred_over_seeds() {
+        let f = Fixture::new(2);
+        let (seed, peer) = (PeerId::random(), PeerId::random());
+        let all = bf(2, &[0, 1]);
+        for s in 0..20 {
+            let (_, who) = f
+                .pick(&[src(seed, &all, true), src(peer, &all, false)], s)
+                .unwrap();
+            assert_eq!(who, peer);
+        }
+    }
+
+    #[test]
+    fn seed_is_used_when_only_it_has_the_piece() {
+        let f = Fixture::new(2);
+        let (seed, peer) = (PeerId::random(), PeerId::random());
+        let all = bf(2, &[0, 1]);
+        let some = bf(2, &[0]);
+        let mut f2 = f;
+        f2.have.set(0);
+        let (piece, who) = f2
+            .pick(&[src(seed, &all, true), src(peer, &some, false)], 1)
+            .unwrap();
+        assert_eq!((piece, who), (1, seed));
+    }
+
+    #[test]
+    fn nothing_without_hash_or_holder_or_capacity() {
+        let mut f = Fixture::new(2);
+        let a = PeerId::random();
+        let h = bf(2, &[0, 1]);
+        f.known = bf(2, &[1]);
+        f.have.set(1);
+        assert!(
+            f.pick(&[src(a, &h, false)], 0).is_none(),
+            "piece 0 has no hash"
+        );
+        let mut f = Fixture::new(2);
+        let none = bf(2, &[]);
+        assert!(
+            f.pick(&[src(a, &none, false)], 0).is_none(),
+            "nobody holds anything"
+        );
+        let mut full = src(a, &h, false);
+        full.inflight = 2;
+        f.known = Bitfield::full(2);
+        assert!(f.pick(&[full], 0).is_none(), "source at capacity");
+    }
+
+    #[test]
+    fn endgame_duplicates_to_a_second_source_only() {
+        let mut f = Fixture::new(1);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let h = bf(1, &[0]);
+        f.inflight.insert(0, vec![a]);
+        let (piece, who) = f.pick(&[src(a, &h, false), src(b, &h, false)], 3).unwrap();
+        assert_eq!((piece, who), (0, b));
+        f.inflight.insert(0, vec![a, b]);
+        assert!(f.pick(&[src(a, &h, false), src(b, &h, false)], 3).is_none());
+        f.inflight.insert(0, vec![a]);
+        f.endgame = false;
+        assert!(
+            f.pick(&[src(a, &h, false), src(b, &h, false)], 3).is_none(),
+            "no duplicates before the endgame"
+        );
+    }
+
+    #[test]
+    fn faster_source_gets_more_load() {
+        let f = Fixture::new(4);
+        let (slow, fast) = (PeerId::random(), PeerId::random());
+        let h = bf(4, &[0, 1, 2, 3]);
+        let mut s = src(slow, &h, false);
+        s.rate = 1e6;
+        let mut q = src(fast, &h, false);
+        q.rate = 1e8;
+        q.inflight = 1;
+        let (_, who) = f.pick(&[s, q], 9).unwrap();
+        assert_eq!(who, fast);
+    }
+}

@@ -1,0 +1,1661 @@
+//! The per-task state machine.
+//!
+//! A runner owns everything about one task on this node and is driven by its mailbox
+//! ([`RunnerMsg`]): requests from the API and from peers, gossip, and the results of the jobs it
+//! spawns (DHT queries, probes, piece fetches, origin production). It never blocks: disk and hashing
+//! work runs in `spawn_blocking` jobs.
+//!
+//! Life of a download:
+//! 1. **Discovery**: subscribe to the task topic; ask the DHT for providers; probe each (`get_task`)
+//!    for the header, signed piece hashes, its bitfield and data-plane access.
+//! 2. **Election**, when no provider answered: ask the responsible producer to fetch the origin —
+//!    the seeds in XOR order of distance to the task key, else (no seed took it) the peers closest to
+//!    the key, this node among them. Whoever accepts answers once the origin responded, with the
+//!    header (or the origin's error).
+//! 3. **Transfer**: rarest-first piece picking ([`super::picker`]) over the sources' bitfields, kept
+//!    current by `have` gossip; every piece is checked against its producer-signed hash before it is
+//!    stored and announced. A source sending a bad piece is banned for the task.
+//! 4. **Stall recovery**: with no progress for `stall_timeout`, re-probe; if pieces remain that no
+//!    live source can serve and no producer is fetching them, elect a new producer for just those.
+//! 5. **Completion**: verify the whole-content digest when one is known, mark the task complete,
+//!    announce it, and exit (the store and the data server keep serving it).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use df_protocols::control::{ControlRequest, ControlResponse, OriginRequest, TaskState};
+use df_protocols::gossip::GossipMessage;
+use df_protocols::limits::{MAX_PIECES, MIN_PIECE_LENGTH};
+use df_protocols::manifest::{
+    PieceHashBatch, SignedHeader, SignedPieceHash, TaskHeader, Validators,
+};
+use df_protocols::piece::{Bitfield, PieceHash, PieceLayout};
+use df_protocols::task::{TaskKey, canonical_url, parse_url};
+use df_protocols::transfer::AccessToken;
+use libp2p::PeerId;
+use libp2p::gossipsub::MessageAcceptance;
+use libp2p::kad::KBucketKey;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+
+use super::picker::{self, PickInput, SourceView};
+use super::produce::{FirstBody, ProduceError, ProductionJob};
+use super::{DownloadRequest, Phase, Progress, RunnerMsg, TaskContext, TaskError};
+use crate::config::Role;
+use crate::store::TaskRecord;
+use crate::transfer::FetchError;
+
+const TICK: Duration = Duration::from_millis(100);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(3);
+const CLOSEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a stall, how long probes get to answer before the producer question is decided.
+const STALL_SETTLE: Duration = Duration::from_secs(1);
+const BUSY_PAUSE: Duration = Duration::from_millis(200);
+const FAILURE_PAUSE: Duration = Duration::from_millis(500);
+
+/// Why fetching a piece from a source failed.
+#[derive(Debug)]
+pub(crate) enum FetchFailure {
+    /// The bytes did not match the piece's hash.
+    Corrupt,
+    Transfer(FetchError),
+    Store(crate::store::StoreError),
+}
+
+/// The outcome of a producer election.
+#[derive(Debug)]
+pub(crate) enum Election {
+    /// A peer accepted and answered with the header.
+    Started {
+        producer: PeerId,
+        header: Box<SignedHeader>,
+    },
+    /// This node should fetch the origin itself.
+    Local,
+    Failed(TaskError),
+}
+
+struct Source {
+    addr: SocketAddr,
+    token: AccessToken,
+    have: Bitfield,
+    inflight: usize,
+    is_seed: bool,
+    failures: u32,
+    /// Bytes per second, exponentially weighted.
+    rate: f64,
+    paused_until: Option<Instant>,
+}
+
+#[derive(Clone)]
+struct HashEntry {
+    hash: PieceHash,
+    producer: PeerId,
+    signature: df_protocols::manifest::Signature,
+}
+
+pub(crate) struct Runner {
+    ctx: Arc<TaskContext>,
+    key: TaskKey,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<RunnerMsg>,
+    tx: mpsc::UnboundedSender<RunnerMsg>,
+    progress: watch::Sender<Progress>,
+    phase: Phase,
+    header: Option<SignedHeader>,
+    layout: PieceLayout,
+    hashes: Vec<Option<HashEntry>>,
+    hash_known: Bitfield,
+    early_hashes: Vec<PieceHashBatch>,
+    have: Bitfield,
+    /// A local consumer wants the whole content.
+    wanted: bool,
+    /// The origin request (credentials included; memory only).
+    request: Option<DownloadRequest>,
+    sources: HashMap<PeerId, Source>,
+    probing: HashSet<PeerId>,
+    banned: HashSet<PeerId>,
+    inflight: HashMap<u32, Vec<(PeerId, AbortHandle)>>,
+    header_waiters: Vec<oneshot::Sender<Result<SignedHeader, TaskError>>>,
+    start_waiters: Vec<oneshot::Sender<ControlResponse>>,
+    /// Pieces being fetched from origin by this node, and how many production jobs run.
+    producing: Option<Bitfield>,
+    production_jobs: usize,
+    opening: bool,
+    discovering: bool,
+    awaiting_probes: usize,
+    electing: bool,
+    /// Producers that failed or vanished: not asked again.
+    failed_producers: HashSet<PeerId>,
+    producer: Option<PeerId>,
+    /// Peers that said they are fetching from origin, and when.
+    live_producers: HashMap<PeerId, Instant>,
+    pending_have: Vec<u32>,
+    unpersisted: Vec<(PeerId, SignedPieceHash)>,
+    unannounced: Vec<SignedPieceHash>,
+    providing: bool,
+    last_progress: Instant,
+    stall_since: Option<Instant>,
+    from_peers: u64,
+    from_origin: u64,
+    digest_checking: bool,
+    rng: StdRng,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        ctx: Arc<TaskContext>,
+        key: TaskKey,
+        id: u64,
+        rx: mpsc::UnboundedReceiver<RunnerMsg>,
+        tx: mpsc::UnboundedSender<RunnerMsg>,
+        progress: watch::Sender<Progress>,
+    ) -> Runner {
+        Runner {
+            ctx,
+            key,
+            id,
+            rx,
+            tx,
+            progress,
+            phase: Phase::Starting,
+            header: None,
+            layout: PieceLayout {
+                content_length: 0,
+                piece_length: MIN_PIECE_LENGTH,
+            },
+            hashes: Vec::new(),
+            hash_known: Bitfield::new(0),
+            early_hashes: Vec::new(),
+            have: Bitfield::new(0),
+            wanted: false,
+            request: None,
+            sources: HashMap::new(),
+            probing: HashSet::new(),
+            banned: HashSet::new(),
+            inflight: HashMap::new(),
+            header_waiters: Vec::new(),
+            start_waiters: Vec::new(),
+            producing: None,
+            production_jobs: 0,
+            opening: false,
+            discovering: false,
+            awaiting_probes: 0,
+            electing: false,
+            failed_producers: HashSet::new(),
+            producer: None,
+            live_producers: HashMap::new(),
+            pending_have: Vec::new(),
+            unpersisted: Vec::new(),
+            unannounced: Vec::new(),
+            providing: false,
+            last_progress: Instant::now(),
+            stall_since: None,
+            from_peers: 0,
+            from_origin: 0,
+            digest_checking: false,
+            rng: StdRng::from_os_rng(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        if let Err(e) = self.ctx.net.subscribe(self.key).await {
+            self.fail(TaskError::internal(e.to_string()));
+        }
+        // Resume what the store already holds of this task.
+        if let Ok(Ok(Some(rec))) = {
+            let store = self.ctx.store.clone();
+            let key = self.key;
+            tokio::task::spawn_blocking(move || store.task(&key)).await
+        } {
+            self.accept_header(rec.header, None).await;
+        }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(m) => self.on_msg(m).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick().await,
+            }
+            if self.should_exit() {
+                break;
+            }
+        }
+        self.finish().await;
+    }
+
+    fn should_exit(&self) -> bool {
+        match self.phase {
+            Phase::Failed(_) => true,
+            Phase::Complete => self.producing.is_none() && !self.opening,
+            _ => false,
+        }
+    }
+
+    async fn finish(&mut self) {
+        self.flush_announcements().await;
+        self.persist_hashes_now().await;
+        for (_, reqs) in self.inflight.drain() {
+            for (_, h) in reqs {
+                h.abort();
+            }
+        }
+        let err = match &self.phase {
+            Phase::Failed(e) => e.clone(),
+            _ => TaskError::internal("task stopped"),
+        };
+        for w in self.header_waiters.drain(..) {
+            let _ = w.send(Err(err.clone()));
+        }
+        for w in self.start_waiters.drain(..) {
+            let _ = w.send(ControlResponse::Error(err.to_control()));
+        }
+        self.publish_progress();
+        if self.ctx.registry.finished(&self.key, self.id) {
+            let _ = self.ctx.net.unsubscribe(self.key).await;
+        }
+        tracing::debug!(task = %self.key, phase = ?self.phase, "runner exits");
+    }
+
+    fn publish_progress(&self) {
+        let p = Progress {
+            phase: self.phase.clone(),
+            header: self.header.clone(),
+            have: self.have.clone(),
+            from_peers: self.from_peers,
+            from_origin: self.from_origin,
+            sources: self.sources.len(),
+            banned: self.banned.iter().copied().collect(),
+            producing: self.producing.is_some() || self.opening,
+        };
+        self.progress.send_replace(p);
+    }
+
+    fn fail(&mut self, e: TaskError) {
+        if matches!(self.phase, Phase::Failed(_) | Phase::Complete) {
+            return;
+        }
+        tracing::warn!(task = %self.key, error = %e, "task failed");
+        self.ctx.metrics.task_failed();
+        self.phase = Phase::Failed(e);
+        self.publish_progress();
+    }
+
+    fn trusted(&self, producer: &PeerId) -> bool {
+        let t = &self.ctx.config.trust.producers;
+        t.is_empty() || t.contains(producer) || *producer == self.ctx.peer_id
+    }
+
+    fn piece_count(&self) -> u32 {
+        if self.header.is_some() {
+            self.layout.piece_count()
+        } else {
+            0
+        }
+    }
+
+    async fn on_msg(&mut self, msg: RunnerMsg) {
+        match msg {
+            RunnerMsg::Download { req, reply } => self.on_download(req, reply),
+            RunnerMsg::StartTask {
+                origin,
+                missing,
+                reply,
+            } => self.on_start_task(origin, missing, reply),
+            RunnerMsg::GetState { reply } => {
+                let _ = reply.send(self.state());
+            }
+            RunnerMsg::Gossip {
+                source,
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let verdict = self.on_gossip(source, message).await;
+                self.ctx
+                    .net
+                    .report_validation(message_id, propagation_source, verdict)
+                    .await;
+            }
+            RunnerMsg::PeerSubscribed(peer) => {
+                self.probe(peer);
+            }
+            RunnerMsg::PeerDisconnected(peer) => {
+                self.live_producers.remove(&peer);
+            }
+            RunnerMsg::Providers(peers) => self.on_providers(peers),
+            RunnerMsg::Probed { peer, result } => self.on_probed(peer, result).await,
+            RunnerMsg::Elected(e) => self.on_elected(e).await,
+            RunnerMsg::Opened(result, missing, first) => {
+                self.on_opened(result, missing, first).await
+            }
+            RunnerMsg::Fetched {
+                index,
+                peer,
+                result,
+            } => self.on_fetched(index, peer, result).await,
+            RunnerMsg::Produced { index, len, result } => {
+                self.on_produced(index, len, result).await
+            }
+            RunnerMsg::ProductionDone => {
+                self.production_jobs = self.production_jobs.saturating_sub(1);
+                if self.production_jobs == 0 {
+                    self.producing = None;
+                }
+                self.publish_progress();
+                self.check_complete();
+            }
+            RunnerMsg::DigestChecked(r) => self.on_digest_checked(r).await,
+            RunnerMsg::HashesPersisted(r) => {
+                if let Err(e) = r {
+                    self.fail(e.into());
+                }
+            }
+        }
+        self.schedule();
+    }
+
+    // ---- requests ------------------------------------------------------------------------
+
+    fn on_download(
+        &mut self,
+        req: DownloadRequest,
+        reply: oneshot::Sender<Result<SignedHeader, TaskError>>,
+    ) {
+        self.wanted = true;
+        if self.request.is_none() || self.request.as_ref().is_some_and(|r| r.headers.is_empty()) {
+            self.request = Some(req);
+        }
+        if let Some(h) = &self.header {
+            let _ = reply.send(Ok(h.clone()));
+            if matches!(self.phase, Phase::Starting) {
+                self.phase = Phase::Running;
+            }
+            self.last_progress = Instant::now();
+            self.check_complete();
+            return;
+        }
+        self.header_waiters.push(reply);
+        self.discover();
+    }
+
+    fn on_start_task(
+        &mut self,
+        origin: OriginRequest,
+        missing: Vec<u32>,
+        reply: oneshot::Sender<ControlResponse>,
+    ) {
+        let req = DownloadRequest::from_origin_request(&origin);
+        match req.task_key() {
+            Ok(k) if k == self.key => {}
+            Ok(_) => {
+                let e = TaskError::bad_request("origin request does not match the task key");
+                let _ = reply.send(ControlResponse::Error(e.to_control()));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(ControlResponse::Error(e.to_control()));
+                return;
+            }
+        }
+        if self.request.is_none() {
+            self.request = Some(req);
+        }
+        match self.header.clone() {
+            Some(h) => {
+                let _ = reply.send(ControlResponse::Started { header: h });
+                self.start_production(missing);
+            }
+            None => {
+                self.start_waiters.push(reply);
+                if !self.opening {
+                    self.start_production(Vec::new());
+                }
+            }
+        }
+    }
+
+    fn state(&self) -> TaskState {
+        let mut by_producer: HashMap<PeerId, Vec<SignedPieceHash>> = HashMap::new();
+        for (i, e) in self.hashes.iter().enumerate() {
+            if let Some(e) = e {
+                by_producer
+                    .entry(e.producer)
+                    .or_default()
+                    .push(SignedPieceHash {
+                        index: i as u32,
+                        hash: e.hash,
+                        signature: e.signature.clone(),
+                    });
+            }
+        }
+        TaskState {
+            header: self.header.clone(),
+            hashes: by_producer
+                .into_iter()
+                .map(|(producer, hashes)| PieceHashBatch { producer, hashes })
+                .collect(),
+            bitfield: (self.have.count() > 0).then(|| self.have.clone()),
+            producing: self.producing.is_some() || self.opening,
+            data: None,
+        }
+    }
+
+    // ---- discovery and election ----------------------------------------------------------
+
+    fn discover(&mut self) {
+        if self.discovering {
+            return;
+        }
+        self.discovering = true;
+        let net = self.ctx.net.clone();
+        let key = self.key;
+        let tx = self.tx.clone();
+        let me = self.ctx.peer_id;
+        tokio::spawn(async move {
+            let found = tokio::time::timeout(PROVIDERS_TIMEOUT, net.get_providers(key.to_bytes()))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let peers = found.into_iter().filter(|p| *p != me).collect();
+            let _ = tx.send(RunnerMsg::Providers(peers));
+        });
+    }
+
+    fn on_providers(&mut self, peers: Vec<PeerId>) {
+        self.discovering = false;
+        let mut n = 0;
+        for p in peers {
+            if self.probe(p) {
+                n += 1;
+            }
+        }
+        self.awaiting_probes += n;
+        if self.header.is_none() && self.awaiting_probes == 0 {
+            self.elect(Vec::new());
+        }
+    }
+
+    /// Asks `peer` for its view of the task. Returns whether a probe was sent.
+    fn probe(&mut self, peer: PeerId) -> bool {
+        if peer == self.ctx.peer_id || self.banned.contains(&peer) || !self.probing.insert(peer) {
+            return false;
+        }
+        let net = self.ctx.net.clone();
+        let tx = self.tx.clone();
+        let key = self.key;
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(
+                PROBE_TIMEOUT,
+                net.request(peer, ControlRequest::GetTask { task: key }),
+            )
+            .await
+            {
+                Err(_) => Err("timed out".to_owned()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok((ControlResponse::Task(state), ip))) => Ok((state, ip)),
+                Ok(Ok((other, _))) => Err(format!("unexpected answer {other:?}")),
+            };
+            let _ = tx.send(RunnerMsg::Probed { peer, result });
+        });
+        true
+    }
+
+    fn may_fetch_origin_locally(&self) -> bool {
+        self.ctx.config.download.back_to_source
+            && !self
+                .request
+                .as_ref()
+                .is_some_and(|r| r.disable_back_to_source)
+    }
+
+    fn elect(&mut self, missing: Vec<u32>) {
+        if self.electing || self.opening || (self.producing.is_some() && missing.is_empty()) {
+            return;
+        }
+        let Some(req) = self.request.clone() else {
+            return;
+        };
+        self.electing = true;
+        let net = self.ctx.net.clone();
+        let key = self.key;
+        let me = self.ctx.peer_id;
+        let role = self.ctx.config.role;
+        let local_ok = self.may_fetch_origin_locally();
+        let seedless_ok = !req.disable_back_to_source;
+        let exclude = self.failed_producers.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let outcome = run_election(
+                net,
+                key,
+                me,
+                role,
+                req,
+                missing,
+                exclude,
+                local_ok,
+                seedless_ok,
+            )
+            .await;
+            let _ = tx.send(RunnerMsg::Elected(outcome));
+        });
+    }
+
+    async fn on_elected(&mut self, outcome: Election) {
+        self.electing = false;
+        match outcome {
+            Election::Started { producer, header } => {
+                tracing::debug!(task = %self.key, %producer, "producer accepted");
+                self.producer = Some(producer);
+                self.live_producers.insert(producer, Instant::now());
+                self.last_progress = Instant::now();
+                self.accept_header(*header, Some(producer)).await;
+                self.probing.remove(&producer);
+                self.probe(producer);
+            }
+            Election::Local => {
+                tracing::debug!(task = %self.key, "fetching from origin locally");
+                if self.header.is_some() {
+                    let missing = self.unreachable_pieces();
+                    if !missing.is_empty() {
+                        self.start_production(missing);
+                    }
+                } else {
+                    self.start_production(Vec::new());
+                }
+            }
+            Election::Failed(e) => {
+                if self.header.is_none() || self.wanted {
+                    self.fail(e);
+                }
+            }
+        }
+    }
+
+    // ---- headers, hashes, gossip ---------------------------------------------------------
+
+    /// Adopts a header (or checks it against the one adopted). Returns whether it is consistent.
+    async fn accept_header(&mut self, h: SignedHeader, from: Option<PeerId>) -> bool {
+        if let Some(cur) = &self.header {
+            let (a, b) = (&cur.header, &h.header);
+            return a.content_length == b.content_length
+                && a.piece_length == b.piece_length
+                && a.validators == b.validators;
+        }
+        if h.verify(&self.key).is_err() || !self.trusted(&h.header.producer) {
+            tracing::debug!(task = %self.key, ?from, "ignoring untrusted or invalid header");
+            return false;
+        }
+        let layout = h.header.layout();
+        let n = layout.piece_count();
+        self.layout = layout;
+        self.hashes = vec![None; n as usize];
+        self.hash_known = Bitfield::new(n);
+        let store = self.ctx.store.clone();
+        let key = self.key;
+        let stored = tokio::task::spawn_blocking(move || {
+            let have = store.bitfield(&key, n)?;
+            let hashes = store.hashes(&key)?;
+            let rec = store.task(&key)?;
+            Ok::<_, crate::store::StoreError>((have, hashes, rec))
+        })
+        .await;
+        let (have, stored_hashes, rec) = match stored {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                self.fail(e.into());
+                return false;
+            }
+            Err(e) => {
+                self.fail(TaskError::internal(e.to_string()));
+                return false;
+            }
+        };
+        self.have = have;
+        self.header = Some(h.clone());
+        if rec.is_none() {
+            let store = self.ctx.store.clone();
+            let record = TaskRecord {
+                header: h.clone(),
+                complete: false,
+                last_access: crate::store::now_unix(),
+            };
+            match tokio::task::spawn_blocking(move || store.put_task(&record)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.fail(e.into()),
+                Err(e) => self.fail(TaskError::internal(e.to_string())),
+            }
+        }
+        for batch in stored_hashes {
+            self.apply_hashes(batch, false);
+        }
+        for batch in std::mem::take(&mut self.early_hashes) {
+            self.apply_hashes(batch, true);
+        }
+        if matches!(self.phase, Phase::Starting) {
+            self.phase = Phase::Running;
+        }
+        self.last_progress = Instant::now();
+        for w in self.header_waiters.drain(..) {
+            let _ = w.send(Ok(h.clone()));
+        }
+        for w in self.start_waiters.drain(..) {
+            let _ = w.send(ControlResponse::Started { header: h.clone() });
+        }
+        self.publish_progress();
+        self.check_complete();
+        true
+    }
+
+    /// Records verified piece hashes; `persist` when they are new to the store.
+    fn apply_hashes(&mut self, batch: PieceHashBatch, persist: bool) -> bool {
+        let n = self.piece_count();
+        if self.header.is_none() {
+            self.early_hashes.push(batch);
+            return true;
+        }
+        if batch.verify(&self.key, n).is_err() || !self.trusted(&batch.producer) {
+            return false;
+        }
+        let mut added = false;
+        for h in batch.hashes {
+            let i = h.index as usize;
+            match &self.hashes[i] {
+                Some(e) if e.hash != h.hash => {
+                    tracing::warn!(task = %self.key, index = i, producer = %batch.producer, "conflicting piece hash ignored");
+                }
+                Some(_) => {}
+                None => {
+                    self.hash_known.set(h.index);
+                    self.hashes[i] = Some(HashEntry {
+                        hash: h.hash,
+                        producer: batch.producer,
+                        signature: h.signature.clone(),
+                    });
+                    if persist {
+                        self.unpersisted.push((batch.producer, h));
+                    }
+                    added = true;
+                }
+            }
+        }
+        if added {
+            self.last_progress = Instant::now();
+        }
+        true
+    }
+
+    async fn on_gossip(&mut self, source: Option<PeerId>, msg: GossipMessage) -> MessageAcceptance {
+        match msg {
+            GossipMessage::Header(h) => {
+                if h.verify(&self.key).is_err() {
+                    return MessageAcceptance::Reject;
+                }
+                if self.accept_header(*h, source).await {
+                    MessageAcceptance::Accept
+                } else {
+                    MessageAcceptance::Ignore
+                }
+            }
+            GossipMessage::Hashes(batch) => {
+                let bound = if self.header.is_some() {
+                    self.piece_count()
+                } else {
+                    MAX_PIECES
+                };
+                if batch.verify(&self.key, bound).is_err() {
+                    return MessageAcceptance::Reject;
+                }
+                if !self.trusted(&batch.producer) {
+                    return MessageAcceptance::Ignore;
+                }
+                self.apply_hashes(batch, true);
+                MessageAcceptance::Accept
+            }
+            GossipMessage::Have { pieces, complete } => {
+                let Some(peer) = source else {
+                    return MessageAcceptance::Reject;
+                };
+                if peer == self.ctx.peer_id {
+                    return MessageAcceptance::Ignore;
+                }
+                if self.header.is_some() {
+                    let n = self.piece_count();
+                    if pieces.iter().any(|&i| i >= n) {
+                        return MessageAcceptance::Reject;
+                    }
+                    if let Some(s) = self.sources.get_mut(&peer) {
+                        if complete {
+                            s.have = Bitfield::full(n);
+                        }
+                        for i in pieces {
+                            s.have.set(i);
+                        }
+                        return MessageAcceptance::Accept;
+                    }
+                }
+                self.probe(peer);
+                MessageAcceptance::Accept
+            }
+        }
+    }
+
+    async fn on_probed(
+        &mut self,
+        peer: PeerId,
+        result: Result<(TaskState, Option<IpAddr>), String>,
+    ) {
+        self.probing.remove(&peer);
+        self.awaiting_probes = self.awaiting_probes.saturating_sub(1);
+        match result {
+            Err(e) => {
+                tracing::debug!(task = %self.key, %peer, error = %e, "probe failed");
+                self.live_producers.remove(&peer);
+            }
+            Ok((state, ip)) => {
+                if let Some(h) = state.header {
+                    self.accept_header(h, Some(peer)).await;
+                }
+                for batch in state.hashes {
+                    self.apply_hashes(batch, true);
+                }
+                if state.producing {
+                    self.live_producers.insert(peer, Instant::now());
+                } else {
+                    self.live_producers.remove(&peer);
+                }
+                if let (Some(data), Some(ip), true) = (state.data, ip, self.header.is_some()) {
+                    let n = self.piece_count();
+                    let have = state
+                        .bitfield
+                        .filter(|b| b.len() == n)
+                        .unwrap_or_else(|| Bitfield::new(n));
+                    let is_seed = self.ctx.net.state().seeds().contains(&peer)
+                        || self
+                            .header
+                            .as_ref()
+                            .is_some_and(|h| h.header.producer == peer)
+                        || state.producing;
+                    let addr = SocketAddr::new(ip, data.port);
+                    match self.sources.get_mut(&peer) {
+                        Some(s) => {
+                            s.have = have;
+                            s.addr = addr;
+                            s.token = data.token;
+                            s.is_seed = is_seed;
+                        }
+                        None => {
+                            self.sources.insert(
+                                peer,
+                                Source {
+                                    addr,
+                                    token: data.token,
+                                    have,
+                                    inflight: 0,
+                                    is_seed,
+                                    failures: 0,
+                                    rate: 0.0,
+                                    paused_until: None,
+                                },
+                            );
+                        }
+                    }
+                    self.publish_progress();
+                }
+            }
+        }
+        if self.header.is_none() && self.awaiting_probes == 0 && !self.discovering {
+            self.elect(Vec::new());
+        }
+    }
+
+    // ---- production ----------------------------------------------------------------------
+
+    /// Starts fetching pieces from origin: `pieces`, or everything not held when empty. Pieces
+    /// held or already being fetched from origin are skipped.
+    fn start_production(&mut self, pieces: Vec<u32>) {
+        if self.opening {
+            return;
+        }
+        let pieces = if self.header.is_some() {
+            let all: Vec<u32> = if pieces.is_empty() {
+                (0..self.piece_count()).collect()
+            } else {
+                pieces
+            };
+            let todo: Vec<u32> = all
+                .into_iter()
+                .filter(|&i| i < self.piece_count() && !self.have.get(i))
+                .filter(|&i| self.producing.as_ref().is_none_or(|p| !p.get(i)))
+                .collect();
+            if todo.is_empty() {
+                return;
+            }
+            todo
+        } else {
+            pieces
+        };
+        let Some(req) = &self.request else {
+            return;
+        };
+        let spec = match req.origin_spec() {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(e);
+                return;
+            }
+        };
+        self.opening = true;
+        self.publish_progress();
+        let first = match (&self.header, pieces.first()) {
+            (Some(_), Some(&i)) => self.layout.piece_range(i),
+            (Some(_), None) => {
+                let i = (0..self.piece_count())
+                    .find(|&i| !self.have.get(i))
+                    .unwrap_or(0);
+                self.layout.piece_range(i)
+            }
+            (None, _) => 0..u64::from(MIN_PIECE_LENGTH),
+        };
+        let origin = self.ctx.origin.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let r = origin.open(&spec, first.clone()).await;
+            let _ = tx.send(RunnerMsg::Opened(r, pieces, first));
+        });
+    }
+
+    async fn on_opened(
+        &mut self,
+        result: Result<crate::origin::OriginResponse, crate::origin::OriginError>,
+        requested: Vec<u32>,
+        first: std::ops::Range<u64>,
+    ) {
+        self.opening = false;
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let e = TaskError::from(e);
+                for w in self.start_waiters.drain(..) {
+                    let _ = w.send(ControlResponse::Error(e.to_control()));
+                }
+                if self.wanted || self.header.is_none() {
+                    self.fail(e);
+                }
+                self.publish_progress();
+                return;
+            }
+        };
+        if self.header.is_none() {
+            let layout = PieceLayout::for_length(resp.content_length);
+            if let Err(e) = layout.validate() {
+                self.fail(TaskError::OriginFailed {
+                    message: format!("content too large: {e}"),
+                });
+                return;
+            }
+            let source_url = self
+                .request
+                .as_ref()
+                .and_then(|r| parse_url(&r.url).ok())
+                .map(|u| {
+                    canonical_url(
+                        &u,
+                        &self
+                            .request
+                            .as_ref()
+                            .map(|r| r.filtered_query_params.clone())
+                            .unwrap_or_default(),
+                    )
+                    .to_string()
+                })
+                .unwrap_or_default();
+            let header = TaskHeader {
+                task: self.key,
+                source_url,
+                content_length: resp.content_length,
+                piece_length: layout.piece_length,
+                content_digest: self.key.content_digest(),
+                validators: resp.validators.clone(),
+                producer: self.ctx.peer_id,
+            };
+            let signed = match header.sign(&self.ctx.keypair) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail(TaskError::internal(e.to_string()));
+                    return;
+                }
+            };
+            if !self.accept_header(signed.clone(), None).await {
+                return;
+            }
+            let _ = self
+                .ctx
+                .net
+                .publish(self.key, &GossipMessage::Header(Box::new(signed)))
+                .await;
+        } else if let Err(e) = self.check_unchanged(resp.content_length, &resp.validators) {
+            self.fail(e);
+            return;
+        }
+        let n = self.piece_count();
+        let pieces: Vec<u32> = if requested.is_empty() {
+            (0..n).collect()
+        } else {
+            requested
+        };
+        let mut pieces: Vec<u32> = pieces
+            .into_iter()
+            .filter(|&i| i < n && !self.have.get(i))
+            .collect();
+        pieces.sort_unstable();
+        pieces.dedup();
+        let mut marks = self.producing.take().unwrap_or_else(|| Bitfield::new(n));
+        for &i in &pieces {
+            marks.set(i);
+        }
+        // The open response carried bytes `first` (or, without range support, the whole content).
+        let first = if resp.ranged {
+            FirstBody {
+                index: self.layout.piece_at(first.start),
+                len: first
+                    .end
+                    .min(self.layout.content_length)
+                    .saturating_sub(first.start),
+                body: resp.body,
+            }
+        } else {
+            FirstBody {
+                index: 0,
+                len: self.layout.content_length,
+                body: resp.body,
+            }
+        };
+        let job = ProductionJob {
+            ctx: self.ctx.clone(),
+            key: self.key,
+            spec: match self.request.as_ref().map(DownloadRequest::origin_spec) {
+                Some(Ok(s)) => s,
+                _ => return,
+            },
+            layout: self.layout,
+            validators: self
+                .header
+                .as_ref()
+                .map(|h| h.header.validators.clone())
+                .unwrap_or_default(),
+            known: pieces
+                .iter()
+                .filter_map(|&i| self.hashes[i as usize].as_ref().map(|e| (i, e.hash)))
+                .collect(),
+            pieces,
+            ranged: resp.ranged,
+            tx: self.tx.clone(),
+        };
+        self.producing = Some(marks);
+        self.production_jobs += 1;
+        self.publish_progress();
+        tokio::spawn(job.run(first));
+    }
+
+    fn check_unchanged(&self, len: u64, v: &Validators) -> Result<(), TaskError> {
+        let Some(h) = &self.header else {
+            return Ok(());
+        };
+        let hv = &h.header.validators;
+        let etag_changed = hv.etag.is_some() && v.etag.is_some() && hv.etag != v.etag;
+        let lm_changed = hv.last_modified.is_some()
+            && v.last_modified.is_some()
+            && hv.last_modified != v.last_modified;
+        if len != h.header.content_length || etag_changed || lm_changed {
+            return Err(TaskError::ContentChanged {
+                message:
+                    "origin content changed since the task started (length or validators differ)"
+                        .into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn on_produced(&mut self, index: u32, len: u32, result: Result<PieceHash, ProduceError>) {
+        match result {
+            Ok(hash) => {
+                if let Some(p) = &mut self.producing {
+                    p.clear(index);
+                }
+                let signed = match SignedPieceHash::sign(&self.key, index, hash, &self.ctx.keypair)
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.fail(TaskError::internal(e.to_string()));
+                        return;
+                    }
+                };
+                if self.hashes[index as usize].is_none() {
+                    self.hash_known.set(index);
+                    self.hashes[index as usize] = Some(HashEntry {
+                        hash,
+                        producer: self.ctx.peer_id,
+                        signature: signed.signature.clone(),
+                    });
+                    self.unpersisted.push((self.ctx.peer_id, signed.clone()));
+                    self.unannounced.push(signed);
+                }
+                self.from_origin += u64::from(len);
+                self.piece_held(index);
+            }
+            Err(e) => {
+                tracing::warn!(task = %self.key, index, error = %e, "origin production failed");
+                self.producing = None;
+                let err = match e {
+                    ProduceError::Origin(o) => TaskError::from(o),
+                    ProduceError::HashMismatch(_) => TaskError::ContentChanged {
+                        message: e.to_string(),
+                    },
+                    ProduceError::Store(m) if m.contains("no space") => {
+                        TaskError::NoSpace { message: m }
+                    }
+                    ProduceError::Store(m) => TaskError::Storage { message: m },
+                };
+                self.fail(err);
+            }
+        }
+    }
+
+    // ---- transfer ------------------------------------------------------------------------
+
+    fn piece_held(&mut self, index: u32) {
+        if self.have.set(index) {
+            self.pending_have.push(index);
+        }
+        self.last_progress = Instant::now();
+        self.stall_since = None;
+        self.publish_progress();
+        self.check_complete();
+    }
+
+    fn schedule(&mut self) {
+        if !self.wanted || self.header.is_none() || !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let max = self.ctx.config.download.max_inflight_pieces.max(1);
+        let per_source = self.ctx.config.download.max_inflight_per_source.max(1);
+        let empty = Bitfield::new(self.piece_count());
+        let n = self.piece_count();
+        loop {
+            let endgame = self.hash_known.is_complete()
+                && (0..n).all(|i| self.have.get(i) || self.inflight.contains_key(&i));
+            let total: usize = self.inflight.values().map(Vec::len).sum();
+            if total >= max {
+                break;
+            }
+            let now = Instant::now();
+            let views: Vec<SourceView<'_>> = self
+                .sources
+                .iter()
+                .map(|(peer, s)| SourceView {
+                    peer: *peer,
+                    have: &s.have,
+                    inflight: s.inflight,
+                    is_seed: s.is_seed,
+                    rate: s.rate,
+                    paused: s.paused_until.is_some_and(|t| t > now),
+                })
+                .collect();
+            let inflight = &self.inflight;
+            let busy = |i: u32| {
+                inflight
+                    .get(&i)
+                    .map(|v| v.iter().map(|(p, _)| *p).collect())
+                    .unwrap_or_default()
+            };
+            let input = PickInput {
+                have: &self.have,
+                hash_known: &self.hash_known,
+                excluded: self.producing.as_ref().unwrap_or(&empty),
+                inflight: &busy,
+                sources: &views,
+                per_source,
+                endgame,
+            };
+            let Some((index, peer)) = picker::pick(&input, &mut self.rng) else {
+                break;
+            };
+            self.spawn_fetch(index, peer);
+        }
+    }
+
+    fn spawn_fetch(&mut self, index: u32, peer: PeerId) {
+        let (Some(source), Some(Some(entry))) =
+            (self.sources.get_mut(&peer), self.hashes.get(index as usize))
+        else {
+            return;
+        };
+        source.inflight += 1;
+        let (addr, token) = (source.addr, source.token);
+        let expected = entry.hash;
+        let len = self.layout.piece_len(index);
+        let key = self.key;
+        let data = self.ctx.data.clone();
+        let store = self.ctx.store.clone();
+        let timeout = self.ctx.config.download.piece_timeout;
+        let tx = self.tx.clone();
+        let handle = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = match data.fetch(addr, &token, &key, index, len, timeout).await {
+                Err(e) => Err(FetchFailure::Transfer(e)),
+                Ok(bytes) => verify_and_store(store, key, index, bytes, expected).await,
+            };
+            let result = result.map(|()| (len, started.elapsed()));
+            let _ = tx.send(RunnerMsg::Fetched {
+                index,
+                peer,
+                result,
+            });
+        });
+        self.inflight
+            .entry(index)
+            .or_default()
+            .push((peer, handle.abort_handle()));
+    }
+
+    async fn on_fetched(
+        &mut self,
+        index: u32,
+        peer: PeerId,
+        result: Result<(u32, Duration), FetchFailure>,
+    ) {
+        if let Some(v) = self.inflight.get_mut(&index) {
+            v.retain(|(p, _)| *p != peer);
+            if v.is_empty() {
+                self.inflight.remove(&index);
+            }
+        }
+        if let Some(s) = self.sources.get_mut(&peer) {
+            s.inflight = s.inflight.saturating_sub(1);
+        }
+        match result {
+            Ok((len, elapsed)) => {
+                if let Some(s) = self.sources.get_mut(&peer) {
+                    let r = f64::from(len) / elapsed.as_secs_f64().max(1e-6);
+                    s.rate = if s.rate == 0.0 {
+                        r
+                    } else {
+                        0.7 * s.rate + 0.3 * r
+                    };
+                    s.failures = 0;
+                }
+                if self.have.get(index) {
+                    return;
+                }
+                // The first answer wins; cancel duplicate (endgame) requests.
+                if let Some(others) = self.inflight.remove(&index) {
+                    for (p, h) in others {
+                        h.abort();
+                        if let Some(s) = self.sources.get_mut(&p) {
+                            s.inflight = s.inflight.saturating_sub(1);
+                        }
+                    }
+                }
+                self.from_peers += u64::from(len);
+                self.ctx.metrics.add_from_peers(u64::from(len));
+                self.ctx.metrics.piece_verified();
+                self.piece_held(index);
+            }
+            Err(FetchFailure::Corrupt) => {
+                self.ctx.metrics.piece_corrupt();
+                self.ban(peer, index);
+            }
+            Err(FetchFailure::Store(e)) => self.fail(e.into()),
+            Err(FetchFailure::Transfer(e)) => {
+                tracing::debug!(task = %self.key, %peer, index, error = %e, "piece fetch failed");
+                let max_failures = self.ctx.config.download.max_source_failures;
+                let Some(s) = self.sources.get_mut(&peer) else {
+                    return;
+                };
+                match e {
+                    FetchError::NotFound => s.have.clear(index),
+                    FetchError::Busy => s.paused_until = Some(Instant::now() + BUSY_PAUSE),
+                    _ => {
+                        s.failures += 1;
+                        s.paused_until = Some(Instant::now() + FAILURE_PAUSE);
+                        self.ctx.data.forget(s.addr);
+                        if s.failures >= max_failures {
+                            tracing::info!(task = %self.key, %peer, "dropping unresponsive source");
+                            self.sources.remove(&peer);
+                            self.publish_progress();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn ban(&mut self, peer: PeerId, index: u32) {
+        tracing::warn!(task = %self.key, %peer, index, "source sent a corrupt piece: banned for this task");
+        self.ctx.metrics.source_banned();
+        self.banned.insert(peer);
+        if let Some(s) = self.sources.remove(&peer) {
+            self.ctx.data.forget(s.addr);
+        }
+        for reqs in self.inflight.values_mut() {
+            reqs.retain(|(p, h)| {
+                if *p == peer {
+                    h.abort();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.inflight.retain(|_, v| !v.is_empty());
+        self.publish_progress();
+    }
+
+    // ---- completion ----------------------------------------------------------------------
+
+    fn check_complete(&mut self) {
+        if self.header.is_none()
+            || !self.have.is_complete()
+            || matches!(self.phase, Phase::Complete | Phase::Failed(_))
+            || self.digest_checking
+        {
+            return;
+        }
+        let expected = self.key.content_digest().or_else(|| {
+            self.header
+                .as_ref()
+                .and_then(|h| h.header.content_digest.clone())
+        });
+        let Some(expected) = expected else {
+            self.tx_self(RunnerMsg::DigestChecked(Ok(())));
+            self.digest_checking = true;
+            return;
+        };
+        self.digest_checking = true;
+        let store = self.ctx.store.clone();
+        let key = self.key;
+        let n = self.piece_count();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut h = expected.algorithm().hasher();
+            for i in 0..n {
+                match store.piece(&key, i) {
+                    Ok(Some(p)) => h.update(&p),
+                    Ok(None) => {
+                        let _ = tx.send(RunnerMsg::DigestChecked(Err(TaskError::Storage {
+                            message: format!("piece {i} vanished from the store"),
+                        })));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(RunnerMsg::DigestChecked(Err(e.into())));
+                        return;
+                    }
+                }
+            }
+            let actual = h.finish();
+            let r = if actual == expected {
+                Ok(())
+            } else {
+                Err(TaskError::DigestMismatch {
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                })
+            };
+            let _ = tx.send(RunnerMsg::DigestChecked(r));
+        });
+    }
+
+    fn tx_self(&self, msg: RunnerMsg) {
+        let _ = self.tx.send(msg);
+    }
+
+    async fn on_digest_checked(&mut self, r: Result<(), TaskError>) {
+        self.digest_checking = false;
+        if let Err(e) = r {
+            if matches!(e, TaskError::DigestMismatch { .. }) {
+                let store = self.ctx.store.clone();
+                let key = self.key;
+                let _ = tokio::task::spawn_blocking(move || store.delete_task(&key)).await;
+                self.have = Bitfield::new(self.piece_count());
+            }
+            self.fail(e);
+            return;
+        }
+        self.persist_hashes_now().await;
+        if let Some(h) = self.header.clone() {
+            let store = self.ctx.store.clone();
+            let rec = TaskRecord {
+                header: h,
+                complete: true,
+                last_access: crate::store::now_unix(),
+            };
+            match tokio::task::spawn_blocking(move || store.put_task(&rec)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.fail(e.into());
+                    return;
+                }
+                Err(e) => {
+                    self.fail(TaskError::internal(e.to_string()));
+                    return;
+                }
+            }
+        }
+        self.phase = Phase::Complete;
+        self.ctx.metrics.task_completed();
+        tracing::info!(task = %self.key, from_peers = self.from_peers, from_origin = self.from_origin, "task complete");
+        self.flush_announcements().await;
+        self.publish_progress();
+    }
+
+    // ---- periodic work -------------------------------------------------------------------
+
+    async fn on_tick(&mut self) {
+        self.flush_announcements().await;
+        self.persist_hashes();
+        self.check_stall();
+        self.schedule();
+    }
+
+    async fn flush_announcements(&mut self) {
+        if !self.unannounced.is_empty() {
+            let batch = PieceHashBatch {
+                producer: self.ctx.peer_id,
+                hashes: std::mem::take(&mut self.unannounced),
+            };
+            for chunk in batch.chunks_for_gossip() {
+                if let Err(e) = self
+                    .ctx
+                    .net
+                    .publish(self.key, &GossipMessage::Hashes(chunk))
+                    .await
+                {
+                    tracing::debug!(task = %self.key, error = %e, "announcing hashes failed");
+                }
+            }
+        }
+        if !self.pending_have.is_empty() {
+            if !self.providing {
+                self.providing = true;
+                let _ = self.ctx.net.start_providing(self.key.to_bytes()).await;
+            }
+            let pieces = std::mem::take(&mut self.pending_have);
+            let complete = self.have.is_complete();
+            for chunk in pieces.chunks(8192) {
+                let msg = GossipMessage::Have {
+                    pieces: chunk.to_vec(),
+                    complete,
+                };
+                if let Err(e) = self.ctx.net.publish(self.key, &msg).await {
+                    tracing::debug!(task = %self.key, error = %e, "announcing pieces failed");
+                }
+            }
+        }
+    }
+
+    fn take_unpersisted(&mut self) -> Vec<PieceHashBatch> {
+        let mut by_producer: HashMap<PeerId, Vec<SignedPieceHash>> = HashMap::new();
+        for (p, h) in self.unpersisted.drain(..) {
+            by_producer.entry(p).or_default().push(h);
+        }
+        by_producer
+            .into_iter()
+            .map(|(producer, hashes)| PieceHashBatch { producer, hashes })
+            .collect()
+    }
+
+    fn persist_hashes(&mut self) {
+        if self.unpersisted.is_empty() {
+            return;
+        }
+        let batches = self.take_unpersisted();
+        let store = self.ctx.store.clone();
+        let key = self.key;
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = batches
+                .iter()
+                .try_for_each(|b| store.put_hashes(&key, b.producer, &b.hashes));
+            if r.is_err() {
+                let _ = tx.send(RunnerMsg::HashesPersisted(r));
+            }
+        });
+    }
+
+    async fn persist_hashes_now(&mut self) {
+        if self.unpersisted.is_empty() {
+            return;
+        }
+        let batches = self.take_unpersisted();
+        let store = self.ctx.store.clone();
+        let key = self.key;
+        let r = tokio::task::spawn_blocking(move || {
+            batches
+                .iter()
+                .try_for_each(|b| store.put_hashes(&key, b.producer, &b.hashes))
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            self.fail(e.into());
+        }
+    }
+
+    /// Pieces not held that no live source can serve (hash unknown or no holder).
+    fn unreachable_pieces(&self) -> Vec<u32> {
+        (0..self.piece_count())
+            .filter(|&i| !self.have.get(i))
+            .filter(|&i| !self.producing.as_ref().is_some_and(|p| p.get(i)))
+            .filter(|&i| !self.hash_known.get(i) || !self.sources.values().any(|s| s.have.get(i)))
+            .collect()
+    }
+
+    fn check_stall(&mut self) {
+        if !self.wanted
+            || !matches!(self.phase, Phase::Running)
+            || self.producing.is_some()
+            || self.opening
+            || self.electing
+            || self.digest_checking
+        {
+            return;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.last_progress) < self.ctx.config.download.stall_timeout {
+            return;
+        }
+        match self.stall_since {
+            None => {
+                tracing::info!(task = %self.key, "no progress; re-probing sources and producers");
+                self.stall_since = Some(now);
+                let peers: Vec<PeerId> = self
+                    .sources
+                    .keys()
+                    .copied()
+                    .chain(self.producer)
+                    .chain(self.live_producers.keys().copied())
+                    .collect();
+                for p in peers {
+                    self.probe(p);
+                }
+                self.discover();
+            }
+            Some(t) if now.duration_since(t) >= STALL_SETTLE => {
+                self.stall_since = None;
+                self.last_progress = now;
+                let missing = self.unreachable_pieces();
+                let fresh = |t: &Instant| now.duration_since(*t) < STALL_SETTLE * 2;
+                let someone_producing = self.live_producers.values().any(fresh);
+                if missing.is_empty() || someone_producing {
+                    return;
+                }
+                if let Some(p) = self.producer.take() {
+                    tracing::info!(task = %self.key, producer = %p, "producer is gone; electing another");
+                    self.failed_producers.insert(p);
+                    self.ctx.net.state().forget_seed(&p);
+                }
+                if let Some(h) = &self.header
+                    && h.header.producer != self.ctx.peer_id
+                    && !self.live_producers.contains_key(&h.header.producer)
+                {
+                    self.failed_producers.insert(h.header.producer);
+                }
+                tracing::info!(task = %self.key, pieces = missing.len(), "pieces unreachable; electing a producer");
+                self.elect(missing);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+async fn verify_and_store(
+    store: crate::store::PieceStore,
+    key: TaskKey,
+    index: u32,
+    bytes: Bytes,
+    expected: PieceHash,
+) -> Result<(), FetchFailure> {
+    tokio::task::spawn_blocking(move || {
+        if PieceHash::of(&bytes) != expected {
+            return Err(FetchFailure::Corrupt);
+        }
+        store
+            .put_piece(&key, index, &bytes)
+            .map_err(FetchFailure::Store)
+    })
+    .await
+    .map_err(|e| FetchFailure::Store(crate::store::StoreError::Io(e.to_string())))?
+}
+
+fn distance_order(key: &TaskKey, peers: &mut [PeerId]) {
+    let target = KBucketKey::new(key.to_bytes());
+    peers.sort_by_key(|p| KBucketKey::from(*p).distance(&target));
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_election(
+    net: crate::network::NetworkClient,
+    key: TaskKey,
+    me: PeerId,
+    role: Role,
+    req: DownloadRequest,
+    missing: Vec<u32>,
+    exclude: HashSet<PeerId>,
+    local_ok: bool,
+    seedless_ok: bool,
+) -> Election {
+    let start = ControlRequest::StartTask {
+        task: key,
+        origin: req.origin_request(),
+        missing,
+    };
+    let mut last_error: Option<TaskError> = None;
+    let ask = |peer: PeerId| {
+        let net = net.clone();
+        let start = start.clone();
+        async move { net.request(peer, start).await }
+    };
+
+    // 1. Seeds, closest first.
+    let mut seeds: Vec<PeerId> = net
+        .state()
+        .seeds()
+        .into_iter()
+        .filter(|s| *s != me && !exclude.contains(s))
+        .collect();
+    distance_order(&key, &mut seeds);
+    if role == Role::Seed && !exclude.contains(&me) {
+        // A seed is responsible for what it is asked to download itself.
+        return Election::Local;
+    }
+    for s in seeds {
+        match ask(s).await {
+            Ok((ControlResponse::Started { header }, _)) => {
+                return Election::Started {
+                    producer: s,
+                    header: Box::new(header),
+                };
+            }
+            Ok((ControlResponse::Error(e), _)) => match TaskError::from_control(&e) {
+                Some(
+                    err @ (TaskError::OriginStatus { .. }
+                    | TaskError::ContentChanged { .. }
+                    | TaskError::BadRequest { .. }),
+                ) => {
+                    return Election::Failed(err);
+                }
+                Some(err) => last_error = Some(err),
+                None => {}
+            },
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%key, seed = %s, error = %e, "seed did not take the task"),
+        }
+    }
+
+    // 2. No seed took it: the peers closest to the key, this node among them.
+    if seedless_ok {
+        let mut candidates: Vec<PeerId> =
+            tokio::time::timeout(CLOSEST_TIMEOUT, net.get_closest_peers(key.to_bytes()))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| *p != me && !exclude.contains(p))
+                .collect();
+        if local_ok && role != Role::Ephemeral {
+            candidates.push(me);
+        }
+        distance_order(&key, &mut candidates);
+        for c in candidates {
+            if c == me {
+                return Election::Local;
+            }
+            match ask(c).await {
+                Ok((ControlResponse::Started { header }, _)) => {
+                    return Election::Started {
+                        producer: c,
+                        header: Box::new(header),
+                    };
+                }
+                Ok((ControlResponse::Error(e), _)) => match TaskError::from_control(&e) {
+                    Some(
+                        err @ (TaskError::OriginStatus { .. }
+                        | TaskError::ContentChanged { .. }
+                        | TaskError::BadRequest { .. }),
+                    ) => {
+                        return Election::Failed(err);
+                    }
+                    Some(err) => last_error = Some(err),
+                    None => {}
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%key, peer = %c, error = %e, "peer did not take the task")
+                }
+            }
+        }
+        if local_ok {
+            return Election::Local;
+        }
+    }
+    Election::Failed(last_error.unwrap_or_else(|| {
+        TaskError::NoSource {
+            message:
+                "no seed or peer has this content or could fetch it, and back-to-source is disabled"
+                    .into(),
+        }
+    }))
+}

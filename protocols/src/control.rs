@@ -1,0 +1,263 @@
+//! The control protocol, `/df/control/1`: small request/response exchanges between two peers over
+//! their authenticated libp2p connection.
+//!
+//! Framing: each message is a big-endian `u32` length followed by that many bytes of JSON. A length
+//! above [`MAX_CONTROL_MESSAGE`] is rejected before reading; a parsed message is then checked by
+//! [`ControlRequest::validate`] / [`ControlResponse::validate`].
+//!
+//! | request | response | meaning |
+//! |---|---|---|
+//! | `get_task` | `task` | what the peer knows of a task (header, signed piece hashes), which pieces it holds, whether it is fetching the origin now, and how to fetch pieces from it on the data plane |
+//! | `start_task` | `started` or `error` | "you are responsible for this task: fetch it from its origin". Answered once the origin's first response arrived (so origin errors such as 404 come back here). `missing` asks a producer taking over from a vanished one for just those pieces. |
+//!
+//! Credentials in `start_task` (the origin URL and headers) are used for that origin fetch only and
+//! never stored, logged or gossiped.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{
+    MAX_CONTROL_MESSAGE, MAX_ERROR_MESSAGE, MAX_ORIGIN_HEADER_BYTES, MAX_ORIGIN_HEADERS,
+    MAX_PIECES, MAX_URL_LEN,
+};
+use crate::manifest::{PieceHashBatch, SignedHeader};
+use crate::piece::Bitfield;
+use crate::task::{ContentDigest, TaskKey};
+use crate::transfer::AccessToken;
+
+/// Protocol name of the control protocol.
+pub const CONTROL_PROTOCOL: &str = "/df/control/1";
+
+/// Why a control message was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlCodecError {
+    #[error("control message of {0} bytes exceeds the limit of {MAX_CONTROL_MESSAGE}")]
+    TooLarge(usize),
+    #[error("malformed control message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("invalid control message: {0}")]
+    Invalid(&'static str),
+}
+
+/// What an origin fetch needs: everything the requester was given, credentials included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginRequest {
+    pub url: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub tag: String,
+    #[serde(default)]
+    pub filtered_query_params: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<ContentDigest>,
+}
+
+impl OriginRequest {
+    fn validate(&self) -> Result<(), ControlCodecError> {
+        if self.url.len() > MAX_URL_LEN {
+            return Err(ControlCodecError::Invalid("url too long"));
+        }
+        if self.headers.len() > MAX_ORIGIN_HEADERS {
+            return Err(ControlCodecError::Invalid("too many headers"));
+        }
+        let bytes: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > MAX_ORIGIN_HEADER_BYTES {
+            return Err(ControlCodecError::Invalid("headers too large"));
+        }
+        if self.filtered_query_params.len() > MAX_ORIGIN_HEADERS {
+            return Err(ControlCodecError::Invalid("too many filtered query params"));
+        }
+        Ok(())
+    }
+}
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ControlRequest {
+    GetTask {
+        task: TaskKey,
+    },
+    StartTask {
+        task: TaskKey,
+        origin: OriginRequest,
+        /// Pieces nobody can serve; empty means the whole task.
+        #[serde(default)]
+        missing: Vec<u32>,
+    },
+}
+
+impl ControlRequest {
+    pub fn validate(&self) -> Result<(), ControlCodecError> {
+        match self {
+            ControlRequest::GetTask { .. } => Ok(()),
+            ControlRequest::StartTask {
+                origin, missing, ..
+            } => {
+                if missing.len() > MAX_PIECES as usize {
+                    return Err(ControlCodecError::Invalid("too many missing pieces"));
+                }
+                origin.validate()
+            }
+        }
+    }
+}
+
+/// Where and how to fetch pieces from the answering peer on the data plane. The address is the
+/// one the requester reached the peer at, with this port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataAccess {
+    pub port: u16,
+    pub token: AccessToken,
+}
+
+/// A peer's view of one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TaskState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<SignedHeader>,
+    #[serde(default)]
+    pub hashes: Vec<PieceHashBatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitfield: Option<Bitfield>,
+    /// The peer is fetching this task's origin right now.
+    #[serde(default)]
+    pub producing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataAccess>,
+}
+
+/// Machine-readable error kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The origin answered with an error status (see `origin_status`).
+    OriginStatus,
+    /// The origin could not be reached.
+    OriginUnreachable,
+    /// The origin's content changed while the task was being fetched.
+    ContentChanged,
+    /// The request is malformed or does not match its task key.
+    BadRequest,
+    /// The peer does not fetch origins for others.
+    Declined,
+    /// Anything else (storage, internal).
+    Internal,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlError {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_status: Option<u16>,
+}
+
+/// A control response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ControlResponse {
+    Task(TaskState),
+    Started { header: SignedHeader },
+    Error(ControlError),
+}
+
+impl ControlResponse {
+    pub fn validate(&self) -> Result<(), ControlCodecError> {
+        match self {
+            ControlResponse::Error(e) if e.message.len() > MAX_ERROR_MESSAGE => {
+                Err(ControlCodecError::Invalid("error message too long"))
+            }
+            ControlResponse::Task(t)
+                if t.hashes.iter().map(|b| b.hashes.len()).sum::<usize>() > MAX_PIECES as usize =>
+            {
+                Err(ControlCodecError::Invalid("too many hashes"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Encodes a message body (without the length prefix).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ControlCodecError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_CONTROL_MESSAGE {
+        return Err(ControlCodecError::TooLarge(body.len()));
+    }
+    Ok(body)
+}
+
+/// Checks a length prefix before the body is read.
+pub fn check_length(len: u32) -> Result<usize, ControlCodecError> {
+    let len = len as usize;
+    if len > MAX_CONTROL_MESSAGE {
+        return Err(ControlCodecError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+pub fn decode_request(body: &[u8]) -> Result<ControlRequest, ControlCodecError> {
+    check_length(body.len().try_into().unwrap_or(u32::MAX))?;
+    let req: ControlRequest = serde_json::from_slice(body)?;
+    req.validate()?;
+    Ok(req)
+}
+
+pub fn decode_response(body: &[u8]) -> Result<ControlResponse, ControlCodecError> {
+    check_length(body.len().try_into().unwrap_or(u32::MAX))?;
+    let resp: ControlResponse = serde_json::from_slice(body)?;
+    resp.validate()?;
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::parse_url;
+
+    fn key() -> TaskKey {
+        TaskKey::for_url(&parse_url("http://h/f").unwrap(), "")
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let req = ControlRequest::StartTask {
+            task: key(),
+            origin: OriginRequest {
+                url: "http://h/f".into(),
+                headers: vec![("Authorization".into(), "Bearer x".into())],
+                tag: String::new(),
+                filtered_query_params: vec![],
+                digest: None,
+            },
+            missing: vec![1, 2],
+        };
+        let body = encode(&req).unwrap();
+        assert_eq!(decode_request(&body).unwrap(), req);
+    }
+
+    #[test]
+    fn garbage_and_oversized_messages_are_rejected() {
+        assert!(decode_request(b"{").is_err());
+        assert!(decode_request(b"{\"type\":\"nope\"}").is_err());
+        assert!(decode_response(&[0xff; 100]).is_err());
+        assert!(check_length(u32::MAX).is_err());
+        let req = ControlRequest::StartTask {
+            task: key(),
+            origin: OriginRequest {
+                url: "x".repeat(MAX_URL_LEN + 1),
+                headers: vec![],
+                tag: String::new(),
+                filtered_query_params: vec![],
+                digest: None,
+            },
+            missing: vec![],
+        };
+        let body = serde_json::to_vec(&req).unwrap();
+        assert!(matches!(
+            decode_request(&body),
+            Err(ControlCodecError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,12 @@
+//! Test and measurement harness for `df`.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`origin`] | a local HTTP origin that counts the bytes it serves and can misbehave |
+//! | [`swarm`] | an in-process swarm of seeds and nodes on 127.0.0.1 |
+
+pub mod origin;
+pub mod swarm;
+
+pub use origin::TestOrigin;
+pub use swarm::{Swarm, TestNode, content, sha256_hex};
