@@ -194,3 +194,40 @@ async fn a_full_disk_is_reported_and_leaves_nothing() {
     assert!(stderr(&o).contains("no space left"), "{}", stderr(&o));
     assert!(listing.is_empty(), "left {listing:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_without_a_daemon_joins_the_swarm_given_bootstrap() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(6 * MIB + 1, 5);
+    origin.put("/p", data.clone());
+    let seed = TestNode::start(Role::Seed, vec![], |_| {}).await.unwrap();
+    seed.fetch_url(&origin.url("/p")).await.unwrap();
+    // The origin breaks: only the swarm can serve the file now.
+    origin.fail("/p", 500);
+    let boot = seed.bootstrap_addr().to_string();
+    let home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("p");
+    let url = origin.url("/p");
+    let o = tokio::task::spawn_blocking({
+        let (out, home) = (out.clone(), home.path().to_owned());
+        move || {
+            df(
+                &[
+                    "get",
+                    &url,
+                    "-o",
+                    out.to_str().unwrap(),
+                    "--bootstrap",
+                    &boot,
+                    "--no-progress",
+                ],
+                &home,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
+}

@@ -208,6 +208,20 @@ impl Node {
         if config.storage.task_ttl.as_secs() > 0 || config.storage.quota.as_u64() > 0 {
             tracker.spawn(crate::gc::run(node.clone(), shutdown));
         }
+        // Announce what the store already holds (provider records do not survive a restart).
+        let (store2, net2) = (store.clone(), net.clone());
+        tracker.spawn(async move {
+            let tasks = tokio::task::spawn_blocking(move || store2.tasks())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            for rec in tasks.into_iter().filter(|r| r.complete) {
+                let _ = net2
+                    .start_providing(rec.header.header.task.to_bytes())
+                    .await;
+            }
+        });
         tracing::info!(%peer_id, role = %config.role, data = %data_addr, api = %node.inner.api_addr, "node started");
         Ok(node)
     }

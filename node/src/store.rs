@@ -132,8 +132,10 @@ impl PieceStore {
         pieces.set_min_blob_size(64 << 10);
         pieces.set_blob_file_size(256 << 20);
         pieces.set_blob_compression_type(DBCompressionType::None);
-        pieces.set_enable_blob_gc(true);
-        pieces.set_blob_gc_age_cutoff(0.5);
+        // No blob GC: it rewrites live pieces during compactions (measured: a third of a node's
+        // CPU while downloading). Pieces are deleted a task at a time, and a blob file is removed
+        // once no SST references it; `delete_task` compacts the task's range to get there.
+        pieces.set_enable_blob_gc(false);
         pieces.set_write_buffer_size((cfg.memtable_budget.as_u64() / 2) as usize);
         pieces.set_max_write_buffer_number(2);
 
@@ -293,6 +295,10 @@ impl PieceStore {
             batch.delete_range_cf(self.cf(name)?, &start, &end);
         }
         self.db.write(batch)?;
+        // Drop the range's SST entries now, so blob files holding only this task's pieces become
+        // unreferenced and are deleted.
+        self.db
+            .compact_range_cf(self.cf(CF_PIECES)?, Some(&start), Some(&end));
         Ok(())
     }
 

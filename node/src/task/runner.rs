@@ -133,6 +133,8 @@ pub(crate) struct Runner {
     electing: bool,
     /// Producers that failed or vanished: not asked again.
     failed_producers: HashSet<PeerId>,
+    /// Producers this node asked to fetch the origin and that accepted.
+    elected: HashSet<PeerId>,
     producer: Option<PeerId>,
     /// Peers that said they are fetching from origin, and when.
     live_producers: HashMap<PeerId, Instant>,
@@ -189,6 +191,7 @@ impl Runner {
             awaiting_probes: 0,
             electing: false,
             failed_producers: HashSet::new(),
+            elected: HashSet::new(),
             producer: None,
             live_producers: HashMap::new(),
             pending_have: Vec::new(),
@@ -290,9 +293,27 @@ impl Runner {
         self.publish_progress();
     }
 
+    /// Whose header this node accepts: a configured producer, or anyone when none is configured
+    /// (the first valid header then pins the task).
     fn trusted(&self, producer: &PeerId) -> bool {
         let t = &self.ctx.config.trust.producers;
         t.is_empty() || t.contains(producer) || *producer == self.ctx.peer_id
+    }
+
+    /// Whose piece hashes this node accepts: configured producers; else the header's producer and
+    /// the producers this node itself asked to take over. Anyone else could otherwise sign bogus
+    /// hashes for pieces not produced yet and serve matching bogus bytes.
+    fn trusted_for_hashes(&self, producer: &PeerId) -> bool {
+        let t = &self.ctx.config.trust.producers;
+        if *producer == self.ctx.peer_id || t.contains(producer) {
+            return true;
+        }
+        t.is_empty()
+            && (self.elected.contains(producer)
+                || self
+                    .header
+                    .as_ref()
+                    .is_some_and(|h| h.header.producer == *producer))
     }
 
     fn piece_count(&self) -> u32 {
@@ -382,6 +403,10 @@ impl Runner {
             }
             self.last_progress = Instant::now();
             self.check_complete();
+            if !self.have.is_complete() && self.sources.is_empty() {
+                // Resuming a partial task: find holders now rather than after a stall.
+                self.discover();
+            }
             return;
         }
         self.header_waiters.push(reply);
@@ -481,8 +506,15 @@ impl Runner {
             }
         }
         self.awaiting_probes += n;
-        if self.header.is_none() && self.awaiting_probes == 0 {
-            self.elect(Vec::new());
+        if self.awaiting_probes == 0 {
+            if self.header.is_none() {
+                self.elect(Vec::new());
+            } else if self.wanted && self.sources.is_empty() && self.producing.is_none() {
+                let missing = self.unreachable_pieces();
+                if !missing.is_empty() {
+                    self.elect(missing);
+                }
+            }
         }
     }
 
@@ -558,6 +590,7 @@ impl Runner {
             Election::Started { producer, header } => {
                 tracing::debug!(task = %self.key, %producer, "producer accepted");
                 self.producer = Some(producer);
+                self.elected.insert(producer);
                 self.live_producers.insert(producer, Instant::now());
                 self.last_progress = Instant::now();
                 self.accept_header(*header, Some(producer)).await;
@@ -658,14 +691,17 @@ impl Runner {
         true
     }
 
-    /// Records verified piece hashes; `persist` when they are new to the store.
+    /// Records piece hashes after checking them; `persist` when they are new to the store (hashes
+    /// loaded from the store were checked before they were stored).
     fn apply_hashes(&mut self, batch: PieceHashBatch, persist: bool) -> bool {
         let n = self.piece_count();
         if self.header.is_none() {
             self.early_hashes.push(batch);
             return true;
         }
-        if batch.verify(&self.key, n).is_err() || !self.trusted(&batch.producer) {
+        if batch.verify(&self.key, n).is_err()
+            || (persist && !self.trusted_for_hashes(&batch.producer))
+        {
             return false;
         }
         let mut added = false;
@@ -717,7 +753,7 @@ impl Runner {
                 if batch.verify(&self.key, bound).is_err() {
                     return MessageAcceptance::Reject;
                 }
-                if !self.trusted(&batch.producer) {
+                if self.header.is_some() && !self.trusted_for_hashes(&batch.producer) {
                     return MessageAcceptance::Ignore;
                 }
                 self.apply_hashes(batch, true);
@@ -1053,6 +1089,7 @@ impl Runner {
                     self.unannounced.push(signed);
                 }
                 self.from_origin += u64::from(len);
+                tracing::debug!(target: "df_piece", task = %self.key, index, len, from = "origin", "piece");
                 self.piece_held(index);
             }
             Err(e) => {
@@ -1211,6 +1248,7 @@ impl Runner {
                 self.from_peers += u64::from(len);
                 self.ctx.metrics.add_from_peers(u64::from(len));
                 self.ctx.metrics.piece_verified();
+                tracing::debug!(target: "df_piece", task = %self.key, index, len, from = %peer, "piece");
                 self.piece_held(index);
             }
             Err(FetchFailure::Corrupt) => {
