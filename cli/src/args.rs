@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use df_node::Multiaddr;
 use df_node::config::default_data_dir;
 use df_node::{ApiAddr, NodeConfig, Role};
+use df_proxy::MirrorConfig;
 
 /// Peer-to-peer distribution of files and container images.
 #[derive(Debug, Parser)]
@@ -23,7 +24,7 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Download a URL through the swarm (like wget / dfget).
     Get(GetArgs),
-    /// Run a node: download for this host, serve peers, and (with `--mirror-listen`, later) a registry mirror.
+    /// Run a node: download for this host, serve peers, and (with `--mirror-listen`) a registry mirror.
     Node(ServeArgs),
     /// Run a seed: fetch origins for the swarm and cache what it fetched.
     Seed(ServeArgs),
@@ -97,6 +98,21 @@ pub(crate) struct ServeArgs {
     /// Data-plane (piece transfer) listen address, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub data_listen: Option<SocketAddr>,
+    /// Serve a registry mirror (OCI pull API) on HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub mirror_listen: Option<SocketAddr>,
+    /// The mirror's registry for requests without containerd's `?ns=`.
+    #[arg(long, value_name = "URL")]
+    pub mirror_upstream: Option<url::Url>,
+    /// Where the mirror sends `?ns=HOST` requests, HOST=URL (repeatable).
+    #[arg(long, value_name = "HOST=URL", value_parser = df_proxy::config::parse_registry_mapping)]
+    pub mirror_registry: Vec<(String, url::Url)>,
+    /// Extra CA certificates (PEM) for HTTPS registries and origins (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub mirror_ca_bundle: Vec<PathBuf>,
+    /// Accept any TLS certificate from registries and origins (test setups only).
+    #[arg(long)]
+    pub mirror_insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -107,9 +123,16 @@ pub(crate) struct StatusArgs {
 }
 
 /// Builds a node's config: defaults, then the config file's text (if any), then the flags.
+/// Its `[proxy]` section is the mirror's ([`mirror_config`]).
 pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> Result<NodeConfig> {
     let mut cfg: NodeConfig = match file {
-        Some(text) => toml::from_str(text).context("invalid config file")?,
+        Some(text) => {
+            let mut table: toml::Table = toml::from_str(text).context("invalid config file")?;
+            table.remove("proxy");
+            toml::Value::Table(table)
+                .try_into()
+                .context("invalid config file")?
+        }
         None => NodeConfig::default(),
     };
     cfg.role = role;
@@ -131,6 +154,42 @@ pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> R
     if cfg.listen.is_empty() {
         bail!("no listen address: give --listen or `listen` in the config file");
     }
+    // The mirror's blobs are fetched by the node, so its TLS settings apply to origins too.
+    cfg.origin
+        .ca_bundle
+        .extend(args.mirror_ca_bundle.iter().cloned());
+    cfg.origin.insecure |= args.mirror_insecure;
+    if let Some(text) = file {
+        let m = mirror_config(Some(text), &ServeArgs::default())?;
+        cfg.origin.ca_bundle.extend(m.ca_bundle);
+        cfg.origin.insecure |= m.insecure;
+    }
+    Ok(cfg)
+}
+
+/// Builds the registry mirror's config: defaults, the file's `[proxy]` section, then the flags.
+pub(crate) fn mirror_config(file: Option<&str>, args: &ServeArgs) -> Result<MirrorConfig> {
+    let mut cfg = match file {
+        Some(text) => {
+            let mut table: toml::Table = toml::from_str(text).context("invalid config file")?;
+            match table.remove("proxy") {
+                Some(v) => v.try_into().context("invalid [proxy] section")?,
+                None => MirrorConfig::default(),
+            }
+        }
+        None => MirrorConfig::default(),
+    };
+    if let Some(a) = args.mirror_listen {
+        cfg.listen = Some(a);
+    }
+    if let Some(u) = &args.mirror_upstream {
+        cfg.upstream = Some(u.clone());
+    }
+    for (host, url) in &args.mirror_registry {
+        cfg.registries.insert(host.clone(), url.clone());
+    }
+    cfg.ca_bundle.extend(args.mirror_ca_bundle.iter().cloned());
+    cfg.insecure |= args.mirror_insecure;
     Ok(cfg)
 }
 
@@ -186,6 +245,43 @@ mod tests {
         );
         assert_eq!(cfg.download.max_inflight_pieces, 3);
         assert_eq!(cfg.download.max_inflight_per_source, 4);
+    }
+
+    #[test]
+    fn proxy_section_and_mirror_flags() {
+        let file = r#"
+            listen = ["/ip4/0.0.0.0/tcp/5001"]
+            [proxy]
+            listen = "127.0.0.1:65001"
+            upstream = "http://127.0.0.1:5000"
+            insecure = true
+            [proxy.registries]
+            "a.example" = "http://127.0.0.1:5002"
+        "#;
+        let cli = Cli::try_parse_from([
+            "df",
+            "node",
+            "--mirror-registry",
+            "b.example=https://b.example:8443",
+            "--mirror-listen",
+            "127.0.0.1:65002",
+        ])
+        .unwrap();
+        let Command::Node(args) = cli.command else {
+            panic!("not node")
+        };
+        let m = mirror_config(Some(file), &args).unwrap();
+        assert_eq!(m.listen, Some("127.0.0.1:65002".parse().unwrap()));
+        assert_eq!(m.upstream.unwrap().as_str(), "http://127.0.0.1:5000/");
+        assert_eq!(m.registries.len(), 2);
+        assert!(m.insecure);
+        let n = node_config(Role::Node, Some(file), &args).unwrap();
+        assert!(
+            n.origin.insecure,
+            "the mirror's TLS switch reaches the node's origin"
+        );
+        assert!(mirror_config(Some("[proxy]\nbogus = 1"), &args).is_err());
+        assert!(Cli::try_parse_from(["df", "node", "--mirror-registry", "nourl"]).is_err());
     }
 
     #[test]

@@ -13,13 +13,14 @@ mod get;
 mod progress;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use df_node::Role;
 use df_node::api::client::ApiClient;
 
-use args::{Cli, Command, ServeArgs, StatusArgs, client_api, node_config};
+use args::{Cli, Command, ServeArgs, StatusArgs, client_api, mirror_config, node_config};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -88,13 +89,27 @@ async fn serve(role: Role, args: ServeArgs) -> Result<()> {
         None => None,
     };
     let cfg = node_config(role, file.as_deref(), &args)?;
+    let mirror_cfg = mirror_config(file.as_deref(), &args)?;
     let node = df_seed::start(cfg).await?;
     for a in node.listen_addrs() {
         tracing::info!(addr = %a, "bootstrap others with");
     }
     tracing::info!(api = %node.api_addr(), data = %node.data_addr(), "serving");
+    let mirror = match mirror_cfg.listen {
+        Some(_) => match df_proxy::Mirror::start(mirror_cfg, Arc::new(node.clone())).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                node.shutdown().await;
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
     wait_for_signal().await;
     tracing::info!("shutting down");
+    if let Some(m) = mirror {
+        m.shutdown().await;
+    }
     node.shutdown().await;
     Ok(())
 }

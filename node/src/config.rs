@@ -302,6 +302,11 @@ pub struct OriginConfig {
     /// A response body that delivers no bytes for this long fails (and is retried). Default: `30s`.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// PEM files of extra CA certificates trusted for HTTPS origins (besides the system's).
+    /// Default: none.
+    pub ca_bundle: Vec<PathBuf>,
+    /// Accept any TLS certificate from origins. Only for test registries. Default: `false`.
+    pub insecure: bool,
 }
 
 impl Default for OriginConfig {
@@ -311,6 +316,8 @@ impl Default for OriginConfig {
             retries: 3,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            ca_bundle: Vec::new(),
+            insecure: false,
         }
     }
 }

@@ -9,12 +9,14 @@
 //! | [`store`] | the RocksDB piece store |
 //! | [`origin`] | the back-to-source trait (the HTTP implementation is in `df-seed`) |
 //! | [`api`] | the local HTTP API server and its client |
+//! | [`content`] | a task's content as an in-order byte stream while it downloads |
 //! | [`config`] | [`NodeConfig`] and its documented defaults |
 //! | [`metrics`] | counters for `/v1/status` and `/metrics` |
 //! | [`gc`] | cache eviction by TTL and quota |
 
 pub mod api;
 pub mod config;
+pub mod content;
 pub mod gc;
 pub mod metrics;
 pub mod network;
@@ -25,6 +27,7 @@ pub mod task;
 pub mod transfer;
 
 pub use config::{ApiAddr, NodeConfig, Role};
+pub use content::{Content, ContentError};
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{Node, NodeError, NodeStatus};
 pub use origin::{Origin, OriginError, OriginResponse, OriginSpec};

@@ -1,1 +1,31 @@
-//! The OCI registry mirror (docker, containerd, podman pull through the local node). Built in its own issue.
+//! The OCI registry mirror: docker, containerd, podman and skopeo pull images through the local
+//! node.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`config`] | [`MirrorConfig`], the `[proxy]` config section |
+//! | [`oci`] | request paths, names, references, OCI JSON errors |
+//! | [`source`] | [`BlobSource`]: the node as the mirror sees it |
+//! | [`mirror`] | [`Mirror`]: the HTTP server and handlers |
+//! | `cache` | the in-memory manifest cache |
+//!
+//! Manifests, tags and the `/v2/` check go to the upstream registry with the client's `Accept`
+//! and `Authorization` headers; a 401 comes back with the registry's `WWW-Authenticate`, so the
+//! client runs its normal token flow through the mirror. Manifests are cached in memory by digest
+//! (and briefly by tag), per credentials. Blobs go through the node as digest tasks: whichever
+//! node or seed holds the pieces serves them, one node fetches from the registry (with the
+//! requesting client's credentials, for that request only), and the client receives the blob in
+//! order while it arrives — verified against its digest, or the response is aborted.
+//!
+//! Any client of a mirror can fetch any blob the swarm holds if it knows its digest (as with
+//! Dragonfly, Kraken and Spegel): run the mirror for one trust domain.
+
+mod cache;
+pub mod config;
+pub mod mirror;
+pub mod oci;
+pub mod source;
+
+pub use config::MirrorConfig;
+pub use mirror::{Mirror, MirrorError, MirrorStats};
+pub use source::BlobSource;

@@ -30,6 +30,8 @@ use reqwest::header::{
 pub enum HttpOriginError {
     #[error("building the HTTP client failed: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("reading CA bundle {path}: {reason}")]
+    CaBundle { path: String, reason: String },
 }
 
 /// The HTTP(S) origin.
@@ -41,12 +43,14 @@ pub struct HttpOrigin {
 
 impl HttpOrigin {
     pub fn new(cfg: &OriginConfig) -> Result<HttpOrigin, HttpOriginError> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("df/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)
             .no_proxy()
-            .build()?;
+            .tls_danger_accept_invalid_certs(cfg.insecure);
+        builder = builder.tls_certs_merge(load_ca_bundles(&cfg.ca_bundle)?);
+        let client = builder.build()?;
         Ok(HttpOrigin {
             client,
             retries: cfg.retries,
@@ -89,6 +93,26 @@ impl HttpOrigin {
             url: display_url(&spec.url),
         })
     }
+}
+
+/// Reads PEM CA bundles (each file may hold several certificates).
+pub fn load_ca_bundles(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<reqwest::Certificate>, HttpOriginError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let err = |reason: String| HttpOriginError::CaBundle {
+            path: p.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(p).map_err(|e| err(e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(err("no PEM certificate in it".into()));
+        }
+        out.extend(certs);
+    }
+    Ok(out)
 }
 
 fn unreachable(spec: &OriginSpec, e: &reqwest::Error) -> OriginError {

@@ -4,8 +4,10 @@
 //! |---|---|
 //! | [`origin`] | a local HTTP origin that counts the bytes it serves and can misbehave |
 //! | [`swarm`] | an in-process swarm of seeds and nodes on 127.0.0.1 |
+//! | [`registry`] | a real OCI registry (`docker-registry`) and locally built images |
 
 pub mod origin;
+pub mod registry;
 pub mod swarm;
 
 pub use origin::TestOrigin;

@@ -1,7 +1,6 @@
 //! The API server (routes in the [module docs](super)).
 
 use std::convert::Infallible;
-use std::ops::Range;
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -13,13 +12,13 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{ErrorBody, TaskInfo};
 use crate::config::ApiAddr;
+use crate::content::ContentError;
 use crate::node::Node;
-use crate::task::{DownloadRequest, Phase, Progress, TaskError};
+use crate::task::{DownloadRequest, TaskError};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -247,89 +246,40 @@ async fn create_task(node: Node, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Parses a single `bytes=` range against a content length. `Ok(None)`: no (usable) Range header.
-fn parse_range(h: Option<&header::HeaderValue>, len: u64) -> Result<Option<Range<u64>>, ()> {
-    let Some(v) = h.and_then(|v| v.to_str().ok()) else {
-        return Ok(None);
-    };
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return Ok(None);
-    };
-    if spec.contains(',') {
-        // Multiple ranges: serve the whole content, as RFC 9110 allows.
-        return Ok(None);
-    }
-    let (a, b) = spec.split_once('-').ok_or(())?;
-    let (a, b) = (a.trim(), b.trim());
-    let range = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
-        if n == 0 {
-            return Err(());
-        }
-        len.saturating_sub(n)..len
-    } else {
-        let start: u64 = a.parse().map_err(|_| ())?;
-        let end = if b.is_empty() {
-            len
-        } else {
-            b.parse::<u64>().map_err(|_| ())?.saturating_add(1).min(len)
-        };
-        if start >= len || start >= end {
-            return Err(());
-        }
-        start..end
-    };
-    Ok(Some(range))
-}
-
 async fn content(
     node: Node,
     key: TaskKey,
     req: &Request<Incoming>,
     head_only: bool,
 ) -> Response<Body> {
-    let Some(mut progress) = node.progress(&key).await else {
-        return not_found("task");
-    };
-    // Wait for the header (the task may still be starting).
-    let header = loop {
-        let p = progress.borrow().clone();
-        if let Phase::Failed(e) = p.phase {
-            return error(e);
-        }
-        if let Some(h) = p.header {
-            break h;
-        }
-        if progress.changed().await.is_err() {
-            return error(TaskError::internal("task stopped before it started"));
-        }
-    };
-    let len = header.header.content_length;
-    let (status, range) = match parse_range(req.headers().get(header::RANGE), len) {
-        Ok(None) => (StatusCode::OK, 0..len),
-        Ok(Some(r)) => (StatusCode::PARTIAL_CONTENT, r),
-        Err(()) => {
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let c = match node.content(&key, range).await {
+        Ok(c) => c,
+        Err(ContentError::UnknownTask) => return not_found("task"),
+        Err(ContentError::Task(e)) => return error(e),
+        Err(ContentError::RangeNotSatisfiable { content_length }) => {
             let mut r = full(StatusCode::RANGE_NOT_SATISFIABLE, "text/plain", "");
-            if let Ok(v) = header::HeaderValue::from_str(&format!("bytes */{len}")) {
+            if let Ok(v) = header::HeaderValue::from_str(&format!("bytes */{content_length}")) {
                 r.headers_mut().insert(header::CONTENT_RANGE, v);
             }
             return r;
         }
+    };
+    let (len, range) = (c.content_length, c.range.clone());
+    let status = if c.partial {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
     };
     let body: Body = if head_only {
         Full::new(Bytes::new())
             .map_err(|never| match never {})
             .boxed_unsync()
     } else {
-        let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
-        content_stream(
-            node,
-            key,
-            progress,
-            header.header.layout(),
-            range.clone(),
-            gate_last,
-        )
+        BodyExt::boxed_unsync(StreamBody::new(c.stream.map(|r| r.map(Frame::data))))
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;
@@ -358,138 +308,4 @@ async fn content(
         h.insert("x-df-task", v);
     }
     r
-}
-
-struct StreamState {
-    node: Node,
-    key: TaskKey,
-    progress: watch::Receiver<Progress>,
-    layout: df_protocols::piece::PieceLayout,
-    offset: u64,
-    end: u64,
-    /// Hold the last piece back until the whole-content digest has been verified.
-    gate_last: bool,
-    done: bool,
-}
-
-/// Waits until piece `index` may be sent; `Err` when the task failed or stopped.
-async fn wait_for_piece(st: &mut StreamState, index: u32) -> Result<(), std::io::Error> {
-    let last = st.layout.piece_count().saturating_sub(1);
-    loop {
-        {
-            let p = st.progress.borrow();
-            if let Phase::Failed(e) = &p.phase {
-                return Err(std::io::Error::other(e.to_string()));
-            }
-            let complete = p.phase == Phase::Complete;
-            if p.have.get(index) && (!st.gate_last || index != last || complete) {
-                return Ok(());
-            }
-        }
-        if st.progress.changed().await.is_err() {
-            let p = st.progress.borrow();
-            if p.phase == Phase::Complete {
-                return Ok(());
-            }
-            return Err(std::io::Error::other(match &p.phase {
-                Phase::Failed(e) => e.to_string(),
-                _ => "task stopped".to_owned(),
-            }));
-        }
-    }
-}
-
-async fn next_chunk(
-    mut st: StreamState,
-) -> Option<(Result<Frame<Bytes>, std::io::Error>, StreamState)> {
-    if st.done || st.offset >= st.end {
-        return None;
-    }
-    let index = st.layout.piece_at(st.offset);
-    if let Err(e) = wait_for_piece(&mut st, index).await {
-        st.done = true;
-        return Some((Err(e), st));
-    }
-    let store = st.node.store().clone();
-    let key = st.key;
-    let piece = tokio::task::spawn_blocking(move || store.piece(&key, index)).await;
-    let piece = match piece {
-        Ok(Ok(Some(p))) => Bytes::from(p),
-        Ok(Ok(None)) => {
-            st.done = true;
-            return Some((
-                Err(std::io::Error::other(format!(
-                    "piece {index} missing from the store"
-                ))),
-                st,
-            ));
-        }
-        Ok(Err(e)) => {
-            st.done = true;
-            return Some((Err(std::io::Error::other(e.to_string())), st));
-        }
-        Err(e) => {
-            st.done = true;
-            return Some((Err(std::io::Error::other(e.to_string())), st));
-        }
-    };
-    let pr = st.layout.piece_range(index);
-    let from = (st.offset - pr.start) as usize;
-    let to = (st.end.min(pr.end) - pr.start) as usize;
-    if to > piece.len() || from > to {
-        st.done = true;
-        return Some((
-            Err(std::io::Error::other(format!(
-                "piece {index} has the wrong length"
-            ))),
-            st,
-        ));
-    }
-    st.offset += (to - from) as u64;
-    Some((Ok(Frame::data(piece.slice(from..to))), st))
-}
-
-fn content_stream(
-    node: Node,
-    key: TaskKey,
-    progress: watch::Receiver<Progress>,
-    layout: df_protocols::piece::PieceLayout,
-    range: Range<u64>,
-    gate_last: bool,
-) -> Body {
-    let st = StreamState {
-        node,
-        key,
-        progress,
-        layout,
-        offset: range.start,
-        end: range.end,
-        gate_last,
-        done: false,
-    };
-    let stream = futures::stream::unfold(st, next_chunk).boxed();
-    BodyExt::boxed_unsync(StreamBody::new(stream))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hv(s: &str) -> header::HeaderValue {
-        header::HeaderValue::from_str(s).unwrap()
-    }
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range(None, 10), Ok(None));
-        assert_eq!(parse_range(Some(&hv("bytes=0-4")), 10), Ok(Some(0..5)));
-        assert_eq!(parse_range(Some(&hv("bytes=5-")), 10), Ok(Some(5..10)));
-        assert_eq!(parse_range(Some(&hv("bytes=-3")), 10), Ok(Some(7..10)));
-        assert_eq!(parse_range(Some(&hv("bytes=8-100")), 10), Ok(Some(8..10)));
-        assert_eq!(parse_range(Some(&hv("bytes=10-")), 10), Err(()));
-        assert_eq!(parse_range(Some(&hv("bytes=5-2")), 10), Err(()));
-        assert_eq!(parse_range(Some(&hv("bytes=x-2")), 10), Err(()));
-        assert_eq!(parse_range(Some(&hv("bytes=0-1,4-5")), 10), Ok(None));
-        assert_eq!(parse_range(Some(&hv("items=0-1")), 10), Ok(None));
-    }
 }

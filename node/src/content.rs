@@ -1,0 +1,238 @@
+//! Reading a task's content in order while it downloads: what the API's content endpoint and the
+//! registry mirror send to their clients.
+//!
+//! A [`Content`] stream yields the requested byte range piece by piece as pieces arrive. Pieces
+//! are verified before they are stored, so every byte it yields has been checked against the
+//! task's signed piece hashes. When the task has a whole-content digest, the last piece is held
+//! back until the digest has been verified, so a consumer that reads to the end has received
+//! exactly the digested bytes — or an error, never wrong bytes presented as complete.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use df_protocols::manifest::SignedHeader;
+use df_protocols::piece::PieceLayout;
+use df_protocols::task::TaskKey;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+
+use crate::node::Node;
+use crate::task::{Phase, Progress, TaskError};
+
+/// Why content cannot be served.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ContentError {
+    /// The node does not know this task (neither running nor stored).
+    #[error("unknown task")]
+    UnknownTask,
+    /// The task failed before its header was known.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    /// The requested range lies outside the content (`content_length` is its length).
+    #[error("range not satisfiable (content is {content_length} bytes)")]
+    RangeNotSatisfiable { content_length: u64 },
+}
+
+/// A byte range of a task's content, streamed in order.
+pub struct Content {
+    pub header: SignedHeader,
+    /// The whole content's length.
+    pub content_length: u64,
+    /// The bytes `stream` yields (the whole content when no range was asked for).
+    pub range: Range<u64>,
+    /// A range was asked for and is being served (HTTP 206).
+    pub partial: bool,
+    pub stream: BoxStream<'static, Result<Bytes, std::io::Error>>,
+}
+
+/// A `Range` header that selects no byte of the content (HTTP 416).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// Parses the value of an HTTP `Range` header (a single `bytes=` range) against a content length.
+/// `Ok(None)`: no usable range (absent, another unit, or several ranges — serve the whole content,
+/// as RFC 9110 allows).
+pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<Range<u64>>, Unsatisfiable> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| Unsatisfiable)?;
+        if n == 0 {
+            return Err(Unsatisfiable);
+        }
+        len.saturating_sub(n)..len
+    } else {
+        let start: u64 = a.parse().map_err(|_| Unsatisfiable)?;
+        let end = if b.is_empty() {
+            len
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| Unsatisfiable)?
+                .saturating_add(1)
+                .min(len)
+        };
+        if start >= len || start >= end {
+            return Err(Unsatisfiable);
+        }
+        start..end
+    };
+    Ok(Some(range))
+}
+
+impl Node {
+    /// Waits for the task's header, then streams `range` of its content (given as an HTTP `Range`
+    /// header value; `None` for the whole content) as its pieces arrive. The task itself must have
+    /// been started (see [`Node::download`]) or be complete in the store; dropping the stream
+    /// does not stop it.
+    pub async fn content(
+        &self,
+        key: &TaskKey,
+        range: Option<&str>,
+    ) -> Result<Content, ContentError> {
+        let mut progress = self.progress(key).await.ok_or(ContentError::UnknownTask)?;
+        let header = loop {
+            let p = progress.borrow().clone();
+            if let Phase::Failed(e) = p.phase {
+                return Err(e.into());
+            }
+            if let Some(h) = p.header {
+                break h;
+            }
+            if progress.changed().await.is_err() {
+                return Err(TaskError::internal("task stopped before it started").into());
+            }
+        };
+        let len = header.header.content_length;
+        let (partial, range) = match parse_range(range, len) {
+            Ok(None) => (false, 0..len),
+            Ok(Some(r)) => (true, r),
+            Err(Unsatisfiable) => {
+                return Err(ContentError::RangeNotSatisfiable {
+                    content_length: len,
+                });
+            }
+        };
+        let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
+        let stream = piece_stream(StreamState {
+            node: self.clone(),
+            key: *key,
+            progress,
+            layout: header.header.layout(),
+            offset: range.start,
+            end: range.end,
+            gate_last,
+            done: false,
+        })
+        .boxed();
+        Ok(Content {
+            header,
+            content_length: len,
+            range,
+            partial,
+            stream,
+        })
+    }
+}
+
+struct StreamState {
+    node: Node,
+    key: TaskKey,
+    progress: watch::Receiver<Progress>,
+    layout: PieceLayout,
+    offset: u64,
+    end: u64,
+    /// Hold the last piece back until the whole-content digest has been verified.
+    gate_last: bool,
+    done: bool,
+}
+
+fn piece_stream(st: StreamState) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::unfold(st, next_chunk)
+}
+
+/// Waits until piece `index` may be sent; `Err` when the task failed or stopped.
+async fn wait_for_piece(st: &mut StreamState, index: u32) -> Result<(), std::io::Error> {
+    let last = st.layout.piece_count().saturating_sub(1);
+    loop {
+        {
+            let p = st.progress.borrow();
+            if let Phase::Failed(e) = &p.phase {
+                return Err(std::io::Error::other(e.to_string()));
+            }
+            let complete = p.phase == Phase::Complete;
+            if p.have.get(index) && (!st.gate_last || index != last || complete) {
+                return Ok(());
+            }
+        }
+        if st.progress.changed().await.is_err() {
+            let p = st.progress.borrow();
+            if p.phase == Phase::Complete {
+                return Ok(());
+            }
+            return Err(std::io::Error::other(match &p.phase {
+                Phase::Failed(e) => e.to_string(),
+                _ => "task stopped".to_owned(),
+            }));
+        }
+    }
+}
+
+async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error>, StreamState)> {
+    if st.done || st.offset >= st.end {
+        return None;
+    }
+    let index = st.layout.piece_at(st.offset);
+    if let Err(e) = wait_for_piece(&mut st, index).await {
+        st.done = true;
+        return Some((Err(e), st));
+    }
+    let store = st.node.store().clone();
+    let key = st.key;
+    let fail = |mut st: StreamState, msg: String| {
+        st.done = true;
+        Some((Err(std::io::Error::other(msg)), st))
+    };
+    let piece = match tokio::task::spawn_blocking(move || store.piece(&key, index)).await {
+        Ok(Ok(Some(p))) => Bytes::from(p),
+        Ok(Ok(None)) => return fail(st, format!("piece {index} missing from the store")),
+        Ok(Err(e)) => return fail(st, e.to_string()),
+        Err(e) => return fail(st, e.to_string()),
+    };
+    let pr = st.layout.piece_range(index);
+    let from = (st.offset - pr.start) as usize;
+    let to = (st.end.min(pr.end) - pr.start) as usize;
+    if to > piece.len() || from > to {
+        return fail(st, format!("piece {index} has the wrong length"));
+    }
+    st.offset += (to - from) as u64;
+    Some((Ok(piece.slice(from..to)), st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-4"), 10), Ok(Some(0..5)));
+        assert_eq!(parse_range(Some("bytes=5-"), 10), Ok(Some(5..10)));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some(7..10)));
+        assert_eq!(parse_range(Some("bytes=8-100"), 10), Ok(Some(8..10)));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=5-2"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=x-2"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Ok(None));
+        assert_eq!(parse_range(Some("items=0-1"), 10), Ok(None));
+    }
+}

@@ -1,0 +1,323 @@
+//! The OCI distribution API as the mirror sees it: request paths, names, references and the JSON
+//! error format.
+
+use df_protocols::task::ContentDigest;
+use http::StatusCode;
+use serde::Serialize;
+
+/// A parsed `/v2/...` request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/v2/`: the API version check (and the auth challenge).
+    Base,
+    /// `/v2/<name>/manifests/<reference>`.
+    Manifest { name: String, reference: Reference },
+    /// `/v2/<name>/blobs/<digest>`.
+    Blob { name: String, digest: ContentDigest },
+    /// `/v2/<name>/blobs/uploads/...`: pushes, which a pull mirror refuses.
+    Upload,
+    /// Other read-only endpoints (`tags/list`, `referrers/<digest>`, `_catalog`): passed through.
+    Other,
+}
+
+/// A manifest reference: a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    Tag(String),
+    Digest(ContentDigest),
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reference::Tag(t) => f.write_str(t),
+            Reference::Digest(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+/// Parses a request path. `Err` is the error response to send (path under `/v2/` but malformed).
+/// `Ok(None)`: not a registry path at all.
+pub fn parse_path(path: &str) -> Result<Option<Route>, OciError> {
+    let Some(rest) = path.strip_prefix("/v2") else {
+        return Ok(None);
+    };
+    if rest.is_empty() || rest == "/" {
+        return Ok(Some(Route::Base));
+    }
+    let Some(rest) = rest.strip_prefix('/') else {
+        return Ok(None);
+    };
+    if rest.starts_with("_catalog") {
+        return Ok(Some(Route::Other));
+    }
+    if let Some(i) = rest.rfind("/manifests/") {
+        let (name, reference) = (&rest[..i], &rest[i + "/manifests/".len()..]);
+        check_name(name)?;
+        return Ok(Some(Route::Manifest {
+            name: name.to_owned(),
+            reference: parse_reference(reference)?,
+        }));
+    }
+    if let Some(i) = rest.find("/blobs/uploads") {
+        check_name(&rest[..i])?;
+        return Ok(Some(Route::Upload));
+    }
+    if let Some(i) = rest.rfind("/blobs/") {
+        let (name, digest) = (&rest[..i], &rest[i + "/blobs/".len()..]);
+        check_name(name)?;
+        let digest = digest
+            .parse::<ContentDigest>()
+            .map_err(|_| OciError::new(ErrorCode::DigestInvalid, "invalid digest"))?;
+        return Ok(Some(Route::Blob {
+            name: name.to_owned(),
+            digest,
+        }));
+    }
+    if let Some(i) = rest
+        .rfind("/tags/list")
+        .or_else(|| rest.rfind("/referrers/"))
+    {
+        check_name(&rest[..i])?;
+        return Ok(Some(Route::Other));
+    }
+    Err(OciError::new(
+        ErrorCode::NotFound,
+        "unknown registry endpoint",
+    ))
+}
+
+fn parse_reference(s: &str) -> Result<Reference, OciError> {
+    if s.contains(':') {
+        return s
+            .parse::<ContentDigest>()
+            .map(Reference::Digest)
+            .map_err(|_| OciError::new(ErrorCode::DigestInvalid, "invalid manifest digest"));
+    }
+    // Tags: [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && (b == b'.' || b == b'-'))
+        });
+    if ok {
+        Ok(Reference::Tag(s.to_owned()))
+    } else {
+        Err(OciError::new(ErrorCode::ManifestInvalid, "invalid tag"))
+    }
+}
+
+/// Repository names: path components of `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*` joined by `/`.
+fn check_name(name: &str) -> Result<(), OciError> {
+    let invalid = || OciError::new(ErrorCode::NameInvalid, "invalid repository name");
+    if name.is_empty() || name.len() > 255 {
+        return Err(invalid());
+    }
+    for comp in name.split('/') {
+        let b = comp.as_bytes();
+        let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+            return Err(invalid());
+        }
+        let mut i = 0;
+        while i < b.len() {
+            if alnum(b[i]) {
+                i += 1;
+                continue;
+            }
+            // A separator run: ".", "_", "__" or "-+", between alphanumerics.
+            let start = i;
+            while i < b.len() && !alnum(b[i]) {
+                i += 1;
+            }
+            let sep = &comp[start..i];
+            let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
+            if !ok {
+                return Err(invalid());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// OCI error codes (distribution-spec), plus the registry's own `UNAVAILABLE`/`UNKNOWN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BlobUnknown,
+    DigestInvalid,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    TooManyRequests,
+    NotFound,
+    Unavailable,
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::DigestInvalid => "DIGEST_INVALID",
+            ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
+            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
+            ErrorCode::NameInvalid => "NAME_INVALID",
+            ErrorCode::NameUnknown => "NAME_UNKNOWN",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::Denied => "DENIED",
+            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The status a response with only this error gets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BlobUnknown
+            | ErrorCode::ManifestUnknown
+            | ErrorCode::NameUnknown
+            | ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::DigestInvalid | ErrorCode::ManifestInvalid | ErrorCode::NameInvalid => {
+                StatusCode::BAD_REQUEST
+            }
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Denied => StatusCode::FORBIDDEN,
+            ErrorCode::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unknown => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// One error response: a status and the OCI JSON body `{"errors":[{"code","message"}]}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl OciError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> OciError {
+        OciError {
+            status: code.status(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn with_status(mut self, status: StatusCode) -> OciError {
+        self.status = status;
+        self
+    }
+
+    pub fn body(&self) -> String {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Errors<'a> {
+            errors: [Item<'a>; 1],
+        }
+        serde_json::to_string(&Errors {
+            errors: [Item {
+                code: self.code.as_str(),
+                message: &self.message,
+            }],
+        })
+        .unwrap_or_else(|_| r#"{"errors":[{"code":"UNKNOWN","message":""}]}"#.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn paths() {
+        assert_eq!(parse_path("/v2/").unwrap(), Some(Route::Base));
+        assert_eq!(parse_path("/v2").unwrap(), Some(Route::Base));
+        assert_eq!(parse_path("/healthz").unwrap(), None);
+        assert_eq!(
+            parse_path("/v2/library/alpine/manifests/3.19").unwrap(),
+            Some(Route::Manifest {
+                name: "library/alpine".into(),
+                reference: Reference::Tag("3.19".into())
+            })
+        );
+        match parse_path(&format!("/v2/a/b/c/manifests/{D}")).unwrap() {
+            Some(Route::Manifest {
+                name,
+                reference: Reference::Digest(d),
+            }) => {
+                assert_eq!(name, "a/b/c");
+                assert_eq!(d.to_string(), D);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_path(&format!("/v2/x/blobs/{D}")).unwrap() {
+            Some(Route::Blob { name, digest }) => {
+                assert_eq!(name, "x");
+                assert_eq!(digest.to_string(), D);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_path("/v2/x/blobs/uploads/").unwrap(),
+            Some(Route::Upload)
+        );
+        assert_eq!(parse_path("/v2/x/tags/list").unwrap(), Some(Route::Other));
+        assert_eq!(parse_path("/v2/_catalog").unwrap(), Some(Route::Other));
+        assert_eq!(
+            parse_path("/v2/x/blobs/sha256:abc").unwrap_err().code,
+            ErrorCode::DigestInvalid
+        );
+        assert_eq!(
+            parse_path("/v2/UPPER/manifests/latest").unwrap_err().code,
+            ErrorCode::NameInvalid
+        );
+        assert_eq!(
+            parse_path("/v2/x/manifests/-bad").unwrap_err().code,
+            ErrorCode::ManifestInvalid
+        );
+        assert_eq!(
+            parse_path("/v2/x/whatever").unwrap_err().code,
+            ErrorCode::NotFound
+        );
+    }
+
+    #[test]
+    fn names() {
+        for ok in [
+            "a", "a/b", "my-app", "my--app", "a.b", "a_b", "a__b", "0/1/2",
+        ] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "A", "a/", "/a", "a//b", "-a", "a-", "a..b", "a___b", "a/../b",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_body() {
+        let e = OciError::new(ErrorCode::Unsupported, "pushes are not supported");
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "UNSUPPORTED");
+        assert_eq!(v["errors"][0]["message"], "pushes are not supported");
+    }
+}
