@@ -407,3 +407,39 @@ async fn a_node_started_before_its_bootstrap_peer_joins_when_it_appears() -> Res
     seed.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seed_joined_by_dns_name_serves_pieces() -> Result<()> {
+    // A connection dialed by name carries no IP; the node must still reach the seed's data plane
+    // (in docker-compose, peers join `/dns4/seed/tcp/4001`).
+    init_logs();
+    let origin = TestOrigin::start().await?;
+    let data = content(3 * PIECE + 5, 9);
+    origin.put("/named", data.clone());
+    let seed = TestNode::start(Role::Seed, vec![], |_| {}).await?;
+    let addr = seed.bootstrap_addr().to_string();
+    let port = addr
+        .split("/tcp/")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let by_name: df_node::Multiaddr = format!("/dns4/localhost/tcp/{port}").parse()?;
+    let node = TestNode::start(Role::Node, vec![by_name], |c| {
+        c.download.back_to_source = false;
+    })
+    .await?;
+    assert!(node.node.wait_for_peers(1, Duration::from_secs(10)).await);
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        node.fetch_url(&origin.url("/named")),
+    )
+    .await
+    .expect("download stalled: the seed's data plane was not reached")?;
+    assert_eq!(r, (data.len() as u64, sha256_hex(&data)));
+    assert_eq!(origin.bytes_sent(), data.len() as u64);
+    node.stop().await;
+    seed.stop().await;
+    Ok(())
+}

@@ -703,7 +703,33 @@ impl EventLoop {
         match ev {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let role = role_from_agent(&info.agent_version);
-                for addr in info.listen_addrs {
+                let conn_ip = self
+                    .state
+                    .peers
+                    .read()
+                    .ok()
+                    .and_then(|p| p.get(&peer_id).and_then(|i| i.ip));
+                // A peer's loopback addresses are ours too unless we reach it over loopback: never
+                // route the DHT to them (in containers that dials ourselves).
+                // Dialed by DNS name (e.g. a compose service) the connection has no IP: then
+                // loopback is usable only if the peer lists nothing else.
+                let only_loopback = info
+                    .listen_addrs
+                    .iter()
+                    .filter_map(ip_of)
+                    .all(|ip| ip.is_loopback() || ip.is_unspecified());
+                let usable = |a: &Multiaddr| match ip_of(a) {
+                    Some(ip) if ip.is_unspecified() => false,
+                    Some(ip) if ip.is_loopback() => match conn_ip {
+                        Some(c) => c.is_loopback(),
+                        None => only_loopback,
+                    },
+                    _ => true,
+                };
+                let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(usable).collect();
+                // Without a connection IP, the data plane's IP is one the peer listens on.
+                let listed_ip = addrs.iter().filter_map(ip_of).next();
+                for addr in addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
                 if role == Some(Role::Seed) {
@@ -713,6 +739,9 @@ impl EventLoop {
                     && let Some(p) = peers.get_mut(&peer_id)
                 {
                     p.role = role.or(Some(Role::Node));
+                    if p.ip.is_none() {
+                        p.ip = listed_ip;
+                    }
                 }
                 self.state.update_identified();
             }
@@ -823,7 +852,14 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    let ip = self.conn_ips.get(&connection_id).copied();
+                    let ip = self.conn_ips.get(&connection_id).copied().or_else(|| {
+                        // A connection dialed by DNS name: the IP learnt from identify.
+                        self.state
+                            .peers
+                            .read()
+                            .ok()
+                            .and_then(|p| p.get(&peer).and_then(|i| i.ip))
+                    });
                     if let Some(reply) = self.pending_requests.remove(&request_id) {
                         let _ = reply.send(Ok((response, ip)));
                     }

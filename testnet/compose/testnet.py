@@ -1,0 +1,635 @@
+#!/usr/bin/env python3
+"""The docker-compose testnet's driver (called by `testnet/run`).
+
+Scenarios:
+  up      start origin, registry, tracker, seeds and peers (shaped), wait until the swarm is joined
+  bench   distribute one file to every peer three ways in one run: df, plain HTTP, BitTorrent (aria2c)
+  chaos   a df distribution while a seed stops, 30 % of peers are killed and one peer is cut off
+  image   every peer pulls one multi-layer image at once, through its mirror and directly
+  down    stop and remove everything
+
+Reports go to testnet/out/: report.json, report.md, cdf.png, timeline.png (bench); chaos.json/.md;
+image.json/.md.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TESTNET = HERE.parent
+OUT = TESTNET / "out"
+WWW = OUT / "www"
+PROJECT = "dftestnet"
+API = "127.0.0.1:7000"
+
+
+def log(*a):
+    print("[testnet]", *a, file=sys.stderr, flush=True)
+
+
+def parse_size(s):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?", s.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {s!r}")
+    n = float(m.group(1))
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    return int(n * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit])
+
+
+def parse_rate(s):
+    """tc rate (e.g. 100mbit) to bytes/s; '' or 0 = unshaped."""
+    if not s:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)(bit|bps)", s.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad rate {s!r}: use e.g. 100mbit")
+    n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
+    return n / 8 if m.group(3) == "bit" else n
+
+
+def sh(args, check=True, capture=True, env=None, timeout=None):
+    r = subprocess.run(args, capture_output=capture, text=True, env=env, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout if capture else ""
+
+
+def compose_env(a):
+    env = dict(os.environ)
+    env.update(
+        DF_TESTNET_OUT=str(OUT),
+        DF_TESTNET_WWW=str(WWW),
+        ORIGIN_UP=a.origin_rate or a.rate or "",
+        ORIGIN_DOWN="",
+        SEED_UP=a.seed_rate or a.rate or "",
+        SEED_DOWN=a.seed_rate or a.rate or "",
+        PEER_UP=a.peer_up or a.rate or "",
+        PEER_DOWN=a.peer_down or a.rate or "",
+        SEED_BOOTSTRAP="/dns4/seed/tcp/4001" if a.seeds > 1 else "",
+        PEER_BOOTSTRAP="/dns4/seed/tcp/4001",
+    )
+    return env
+
+
+def compose(a, *args, check=True):
+    cmd = ["docker-compose", "-p", PROJECT, "-f", str(HERE / "docker-compose.yml"), *args]
+    return sh(cmd, check=check, env=compose_env(a))
+
+
+def containers(a, service):
+    ids = compose(a, "ps", "-q", service).split()
+    names = []
+    for i in ids:
+        names.append(sh(["docker", "inspect", "-f", "{{.Name}}", i]).strip().lstrip("/"))
+
+    def num(n):
+        m = re.search(r"_(\d+)$", n)
+        return int(m.group(1)) if m else 0
+
+    return sorted(names, key=num)
+
+
+def dexec(c, cmd, check=True, timeout=None):
+    return sh(["docker", "exec", c, "sh", "-c", cmd], check=check, timeout=timeout)
+
+
+def status(c):
+    try:
+        return json.loads(dexec(c, f"/usr/bin/df status --api {API}", timeout=10))
+    except Exception:
+        return None
+
+
+def up(a):
+    OUT.mkdir(parents=True, exist_ok=True)
+    WWW.mkdir(parents=True, exist_ok=True)
+    if a.seeds < 1:
+        raise SystemExit("the testnet's peers join through a seed: use --seeds 1 or more")
+    log(f"starting {a.seeds} seed(s), {a.peers} peers; rates: origin {a.origin_rate or a.rate or 'unshaped'}, "
+        f"peers up {a.peer_up or a.rate or 'unshaped'} / down {a.peer_down or a.rate or 'unshaped'}")
+    compose(a, "up", "-d", "--scale", f"seed={a.seeds}", "--scale", f"peer={a.peers}")
+    members = containers(a, "seed") + containers(a, "peer")
+    deadline = time.time() + 60
+    pending = set(members)
+    while pending and time.time() < deadline:
+        for c in list(pending):
+            s = status(c)
+            if s and (s["connected_peers"] >= 1 or len(members) == 1):
+                pending.discard(c)
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        for c in pending:
+            log(f"--- {c} log ---\n" + sh(["docker", "logs", "--tail", "30", c], check=False))
+        raise SystemExit(f"not joined after 60 s: {sorted(pending)}")
+    log("swarm joined:", ", ".join(members))
+
+
+def down(a):
+    compose(a, "down", "-v", "--remove-orphans", "-t", "5", check=False)
+
+
+def make_file(size):
+    WWW.mkdir(parents=True, exist_ok=True)
+    path = WWW / "file.bin"
+    if path.exists() and path.stat().st_size == size:
+        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        return path, h
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            f.write(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+    return path, h.hexdigest()
+
+
+def origin_body_bytes(tag):
+    """Body bytes nginx sent for requests whose URL contains `tag`."""
+    total = 0
+    p = OUT / "origin-access.log"
+    if not p.exists():
+        return 0
+    for line in p.read_text(errors="replace").splitlines():
+        if tag in line:
+            parts = line.rsplit('"', 2)[0].split()
+            try:
+                total += int(parts[-1])
+            except (ValueError, IndexError):
+                pass
+    return total
+
+
+def tx_bytes(c):
+    return int(dexec(c, "cat /sys/class/net/eth0/statistics/tx_bytes").strip())
+
+
+def run_parallel(peers, make_cmd, timeout):
+    """Runs make_cmd(peer) in every peer at once; returns {peer: (seconds, ok, stdout)}."""
+    res = {}
+    start = time.time()
+
+    def one(c):
+        try:
+            out = dexec(c, make_cmd(c), timeout=timeout)
+            res[c] = (time.time() - start, True, out)
+        except Exception as e:  # noqa: BLE001 - reported in the result
+            res[c] = (time.time() - start, False, str(e))
+
+    ts = [threading.Thread(target=one, args=(c,)) for c in peers]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return start, res
+
+
+def summarize(res, want, origin_bytes):
+    times = sorted(t for t, ok, _ in res.values() if ok)
+    hashes_ok = all(ok and want in out for _, ok, out in res.values())
+    p50 = times[len(times) // 2] if times else None
+    return {
+        "ok": hashes_ok and len(times) == len(res),
+        "times_s": [round(res[c][0], 3) for c in sorted(res)],
+        "p50_s": round(p50, 3) if p50 is not None else None,
+        "max_s": round(times[-1], 3) if times else None,
+        "origin_bytes": origin_bytes,
+        "failed": sorted(c for c, (_, ok, out) in res.items() if not (ok and want in out)),
+    }
+
+
+def t_star(a, size, n):
+    us = parse_rate(a.origin_rate or a.rate)
+    up_ = parse_rate(a.peer_up or a.rate)
+    dn = parse_rate(a.peer_down or a.rate)
+    terms = []
+    if us:
+        terms.append(size / us)
+    if dn:
+        terms.append(size / dn)
+    if us and up_:
+        terms.append(n * size / (us + n * up_))
+    return max(terms) if terms else None
+
+
+def method_df(a, peers, run_id, want):
+    url = f"http://origin/file.bin?df={run_id}"
+    timeout = a.timeout
+    start, res = run_parallel(
+        peers,
+        lambda c: f"/usr/bin/df get '{url}' -o /tmp/df.out --api {API} --no-progress --timeout {timeout}s "
+                  f"&& sha256sum /tmp/df.out && rm -f /tmp/df.out",
+        timeout + 30,
+    )
+    return start, summarize(res, want, origin_body_bytes(f"df={run_id}"))
+
+
+def method_http(a, peers, run_id, want):
+    url = f"http://origin/file.bin?http={run_id}"
+    start, res = run_parallel(
+        peers,
+        lambda c: f"curl -sSf -o /tmp/http.out '{url}' && sha256sum /tmp/http.out && rm -f /tmp/http.out",
+        a.timeout + 30,
+    )
+    return start, summarize(res, want, origin_body_bytes(f"http={run_id}"))
+
+
+def method_bittorrent(a, peers, run_id, want, origin):
+    torrent = WWW / "file.torrent"
+    torrent.unlink(missing_ok=True)
+    # 1 MiB pieces (mktorrent -l 20), like df's piece size for files of this order.
+    sh(["mktorrent", "-a", "http://tracker:6969/announce", "-l", "20", "-o", str(torrent), str(WWW / "file.bin")])
+    # Whitelist the torrent on the tracker (Debian's opentracker only serves listed info hashes).
+    (OUT / "tracker-whitelist").write_text(info_hash(torrent.read_bytes()) + "\n")
+    for t in containers(a, "tracker"):
+        sh(["docker", "kill", "-s", "HUP", t], check=False)
+    common = ("--enable-dht=false --bt-enable-lpd=false --enable-peer-exchange=true --file-allocation=none "
+              "--summary-interval=0 --console-log-level=warn --bt-max-peers=64 --seed-ratio=0.0 "
+              "--bt-tracker-interval=5 --bt-request-peer-speed-limit=0")
+    dexec(origin, "pkill aria2c; true", check=False)
+    before = tx_bytes(origin)
+    dexec(origin, f"aria2c {common} --dir=/www --bt-seed-unverified=true --check-integrity=false "
+                  f"--listen-port=6881 /www/file.torrent > /tmp/aria2-seed.log 2>&1 &")
+    time.sleep(1)
+    for c in peers:
+        dexec(c, "pkill aria2c; rm -rf /tmp/bt; mkdir -p /tmp/bt; true", check=False)
+    # Each peer downloads (aria2c exits when the file is complete and verified: that moment is its
+    # completion time), then keeps seeding in the background, as BitTorrent users do.
+    opts = f"{common} --dir=/tmp/bt --listen-port=6881 /out/www/file.torrent"
+    start, res = run_parallel(
+        peers,
+        lambda c: f"aria2c {opts} --seed-time=0 > /tmp/aria2.log 2>&1 && "
+                  f"(aria2c {opts} --bt-seed-unverified=true > /tmp/aria2-seed.log 2>&1 &) && "
+                  f"sha256sum /tmp/bt/file.bin",
+        a.timeout,
+    )
+    for c in peers:
+        dexec(c, "pkill aria2c; rm -rf /tmp/bt; true", check=False)
+    dexec(origin, "pkill aria2c; true", check=False)
+    sent = tx_bytes(origin) - before
+    s = summarize(res, want, sent)
+    s["origin_bytes_note"] = "seeder's eth0 tx_bytes (wire bytes, headers included)"
+    return start, s
+
+
+def info_hash(torrent):
+    """SHA-1 of the bencoded `info` dictionary, hex."""
+    def skip(b, i):
+        c = b[i:i + 1]
+        if c == b"i":
+            return b.index(b"e", i) + 1
+        if c in (b"l", b"d"):
+            i += 1
+            while b[i:i + 1] != b"e":
+                i = skip(b, i)
+            return i + 1
+        colon = b.index(b":", i)
+        return colon + 1 + int(b[i:colon])
+
+    i = 1  # inside the top-level dictionary
+    while torrent[i:i + 1] != b"e":
+        key_end = skip(torrent, i)
+        key = torrent[torrent.index(b":", i) + 1:key_end]
+        val_end = skip(torrent, key_end)
+        if key == b"info":
+            return hashlib.sha1(torrent[key_end:val_end]).hexdigest()
+        i = val_end
+    raise ValueError("torrent without info")
+
+
+def peer_ids(members):
+    ids = {}
+    for c in members:
+        s = status(c)
+        if s:
+            ids[s["peer_id"]] = c
+    return ids
+
+
+PIECE_RE = re.compile(r"^(\S+)\s+DEBUG\s+df_piece:.*?index=(\d+).*?from=(\S+)")
+
+
+def piece_timeline(members, since):
+    """Per container: [(t, index, source container or 'origin')] from the df_piece log lines."""
+    ids = peer_ids(members)
+    out = {}
+    for c in members:
+        logs = sh(["docker", "logs", "--since", str(int(since) - 1), c], check=False, capture=True)
+        err = subprocess.run(["docker", "logs", "--since", str(int(since) - 1), c],
+                             capture_output=True, text=True).stderr
+        rows = []
+        for line in (logs + "\n" + err).splitlines():
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            m = PIECE_RE.search(line)
+            if not m:
+                continue
+            ts = m.group(1)
+            try:
+                from datetime import datetime
+                t = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() - since
+            except ValueError:
+                continue
+            src = m.group(3).strip('"')
+            rows.append((t, int(m.group(2)), ids.get(src, "origin" if src == "origin" else src[:12])))
+        out[c] = rows
+    return out
+
+
+def plots(report, timeline, peers):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing (pip install matplotlib): no PNG plots")
+        return []
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in report["methods"].items():
+        ts = sorted(t for t in m["times_s"] if t is not None)
+        if not ts:
+            continue
+        ys = [(i + 1) / len(ts) for i in range(len(ts))]
+        ax.step(ts, ys, where="post", label=name)
+    if report.get("t_star_s"):
+        ax.axvline(report["t_star_s"], color="k", ls="--", lw=1, label="T*")
+    ax.set_xlabel("completion time (s)")
+    ax.set_ylabel("fraction of peers done")
+    ax.set_title(f"{report['peers']} peers, {report['size_bytes'] / 2**20:.0f} MiB")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "cdf.png", dpi=110)
+    made.append("cdf.png")
+    plt.close(fig)
+
+    if timeline:
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(timeline) + 1.5))
+        names = list(timeline)
+        kinds = {}
+        for row, c in enumerate(names):
+            for t, _idx, src in timeline[c]:
+                kind = "origin" if src == "origin" else ("seed" if "_seed_" in src else "peer")
+                kinds.setdefault(kind, ([], []))
+                kinds[kind][0].append(t)
+                kinds[kind][1].append(row)
+        colors = {"origin": "tab:red", "seed": "tab:orange", "peer": "tab:blue"}
+        for kind, (xs, ys) in kinds.items():
+            ax.scatter(xs, ys, s=4, c=colors.get(kind, "gray"), label=f"from {kind}")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([n.replace(f"{PROJECT}_", "") for n in names])
+        ax.set_xlabel("time since start (s)")
+        ax.set_title("df: when each piece arrived, and from whom")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(OUT / "timeline.png", dpi=110)
+        made.append("timeline.png")
+        plt.close(fig)
+    return made
+
+
+def bench(a):
+    size = a.size
+    path, want = make_file(size)
+    up(a)
+    peers = containers(a, "peer")
+    seeds = containers(a, "seed")
+    origin = containers(a, "origin")[0]
+    run_id = str(int(time.time()))
+    n = len(peers)
+    ts = t_star(a, size, n)
+    report = {"peers": n, "seeds": len(seeds), "size_bytes": size, "t_star_s": round(ts, 3) if ts else None,
+              "rates": {"origin_up": a.origin_rate or a.rate, "peer_up": a.peer_up or a.rate,
+                        "peer_down": a.peer_down or a.rate, "seed": a.seed_rate or a.rate},
+              "methods": {}}
+    timeline = {}
+    for m in a.methods.split(","):
+        log(f"method {m}: {n} peers fetch {size / 2**20:.0f} MiB at once")
+        if m == "df":
+            start, r = method_df(a, peers, run_id, want)
+            timeline = piece_timeline(seeds + peers, start)
+        elif m == "http":
+            start, r = method_http(a, peers, run_id, want)
+        elif m == "bittorrent":
+            start, r = method_bittorrent(a, peers, run_id, want, origin)
+        else:
+            raise SystemExit(f"unknown method {m}")
+        report["methods"][m] = r
+        log(f"  ok={r['ok']} p50={r['p50_s']} max={r['max_s']} origin_bytes={r['origin_bytes']}")
+    report["plots"] = plots(report, timeline, peers)
+    (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / "report.md").write_text(report_md(report))
+    print(report_md(report))
+    if not a.keep:
+        down(a)
+    bad = [m for m, r in report["methods"].items() if not r["ok"]]
+    if bad:
+        raise SystemExit(f"methods with wrong or missing outputs: {bad}")
+
+
+def report_md(r):
+    ts = r["t_star_s"]
+    lines = [f"# testnet bench: {r['peers']} peers, {r['seeds']} seed(s), {r['size_bytes'] / 2**20:.0f} MiB",
+             "",
+             f"Rates: {r['rates']}. T* = {ts if ts else 'n/a (unshaped)'} s.",
+             "",
+             "| method | ok | p50 (s) | max (s) | p50 / T* | max / T* | origin bytes / S |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in r["methods"].items():
+        def ratio(x):
+            return f"{x / ts:.2f}" if (ts and x is not None) else "n/a"
+        lines.append(f"| {name} | {m['ok']} | {m['p50_s']} | {m['max_s']} | {ratio(m['p50_s'])} | "
+                     f"{ratio(m['max_s'])} | {m['origin_bytes'] / r['size_bytes']:.3f} |")
+    lines.append("")
+    if "bittorrent" in r["methods"]:
+        lines.append("BitTorrent's origin bytes are the seeder's wire bytes (TCP/IP headers included).")
+    for p in r.get("plots", []):
+        lines.append(f"![{p}]({p})")
+    return "\n".join(lines) + "\n"
+
+
+def chaos(a):
+    size = a.size
+    _, want = make_file(size)
+    up(a)
+    peers = containers(a, "peer")
+    seeds = containers(a, "seed")
+    run_id = f"chaos{int(time.time())}"
+    ts = t_star(a, size, len(peers)) or 10.0
+    killed = peers[: max(1, round(0.3 * len(peers)))] if len(peers) > 2 else []
+    cut = peers[len(killed)] if len(peers) > len(killed) else None
+    events = []
+    net = f"{PROJECT}_dfnet"
+
+    def faults():
+        time.sleep(0.3 * ts)
+        if seeds:
+            sh(["docker", "stop", "-t", "1", seeds[0]], check=False)
+            events.append((round(time.time() - start_box[0], 2), f"stopped seed {seeds[0]}"))
+        for c in killed:
+            sh(["docker", "kill", c], check=False)
+            events.append((round(time.time() - start_box[0], 2), f"killed {c}"))
+        if cut:
+            sh(["docker", "network", "disconnect", net, cut], check=False)
+            events.append((round(time.time() - start_box[0], 2), f"disconnected {cut}"))
+            time.sleep(max(3.0, 0.3 * ts))
+            sh(["docker", "network", "connect", "--alias", "peer", net, cut], check=False)
+            # The interface comes back without its qdiscs: shape it again.
+            sh(["docker", "exec", cut, "sh", "-c",
+                f"UP={a.peer_up or a.rate or ''} DOWN={a.peer_down or a.rate or ''} /testnet/entry.sh true"],
+               check=False)
+            events.append((round(time.time() - start_box[0], 2), f"reconnected {cut}"))
+
+    start_box = [time.time()]
+    th = threading.Thread(target=faults)
+    url = f"http://origin/file.bin?{run_id}"
+    th.start()
+    start, res = run_parallel(
+        peers,
+        lambda c: f"/usr/bin/df get '{url}' -o /tmp/df.out --api {API} --no-progress --timeout {a.timeout}s "
+                  f"&& sha256sum /tmp/df.out && rm -f /tmp/df.out",
+        a.timeout + 30,
+    )
+    th.join()
+    survivors = [c for c in peers if c not in killed]
+    rows = []
+    for c in peers:
+        t, ok, out = res[c]
+        rows.append({"peer": c, "killed": c in killed, "cut_off": c == cut, "finished": ok and want in out,
+                     "time_s": round(t, 2)})
+    rep = {"peers": len(peers), "size_bytes": size, "t_star_s": round(ts, 2), "events": events, "downloads": rows,
+           "survivors_all_correct": all(r["finished"] for r in rows if r["peer"] in survivors),
+           "origin_bytes": origin_body_bytes(run_id)}
+    (OUT / "chaos.json").write_text(json.dumps(rep, indent=2) + "\n")
+    md = [f"# chaos: {len(peers)} peers, {size / 2**20:.0f} MiB", "", "Events (s after start):", ""]
+    md += [f"- {t}: {e}" for t, e in events]
+    md += ["", "| peer | fault | finished with correct bytes | time (s) |", "|---|---|---|---|"]
+    for r in rows:
+        fault = "killed" if r["killed"] else ("cut off" if r["cut_off"] else "")
+        md.append(f"| {r['peer']} | {fault} | {r['finished']} | {r['time_s']} |")
+    md += ["", f"origin bytes / S: {rep['origin_bytes'] / size:.3f}"]
+    (OUT / "chaos.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if not a.keep:
+        down(a)
+    if not rep["survivors_all_correct"]:
+        raise SystemExit("a surviving peer did not finish with correct bytes")
+
+
+def main():
+    p = argparse.ArgumentParser(prog="testnet/run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=["up", "bench", "chaos", "image", "down"])
+    p.add_argument("--peers", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--size", type=parse_size, default=parse_size("256MiB"))
+    p.add_argument("--rate", default="100mbit", help="every link's rate (tc tbf), '' = unshaped")
+    p.add_argument("--origin-rate", default=None, help="origin and registry uplink (default --rate)")
+    p.add_argument("--seed-rate", default=None, help="seeds' links (default --rate)")
+    p.add_argument("--peer-up", default=None, help="peers' uplink (default --rate)")
+    p.add_argument("--peer-down", default=None, help="peers' downlink (default --rate)")
+    p.add_argument("--methods", default="df,http,bittorrent")
+    p.add_argument("--timeout", type=int, default=1800, help="per-download timeout, seconds")
+    p.add_argument("--keep", action="store_true", help="leave the testnet running afterwards")
+    p.add_argument("--image-layers", default="64,32,16,4", help="image scenario: layer sizes in MiB")
+    a = p.parse_args()
+    for r in (a.rate, a.origin_rate, a.seed_rate, a.peer_up, a.peer_down):
+        parse_rate(r)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if a.scenario == "up":
+        up(a)
+    elif a.scenario == "down":
+        down(a)
+    elif a.scenario == "bench":
+        bench(a)
+    elif a.scenario == "chaos":
+        chaos(a)
+    elif a.scenario == "image":
+        image(a)
+
+
+def registry_blob_bytes(registry):
+    """Blob body bytes the registry sent, by client kind ('df' for the swarm, 'direct' otherwise)."""
+    logs = subprocess.run(["docker", "logs", registry], capture_output=True, text=True)
+    out = {"df": 0, "direct": 0}
+    for line in (logs.stdout + logs.stderr).splitlines():
+        m = re.search(r'"GET (/v2/\S+/blobs/sha256:[0-9a-f]+) HTTP/[\d.]+" 2\d\d (\d+) "[^"]*" "([^"]*)"', line)
+        if m:
+            out["df" if m.group(3).startswith("df/") else "direct"] += int(m.group(2))
+    return out
+
+
+def build_image(work, registry_ip, layers_mib):
+    """Builds a multi-layer image with umoci and pushes it with skopeo; returns its blob bytes."""
+    for tool in ("umoci", "skopeo"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} missing: apt-get install umoci skopeo")
+    layout = work / "layout"
+    bundle = work / "bundle"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    img = f"{layout}:v1"
+    sh(["umoci", "init", "--layout", str(layout)])
+    sh(["umoci", "new", "--image", img])
+    sh(["umoci", "unpack", "--image", img, str(bundle)])
+    for i, mib in enumerate(layers_mib):
+        with open(bundle / "rootfs" / f"layer{i}.bin", "wb") as f:
+            f.write(os.urandom(mib << 20))
+        sh(["umoci", "repack", "--refresh-bundle", "--image", img, str(bundle)])
+    sh(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{img}",
+        f"docker://{registry_ip}:5000/bench/app:v1"])
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs" / "sha256" / digest.split(":")[1]).read_text())
+    return manifest["config"]["size"] + sum(l["size"] for l in manifest["layers"])
+
+
+def image(a):
+    up(a)
+    peers = containers(a, "peer")
+    registry = containers(a, "registry")[0]
+    ip = sh(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+             registry]).strip()
+    layers = [int(x) for x in a.image_layers.split(",")]
+    size = build_image(OUT / "image-build", ip, layers)
+    log(f"image: {len(layers)} layers, {size / 2**20:.1f} MiB of blobs; {len(peers)} peers pull it at once")
+    rep = {"peers": len(peers), "image_blob_bytes": size, "layers_mib": layers,
+           "registry_rate": a.origin_rate or a.rate, "methods": {}}
+    for name, base in (("df", "http://127.0.0.1:5001"), ("direct", "http://registry:5000")):
+        before = registry_blob_bytes(registry)
+        _, res = run_parallel(peers, lambda c: f"/testnet/pull.sh {base} bench/app v1", a.timeout)
+        after = registry_blob_bytes(registry)
+        sent = sum(after.values()) - sum(before.values())
+        r = summarize(res, "pulled bench/app:v1", sent)
+        r["registry_bytes_per_image"] = round(sent / size, 3)
+        rep["methods"][name] = r
+        log(f"  {name}: ok={r['ok']} p50={r['p50_s']} max={r['max_s']} registry/image={r['registry_bytes_per_image']}")
+    d, x = rep["methods"]["df"], rep["methods"]["direct"]
+    md = [f"# image pull: {len(peers)} peers, {len(layers)} layers, {size / 2**20:.1f} MiB of blobs, "
+          f"registry uplink {rep['registry_rate'] or 'unshaped'}", "",
+          "| method | ok | p50 (s) | all done (s) | registry blob bytes / image |", "|---|---|---|---|---|"]
+    for name, r in rep["methods"].items():
+        md.append(f"| {name} | {r['ok']} | {r['p50_s']} | {r['max_s']} | {r['registry_bytes_per_image']} |")
+    if d["max_s"] and x["max_s"]:
+        md += ["", f"df / direct, all done: {d['max_s'] / x['max_s']:.2f}"]
+    (OUT / "image.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (OUT / "image.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if not a.keep:
+        down(a)
+    if not (d["ok"] and x["ok"]):
+        raise SystemExit("some pulls failed")
+
+
+if __name__ == "__main__":
+    main()
