@@ -240,6 +240,10 @@ pub struct DownloadConfig {
     pub max_inflight_pieces: usize,
     /// Pieces in flight from one source. Default: `4`.
     pub max_inflight_per_source: usize,
+    /// Pieces in flight from one seed (or the producer) while other peers are sources too. Fewer
+    /// requests at once let the seed finish each piece sooner, so peers hold distinct pieces early
+    /// and trade them instead of all waiting on the seed's uplink. Default: `1`.
+    pub max_inflight_per_seed: usize,
     /// Give up on one piece request after this long and ask elsewhere. Default: `30s`.
     #[serde(with = "humantime_serde")]
     pub piece_timeout: Duration,
@@ -259,6 +263,7 @@ impl Default for DownloadConfig {
         DownloadConfig {
             max_inflight_pieces: 8,
             max_inflight_per_source: 4,
+            max_inflight_per_seed: 1,
             piece_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(5),
             max_source_failures: 3,

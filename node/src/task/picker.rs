@@ -3,7 +3,8 @@
 //! * Pieces: rarest first among pieces whose hash is known and that some usable source holds, random
 //!   tie-break (so peers starting together fetch different pieces from the seed and then trade).
 //! * Sources: peers before seeds/producers (the seed's uplink is the scarce one), then the least
-//!   loaded relative to its measured throughput, random tie-break; at most `per_source` requests each.
+//!   loaded relative to its measured throughput, random tie-break; at most `per_source` requests
+//!   each, and at most `per_seed` from a seed while peers are sources too.
 //! * Endgame: once every missing piece has been requested, a piece in flight from one source is
 //!   requested from a second one; the first answer wins. (Not earlier: while the producer is still
 //!   publishing hashes, duplicates would only waste the seed's uplink.)
@@ -36,12 +37,19 @@ pub(crate) struct PickInput<'a> {
     pub inflight: &'a dyn Fn(u32) -> Vec<PeerId>,
     pub sources: &'a [SourceView<'a>],
     pub per_source: usize,
+    /// The cap for seeds while some peer is a source too (`per_source` otherwise).
+    pub per_seed: usize,
     /// Every missing piece is already requested: duplicates are allowed.
     pub endgame: bool,
 }
 
-fn usable(s: &SourceView<'_>, per_source: usize) -> bool {
-    !s.paused && s.inflight < per_source
+fn usable(s: &SourceView<'_>, input: &PickInput<'_>) -> bool {
+    let cap = if s.is_seed && input.sources.iter().any(|o| !o.is_seed) {
+        input.per_seed
+    } else {
+        input.per_source
+    };
+    !s.paused && s.inflight < cap
 }
 
 /// Picks the next (piece, source) to request, or `None` when nothing can be requested now.
@@ -62,7 +70,7 @@ pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, Pe
         let free = input
             .sources
             .iter()
-            .any(|s| s.have.get(i) && usable(s, input.per_source) && !busy.contains(&s.peer));
+            .any(|s| s.have.get(i) && usable(s, input) && !busy.contains(&s.peer));
         if !free {
             continue;
         }
@@ -103,7 +111,7 @@ fn pick_source(
     let candidates: Vec<&SourceView<'_>> = input
         .sources
         .iter()
-        .filter(|s| s.have.get(piece) && usable(s, input.per_source) && !busy.contains(&s.peer))
+        .filter(|s| s.have.get(piece) && usable(s, input) && !busy.contains(&s.peer))
         .collect();
     let peers: Vec<&SourceView<'_>> = candidates.iter().copied().filter(|s| !s.is_seed).collect();
     let pool = if peers.is_empty() { candidates } else { peers };
@@ -167,6 +175,7 @@ mod tests {
                 inflight: &inflight,
                 sources,
                 per_source: 2,
+                per_seed: 1,
                 endgame: self.endgame,
             };
             pick(&input, &mut rand::rngs::StdRng::seed_from_u64(seed))
@@ -182,6 +191,30 @@ mod tests {
             rate: 0.0,
             paused: false,
         }
+    }
+
+    #[test]
+    fn a_seed_gets_fewer_requests_while_peers_are_sources() {
+        let f = Fixture::new(4);
+        let (seed, peer) = (PeerId::random(), PeerId::random());
+        let all = bf(4, &[0, 1, 2, 3]);
+        let none = bf(4, &[]);
+        let busy_seed = |inflight| SourceView {
+            inflight,
+            ..src(seed, &all, true)
+        };
+        // Alone, the seed takes up to per_source (2) requests.
+        assert!(f.pick(&[busy_seed(1)], 1).is_some());
+        assert!(f.pick(&[busy_seed(2)], 1).is_none());
+        // With a peer in the task (even one holding nothing yet), one at a time.
+        assert!(
+            f.pick(&[busy_seed(0), src(peer, &none, false)], 1)
+                .is_some()
+        );
+        assert!(
+            f.pick(&[busy_seed(1), src(peer, &none, false)], 1)
+                .is_none()
+        );
     }
 
     #[test]

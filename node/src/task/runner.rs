@@ -53,6 +53,8 @@ use crate::transfer::FetchError;
 const TICK: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connected peers asked directly when the DHT names no provider for a task.
+const MAX_DIRECT_PROBES: usize = 64;
 const CLOSEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a stall, how long probes get to answer before the producer question is decided.
 const STALL_SETTLE: Duration = Duration::from_secs(1);
@@ -130,6 +132,8 @@ pub(crate) struct Runner {
     opening: bool,
     discovering: bool,
     awaiting_probes: usize,
+    /// Connected peers were asked directly (when the DHT named no provider).
+    probed_connected: bool,
     electing: bool,
     /// Producers that failed or vanished: not asked again.
     failed_producers: HashSet<PeerId>,
@@ -189,6 +193,7 @@ impl Runner {
             opening: false,
             discovering: false,
             awaiting_probes: 0,
+            probed_connected: false,
             electing: false,
             failed_producers: HashSet::new(),
             elected: HashSet::new(),
@@ -503,6 +508,18 @@ impl Runner {
         for p in peers {
             if self.probe(p) {
                 n += 1;
+            }
+        }
+        if n == 0 && self.header.is_none() && !self.probed_connected {
+            // Provider records take a moment to spread: a peer we are connected to may hold the
+            // task already. Ask them before electing (or failing, without back-to-source).
+            self.probed_connected = true;
+            let mut connected = self.ctx.net.state().connected_peers();
+            connected.truncate(MAX_DIRECT_PROBES);
+            for p in connected {
+                if self.probe(p) {
+                    n += 1;
+                }
             }
         }
         self.awaiting_probes += n;
@@ -1128,6 +1145,7 @@ impl Runner {
         }
         let max = self.ctx.config.download.max_inflight_pieces.max(1);
         let per_source = self.ctx.config.download.max_inflight_per_source.max(1);
+        let per_seed = self.ctx.config.download.max_inflight_per_seed.max(1);
         let empty = Bitfield::new(self.piece_count());
         let n = self.piece_count();
         loop {
@@ -1164,6 +1182,7 @@ impl Runner {
                 inflight: &busy,
                 sources: &views,
                 per_source,
+                per_seed,
                 endgame,
             };
             let Some((index, peer)) = picker::pick(&input, &mut self.rng) else {
