@@ -278,6 +278,10 @@ impl Default for DownloadConfig {
 pub struct UploadConfig {
     /// Piece responses being sent at once; more requests are answered "busy". Default: `32`.
     pub max_concurrent: usize,
+    /// Responses of the same piece being sent at once; more requests for it are answered "busy",
+    /// so that peers asking together spread over different pieces and then fetch this one from
+    /// whoever got it first instead of splitting this node's uplink N ways. Default: `1`.
+    pub max_per_piece: usize,
     /// Close a data-plane connection idle for this long. Default: `60s`.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -287,6 +291,7 @@ impl Default for UploadConfig {
     fn default() -> Self {
         UploadConfig {
             max_concurrent: 32,
+            max_per_piece: 1,
             idle_timeout: Duration::from_secs(60),
         }
     }

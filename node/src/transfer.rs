@@ -64,12 +64,52 @@ impl TokenIssuer {
     }
 }
 
+/// One upload of a piece in progress; released on drop.
+struct PieceSlot {
+    map: Arc<Mutex<HashMap<(TaskKey, u32), usize>>>,
+    key: (TaskKey, u32),
+}
+
+impl PieceSlot {
+    fn take(
+        map: &Arc<Mutex<HashMap<(TaskKey, u32), usize>>>,
+        key: (TaskKey, u32),
+        max: usize,
+    ) -> Option<PieceSlot> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PieceSlot {
+            map: map.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for PieceSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Serves pieces from the store.
 pub struct DataServer {
     listener: TcpListener,
     store: PieceStore,
     tokens: TokenIssuer,
     permits: Arc<Semaphore>,
+    /// Uploads in progress per (task, piece), capped at `per_piece`.
+    uploading: Arc<Mutex<HashMap<(TaskKey, u32), usize>>>,
+    per_piece: usize,
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
     activity: Arc<Activity>,
@@ -91,6 +131,8 @@ impl DataServer {
             store,
             tokens,
             permits: Arc::new(Semaphore::new(upload.max_concurrent.max(1))),
+            uploading: Arc::new(Mutex::new(HashMap::new())),
+            per_piece: upload.max_per_piece.max(1),
             idle_timeout: upload.idle_timeout,
             metrics,
             activity,
@@ -148,7 +190,10 @@ impl DataServer {
                     .await?;
                 continue;
             };
-            let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+            let (Ok(_permit), Some(_slot)) = (
+                self.permits.clone().try_acquire_owned(),
+                PieceSlot::take(&self.uploading, (task, index), self.per_piece),
+            ) else {
                 stream
                     .write_all(&transfer::encode_response_header(PieceStatus::Busy, 0))
                     .await?;

@@ -223,15 +223,18 @@ def t_star(a, size, n):
     return max(terms) if terms else None
 
 
-def method_df(a, peers, run_id, want):
-    url = f"http://origin/file.bin?df={run_id}"
-    timeout = a.timeout
-    start, res = run_parallel(
+def df_get_all(peers, url, timeout):
+    """`df get` of `url` on every peer at once, each printing the sha256 of what it wrote."""
+    return run_parallel(
         peers,
         lambda c: f"/usr/bin/df get '{url}' -o /tmp/df.out --api {API} --no-progress --timeout {timeout}s "
                   f"&& sha256sum /tmp/df.out && rm -f /tmp/df.out",
         timeout + 30,
     )
+
+
+def method_df(a, peers, run_id, want):
+    start, res = df_get_all(peers, f"http://origin/file.bin?df={run_id}", a.timeout)
     return start, summarize(res, want, origin_body_bytes(f"df={run_id}"))
 
 
@@ -494,12 +497,7 @@ def chaos(a):
     th = threading.Thread(target=faults)
     url = f"http://origin/file.bin?{run_id}"
     th.start()
-    start, res = run_parallel(
-        peers,
-        lambda c: f"/usr/bin/df get '{url}' -o /tmp/df.out --api {API} --no-progress --timeout {a.timeout}s "
-                  f"&& sha256sum /tmp/df.out && rm -f /tmp/df.out",
-        a.timeout + 30,
-    )
+    start, res = df_get_all(peers, url, a.timeout)
     th.join()
     survivors = [c for c in peers if c not in killed]
     rows = []
