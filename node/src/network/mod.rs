@@ -32,6 +32,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Role;
 use codec::ControlCodec;
 
+/// How often connections are pinged, and how long a ping may take before the connection is
+/// closed (a vanished peer sends no FIN; requests to it would otherwise wait their full timeout).
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Kademlia key under which seeds register as providers.
 pub const SEEDS_KEY: &[u8] = b"/df/seeds/1";
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/df/kad/1.0.0");
@@ -359,7 +364,12 @@ fn build_swarm(s: &NetworkSettings) -> Result<Swarm<Behaviour>, NetworkError> {
             );
             Ok(Behaviour {
                 identify,
-                ping: ping::Behaviour::default(),
+                // Peers whose container or host vanished send no FIN: pings find them out.
+                ping: ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(PING_INTERVAL)
+                        .with_timeout(PING_TIMEOUT),
+                ),
                 kad,
                 gossipsub,
                 control,
@@ -701,6 +711,14 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
         match ev {
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            }) => {
+                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
+            }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let role = role_from_agent(&info.agent_version);
                 let conn_ip = self

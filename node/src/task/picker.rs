@@ -23,8 +23,18 @@ pub(crate) struct SourceView<'a> {
     pub is_seed: bool,
     /// Bytes per second measured so far (0 when unknown).
     pub rate: f64,
-    /// Temporarily unusable (busy, backing off).
+    /// Temporarily unusable (backing off after failures).
     pub paused: bool,
+    /// Pieces the source is busy with (sending them to others), until when.
+    pub busy_pieces: &'a std::collections::HashMap<u32, std::time::Instant>,
+    pub now: std::time::Instant,
+}
+
+impl SourceView<'_> {
+    /// Holds piece `i` and is not busy with it.
+    fn offers(&self, i: u32) -> bool {
+        self.have.get(i) && self.busy_pieces.get(&i).is_none_or(|t| *t <= self.now)
+    }
 }
 
 /// The download's state as far as picking is concerned.
@@ -70,7 +80,7 @@ pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, Pe
         let free = input
             .sources
             .iter()
-            .any(|s| s.have.get(i) && usable(s, input) && !busy.contains(&s.peer));
+            .any(|s| s.offers(i) && usable(s, input) && !busy.contains(&s.peer));
         if !free {
             continue;
         }
@@ -111,7 +121,7 @@ fn pick_source(
     let candidates: Vec<&SourceView<'_>> = input
         .sources
         .iter()
-        .filter(|s| s.have.get(piece) && usable(s, input) && !busy.contains(&s.peer))
+        .filter(|s| s.offers(piece) && usable(s, input) && !busy.contains(&s.peer))
         .collect();
     let peers: Vec<&SourceView<'_>> = candidates.iter().copied().filter(|s| !s.is_seed).collect();
     let pool = if peers.is_empty() { candidates } else { peers };
@@ -190,6 +200,38 @@ mod tests {
             is_seed,
             rate: 0.0,
             paused: false,
+            busy_pieces: Box::leak(Box::default()),
+            now: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_piece_the_source_is_busy_with_is_asked_elsewhere_or_skipped() {
+        let f = Fixture::new(2);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let all = bf(2, &[0, 1]);
+        let now = std::time::Instant::now();
+        let busy0: &HashMap<u32, std::time::Instant> = Box::leak(Box::new(HashMap::from([(
+            0,
+            now + std::time::Duration::from_secs(5),
+        )])));
+        let a_busy = SourceView {
+            busy_pieces: busy0,
+            now,
+            ..src(a, &all, false)
+        };
+        // Alone: piece 1 from a (a is busy with 0, not paused).
+        for seed in 0..10 {
+            assert_eq!(f.pick(std::slice::from_ref(&a_busy), seed), Some((1, a)));
+        }
+        // With b: piece 0 may come from b only.
+        for seed in 0..20 {
+            let (piece, who) = f
+                .pick(&[a_busy.clone(), src(b, &all, false)], seed)
+                .unwrap();
+            if piece == 0 {
+                assert_eq!(who, b);
+            }
         }
     }
 

@@ -47,6 +47,7 @@ use super::picker::{self, PickInput, SourceView};
 use super::produce::{FirstBody, ProduceError, ProductionJob};
 use super::{DownloadRequest, Phase, Progress, RunnerMsg, TaskContext, TaskError};
 use crate::config::Role;
+use crate::network::NetworkError;
 use crate::store::TaskRecord;
 use crate::transfer::FetchError;
 
@@ -56,6 +57,8 @@ const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connected peers asked directly when the DHT names no provider for a task.
 const MAX_DIRECT_PROBES: usize = 64;
 const CLOSEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a candidate producer may take to accept a task (it opens the origin first).
+const ELECT_ASK_TIMEOUT: Duration = Duration::from_secs(20);
 /// After a stall, how long probes get to answer before the producer question is decided.
 const STALL_SETTLE: Duration = Duration::from_secs(1);
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
@@ -93,6 +96,8 @@ struct Source {
     /// Bytes per second, exponentially weighted.
     rate: f64,
     paused_until: Option<Instant>,
+    /// Pieces this source answered "busy" for (it is sending them to someone else), until when.
+    busy_pieces: HashMap<u32, Instant>,
 }
 
 #[derive(Clone)]
@@ -860,6 +865,7 @@ impl Runner {
                                     failures: 0,
                                     rate: 0.0,
                                     paused_until: None,
+                                    busy_pieces: HashMap::new(),
                                 },
                             );
                         }
@@ -1166,6 +1172,8 @@ impl Runner {
                     is_seed: s.is_seed,
                     rate: s.rate,
                     paused: s.paused_until.is_some_and(|t| t > now),
+                    busy_pieces: &s.busy_pieces,
+                    now,
                 })
                 .collect();
             let inflight = &self.inflight;
@@ -1283,7 +1291,12 @@ impl Runner {
                 };
                 match e {
                     FetchError::NotFound => s.have.clear(index),
-                    FetchError::Busy => s.paused_until = Some(Instant::now() + BUSY_PAUSE),
+                    // Busy with this piece: ask for others meanwhile (and for this one elsewhere).
+                    FetchError::Busy => {
+                        let now = Instant::now();
+                        s.busy_pieces.retain(|_, t| *t > now);
+                        s.busy_pieces.insert(index, now + BUSY_PAUSE);
+                    }
                     _ => {
                         s.failures += 1;
                         s.paused_until = Some(Instant::now() + FAILURE_PAUSE);
@@ -1622,15 +1635,26 @@ async fn run_election(
     let ask = |peer: PeerId| {
         let net = net.clone();
         let start = start.clone();
-        async move { net.request(peer, start).await }
+        async move {
+            tokio::time::timeout(ELECT_ASK_TIMEOUT, net.request(peer, start))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(NetworkError::Request {
+                        peer,
+                        reason: "no answer in time".into(),
+                    })
+                })
+        }
     };
+    // Only peers we are connected to can take the task (the DHT remembers departed ones).
+    let connected: HashSet<PeerId> = net.state().connected_peers().into_iter().collect();
 
     // 1. Seeds, closest first.
     let mut seeds: Vec<PeerId> = net
         .state()
         .seeds()
         .into_iter()
-        .filter(|s| *s != me && !exclude.contains(s))
+        .filter(|s| *s != me && !exclude.contains(s) && connected.contains(s))
         .collect();
     distance_order(&key, &mut seeds);
     if role == Role::Seed && !exclude.contains(&me) {
@@ -1670,8 +1694,15 @@ async fn run_election(
                 .and_then(Result::ok)
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|p| *p != me && !exclude.contains(p))
+                .filter(|p| *p != me && !exclude.contains(p) && connected.contains(p))
                 .collect();
+        // The DHT query may time out on saturated links; the connected peers are candidates too,
+        // so that every node ranks the same set and they agree on one producer.
+        for p in &connected {
+            if *p != me && !exclude.contains(p) && !candidates.contains(p) {
+                candidates.push(*p);
+            }
+        }
         if local_ok && role != Role::Ephemeral {
             candidates.push(me);
         }
