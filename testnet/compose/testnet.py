@@ -206,6 +206,7 @@ def summarize(res, want, origin_bytes):
         "max_s": round(times[-1], 3) if times else None,
         "origin_bytes": origin_bytes,
         "failed": sorted(c for c, (_, ok, out) in res.items() if not (ok and want in out)),
+        "errors": {c: out.strip()[-500:] for c, (_, ok, out) in res.items() if not ok},
     }
 
 
