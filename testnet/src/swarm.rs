@@ -41,6 +41,13 @@ impl TestNode {
     pub async fn fetch(&self, req: DownloadRequest) -> Result<(u64, String)> {
         let info = self.api.create_task(&req).await?;
         let (len, mut stream) = self.api.content(&info.id, None).await?;
+        // The creation answer already carries the length (the CLI sizes its output by it).
+        if info.content_length != Some(len) {
+            bail!(
+                "task creation announced {:?} bytes, the content stream {len}",
+                info.content_length
+            );
+        }
         let mut h = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = stream.next().await {

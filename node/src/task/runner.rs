@@ -406,11 +406,12 @@ impl Runner {
         if self.request.is_none() || self.request.as_ref().is_some_and(|r| r.headers.is_empty()) {
             self.request = Some(req);
         }
-        if let Some(h) = &self.header {
-            let _ = reply.send(Ok(h.clone()));
+        if let Some(h) = self.header.clone() {
             if matches!(self.phase, Phase::Starting) {
                 self.phase = Phase::Running;
+                self.publish_progress();
             }
+            let _ = reply.send(Ok(h));
             self.last_progress = Instant::now();
             self.check_complete();
             if !self.have.is_complete() && self.sources.is_empty() {
@@ -702,13 +703,14 @@ impl Runner {
             self.phase = Phase::Running;
         }
         self.last_progress = Instant::now();
+        // Publish first: a waiter that reads the progress next must see the header.
+        self.publish_progress();
         for w in self.header_waiters.drain(..) {
             let _ = w.send(Ok(h.clone()));
         }
         for w in self.start_waiters.drain(..) {
             let _ = w.send(ControlResponse::Started { header: h.clone() });
         }
-        self.publish_progress();
         self.check_complete();
         true
     }
