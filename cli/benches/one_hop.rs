@@ -99,26 +99,10 @@ fn start_nginx(dir: &Path, root: &Path, port: u16) -> Proc {
     Proc(child)
 }
 
-fn wait_http(url: &str) {
-    for _ in 0..100 {
-        let ok = Command::new("curl")
-            .args(["-sfI", url])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{url} did not come up");
-}
-
-fn wait_api(api: &str) {
-    for _ in 0..200 {
-        let ok = Command::new(DF)
-            .args(["status", "--api", api])
+/// Polls `cmd` every 50 ms until it succeeds (a server coming up has no event to wait on).
+fn wait_until_ok(cmd: &mut Command, tries: usize, what: &str) {
+    for _ in 0..tries {
+        let ok = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -129,7 +113,19 @@ fn wait_api(api: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("df API {api} did not come up");
+    panic!("{what} did not come up");
+}
+
+fn wait_http(url: &str) {
+    wait_until_ok(Command::new("curl").args(["-sfI", url]), 100, url);
+}
+
+fn wait_api(api: &str) {
+    wait_until_ok(
+        Command::new(DF).args(["status", "--api", api]),
+        200,
+        &format!("df API {api}"),
+    );
 }
 
 fn status(api: &str) -> serde_json::Value {

@@ -155,15 +155,9 @@ pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> R
         bail!("no listen address: give --listen or `listen` in the config file");
     }
     // The mirror's blobs are fetched by the node, so its TLS settings apply to origins too.
-    cfg.origin
-        .ca_bundle
-        .extend(args.mirror_ca_bundle.iter().cloned());
-    cfg.origin.insecure |= args.mirror_insecure;
-    if let Some(text) = file {
-        let m = mirror_config(Some(text), &ServeArgs::default())?;
-        cfg.origin.ca_bundle.extend(m.ca_bundle);
-        cfg.origin.insecure |= m.insecure;
-    }
+    let mirror = mirror_config(file, args)?;
+    cfg.origin.ca_bundle.extend(mirror.ca_bundle);
+    cfg.origin.insecure |= mirror.insecure;
     Ok(cfg)
 }
 

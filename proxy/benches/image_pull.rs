@@ -14,11 +14,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use df_proxy::{Mirror, MirrorConfig};
 use df_testnet::Swarm;
 use df_testnet::registry::{self, Registry};
@@ -29,16 +28,12 @@ async fn skopeo_pull(reference: &str, dest: &Path, conf: Option<&Path>) -> Resul
     if let Some(c) = conf {
         cmd.arg("--registries-conf").arg(c);
     }
-    let out = cmd
-        .args(["copy", "--src-tls-verify=false"])
-        .arg(format!("docker://{reference}"))
-        .arg(format!("dir:{}", dest.display()))
-        .stdin(Stdio::null())
-        .output()
-        .await?;
-    if !out.status.success() {
-        bail!("skopeo: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    registry::run(
+        cmd.args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{reference}"))
+            .arg(format!("dir:{}", dest.display())),
+    )
+    .await?;
     Ok(t.elapsed())
 }
 

@@ -98,14 +98,11 @@ impl Mirror {
         let addr = listener
             .local_addr()
             .map_err(|source| MirrorError::Bind { addr, source })?;
-        let mut builder = reqwest::Client::builder()
+        let client = df_seed::http_origin::client_builder(&cfg.ca_bundle, cfg.insecure)?
             .user_agent(concat!("df-mirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.request_timeout)
-            .no_proxy()
-            .tls_danger_accept_invalid_certs(cfg.insecure);
-        builder = builder.tls_certs_merge(df_seed::http_origin::load_ca_bundles(&cfg.ca_bundle)?);
-        let client = builder.build()?;
+            .build()?;
         let stats = Arc::new(MirrorStats::default());
         let ctx = Arc::new(Ctx {
             cache: ManifestCache::new(cfg.manifest_cache.as_u64()),

@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -90,22 +89,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
     }
 
     async fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = tokio::process::Command::new("ctr")
-            .arg("--address")
-            .arg(self.dir.path().join("c.sock"))
-            .args(["--namespace", "df-test"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .await?;
-        if !out.status.success() {
-            bail!(
-                "ctr {args:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        registry::run(
+            tokio::process::Command::new("ctr")
+                .arg("--address")
+                .arg(self.dir.path().join("c.sock"))
+                .args(["--namespace", "df-test"])
+                .args(args),
+        )
+        .await
     }
 
     /// Pulls `reference` (on `registry`) with a `hosts.toml` that sends it to `mirror`.
@@ -168,19 +159,11 @@ async fn skopeo_through(
         )?;
         cmd.arg("--src-authfile").arg(&file);
     }
-    let out = cmd
-        .arg(format!("docker://{reference}"))
-        .arg(format!("oci:{}:pulled", out_dir.display()))
-        .stdin(Stdio::null())
-        .output()
-        .await?;
-    if !out.status.success() {
-        bail!(
-            "skopeo failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    registry::run(
+        cmd.arg(format!("docker://{reference}"))
+            .arg(format!("oci:{}:pulled", out_dir.display())),
+    )
+    .await?;
     Ok(out_dir)
 }
 

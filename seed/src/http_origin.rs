@@ -43,14 +43,11 @@ pub struct HttpOrigin {
 
 impl HttpOrigin {
     pub fn new(cfg: &OriginConfig) -> Result<HttpOrigin, HttpOriginError> {
-        let mut builder = reqwest::Client::builder()
+        let client = client_builder(&cfg.ca_bundle, cfg.insecure)?
             .user_agent(concat!("df/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)
-            .no_proxy()
-            .tls_danger_accept_invalid_certs(cfg.insecure);
-        builder = builder.tls_certs_merge(load_ca_bundles(&cfg.ca_bundle)?);
-        let client = builder.build()?;
+            .build()?;
         Ok(HttpOrigin {
             client,
             retries: cfg.retries,
@@ -93,6 +90,19 @@ impl HttpOrigin {
             url: display_url(&spec.url),
         })
     }
+}
+
+/// An HTTP client builder for origins and registries: no proxy from the environment, the extra CA
+/// certificates of `ca_bundle` (PEM files) trusted beside the system's, and every certificate
+/// accepted when `insecure`.
+pub fn client_builder(
+    ca_bundle: &[std::path::PathBuf],
+    insecure: bool,
+) -> Result<reqwest::ClientBuilder, HttpOriginError> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .tls_danger_accept_invalid_certs(insecure)
+        .tls_certs_merge(load_ca_bundles(ca_bundle)?))
 }
 
 /// Reads PEM CA bundles (each file may hold several certificates).

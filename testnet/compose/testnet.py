@@ -329,11 +329,10 @@ def piece_timeline(members, since):
     ids = peer_ids(members)
     out = {}
     for c in members:
-        logs = sh(["docker", "logs", "--since", str(int(since) - 1), c], check=False, capture=True)
-        err = subprocess.run(["docker", "logs", "--since", str(int(since) - 1), c],
-                             capture_output=True, text=True).stderr
+        logs = subprocess.run(["docker", "logs", "--since", str(int(since) - 1), c],
+                              capture_output=True, text=True)
         rows = []
-        for line in (logs + "\n" + err).splitlines():
+        for line in (logs.stdout + "\n" + logs.stderr).splitlines():
             line = re.sub(r"\x1b\[[0-9;]*m", "", line)
             m = PIECE_RE.search(line)
             if not m:

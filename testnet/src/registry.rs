@@ -184,7 +184,8 @@ pub struct Image {
     pub total_blob_bytes: u64,
 }
 
-async fn run(cmd: &mut tokio::process::Command) -> Result<String> {
+/// Runs a program to its end; its standard output, or an error with everything it printed.
+pub async fn run(cmd: &mut tokio::process::Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()

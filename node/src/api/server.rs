@@ -238,16 +238,9 @@ async fn create_task(node: Node, req: Request<Incoming>) -> Response<Body> {
         }
     };
     match node.download(dl).await {
-        Ok((key, header)) => match node.progress(&key).await {
-            Some(p) => {
-                // The runner answers with the header before it publishes its progress: never
-                // report an unknown length for a task whose header is known.
-                let mut p = p.borrow().clone();
-                if p.header.is_none() {
-                    p.header = Some(header);
-                }
-                json(StatusCode::OK, &TaskInfo::from_progress(&key, &p))
-            }
+        // The runner publishes its progress before it answers, so the header is in it.
+        Ok((key, _)) => match node.progress(&key).await {
+            Some(p) => json(StatusCode::OK, &TaskInfo::from_progress(&key, &p.borrow())),
             None => error(TaskError::internal("task vanished")),
         },
         Err(e) => error(e),

@@ -198,7 +198,6 @@ enum Command {
     StartProviding(Vec<u8>),
     StopProviding(Vec<u8>),
     GetProviders(Vec<u8>, Reply<HashSet<PeerId>>),
-    GetClosestPeers(Vec<u8>, Reply<Vec<PeerId>>),
     Request(PeerId, Box<ControlRequest>, RequestReply),
 }
 
@@ -273,11 +272,6 @@ impl NetworkClient {
     /// Providers of `key` found by a DHT query (local records included).
     pub async fn get_providers(&self, key: Vec<u8>) -> Result<HashSet<PeerId>, NetworkError> {
         self.call(|r| Command::GetProviders(key, r)).await
-    }
-
-    /// The peers closest to `key` by XOR distance, as found by a DHT query.
-    pub async fn get_closest_peers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, NetworkError> {
-        self.call(|r| Command::GetClosestPeers(key, r)).await
     }
 
     /// Sends a control request; returns the response and the IP the peer was reached at.
@@ -415,7 +409,6 @@ pub async fn spawn(
         conn_ips: HashMap::new(),
         pending_requests: HashMap::new(),
         pending_providers: HashMap::new(),
-        pending_closest: HashMap::new(),
         seed_queries: HashSet::new(),
         inbound_replies: FuturesUnordered::new(),
         bootstrapped: false,
@@ -448,7 +441,6 @@ pub struct EventLoop {
     conn_ips: HashMap<ConnectionId, IpAddr>,
     pending_requests: HashMap<OutboundRequestId, RequestReply>,
     pending_providers: HashMap<QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
-    pending_closest: HashMap<QueryId, Reply<Vec<PeerId>>>,
     seed_queries: HashSet<QueryId>,
     inbound_replies: FuturesUnordered<InboundReply>,
     bootstrapped: bool,
@@ -613,10 +605,6 @@ impl EventLoop {
             Command::GetProviders(key, reply) => {
                 let id = b.kad.get_providers(RecordKey::new(&key));
                 self.pending_providers.insert(id, (HashSet::new(), reply));
-            }
-            Command::GetClosestPeers(key, reply) => {
-                let id = b.kad.get_closest_peers(key);
-                self.pending_closest.insert(id, reply);
             }
             Command::Request(peer, req, reply) => {
                 let id = b.control.send_request(&peer, *req);
@@ -809,41 +797,30 @@ impl EventLoop {
     }
 
     fn on_kad_result(&mut self, id: QueryId, result: QueryResult, last: bool) {
-        match result {
-            QueryResult::GetProviders(res) => {
-                let found = match res {
-                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
-                    _ => HashSet::new(),
-                };
-                if self.seed_queries.contains(&id) {
-                    let me = *self.swarm.local_peer_id();
-                    for p in found {
-                        if p != me {
-                            self.state.add_seed(p);
-                        }
-                    }
-                    if last {
-                        self.seed_queries.remove(&id);
-                    }
-                    return;
-                }
-                if let Some((acc, _)) = self.pending_providers.get_mut(&id) {
-                    acc.extend(found);
-                }
-                if last && let Some((acc, reply)) = self.pending_providers.remove(&id) {
-                    let _ = reply.send(acc);
+        let QueryResult::GetProviders(res) = result else {
+            return;
+        };
+        let found = match res {
+            Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+            _ => HashSet::new(),
+        };
+        if self.seed_queries.contains(&id) {
+            let me = *self.swarm.local_peer_id();
+            for p in found {
+                if p != me {
+                    self.state.add_seed(p);
                 }
             }
-            QueryResult::GetClosestPeers(res) => {
-                let peers = match res {
-                    Ok(ok) => ok.peers,
-                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-                };
-                if let Some(reply) = self.pending_closest.remove(&id) {
-                    let _ = reply.send(peers.into_iter().map(|p| p.peer_id).collect());
-                }
+            if last {
+                self.seed_queries.remove(&id);
             }
-            _ => {}
+            return;
+        }
+        if let Some((acc, _)) = self.pending_providers.get_mut(&id) {
+            acc.extend(found);
+        }
+        if last && let Some((acc, reply)) = self.pending_providers.remove(&id) {
+            let _ = reply.send(acc);
         }
     }
 

@@ -53,17 +53,39 @@ pub(crate) struct PickInput<'a> {
     pub endgame: bool,
 }
 
-fn usable(s: &SourceView<'_>, input: &PickInput<'_>) -> bool {
-    let cap = if s.is_seed && input.sources.iter().any(|o| !o.is_seed) {
-        input.per_seed
-    } else {
-        input.per_source
-    };
-    !s.paused && s.inflight < cap
+/// Requests each kind of source may have in flight now.
+#[derive(Clone, Copy)]
+struct Caps {
+    per_source: usize,
+    per_seed: usize,
+}
+
+impl Caps {
+    fn new(input: &PickInput<'_>) -> Caps {
+        let peers_too = input.sources.iter().any(|o| !o.is_seed);
+        Caps {
+            per_source: input.per_source,
+            per_seed: if peers_too {
+                input.per_seed
+            } else {
+                input.per_source
+            },
+        }
+    }
+
+    fn usable(self, s: &SourceView<'_>) -> bool {
+        let cap = if s.is_seed {
+            self.per_seed
+        } else {
+            self.per_source
+        };
+        !s.paused && s.inflight < cap
+    }
 }
 
 /// Picks the next (piece, source) to request, or `None` when nothing can be requested now.
 pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, PeerId)> {
+    let caps = Caps::new(input);
     let n = input.have.len();
     let mut best: Vec<u32> = Vec::new();
     let mut best_count = usize::MAX;
@@ -80,7 +102,7 @@ pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, Pe
         let free = input
             .sources
             .iter()
-            .any(|s| s.offers(i) && usable(s, input) && !busy.contains(&s.peer));
+            .any(|s| s.offers(i) && caps.usable(s) && !busy.contains(&s.peer));
         if !free {
             continue;
         }
@@ -108,12 +130,13 @@ pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, Pe
         return None;
     };
     let busy = (input.inflight)(piece);
-    let source = pick_source(input, piece, &busy, rng)?;
+    let source = pick_source(input, caps, piece, &busy, rng)?;
     Some((piece, source))
 }
 
 fn pick_source(
     input: &PickInput<'_>,
+    caps: Caps,
     piece: u32,
     busy: &[PeerId],
     rng: &mut impl Rng,
@@ -121,7 +144,7 @@ fn pick_source(
     let candidates: Vec<&SourceView<'_>> = input
         .sources
         .iter()
-        .filter(|s| s.offers(piece) && usable(s, input) && !busy.contains(&s.peer))
+        .filter(|s| s.offers(piece) && caps.usable(s) && !busy.contains(&s.peer))
         .collect();
     let peers: Vec<&SourceView<'_>> = candidates.iter().copied().filter(|s| !s.is_seed).collect();
     let pool = if peers.is_empty() { candidates } else { peers };

@@ -56,7 +56,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connected peers asked directly when the DHT names no provider for a task.
 const MAX_DIRECT_PROBES: usize = 64;
-const CLOSEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a candidate producer may take to accept a task (it opens the origin first).
 const ELECT_ASK_TIMEOUT: Duration = Duration::from_secs(20);
 /// After a stall, how long probes get to answer before the producer question is decided.
@@ -1687,24 +1686,15 @@ async fn run_election(
         }
     }
 
-    // 2. No seed took it: the peers closest to the key, this node among them.
+    // 2. No seed took it: the peers XOR-closest to the key, this node among them.
     if seedless_ok {
-        let mut candidates: Vec<PeerId> =
-            tokio::time::timeout(CLOSEST_TIMEOUT, net.get_closest_peers(key.to_bytes()))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|p| *p != me && !exclude.contains(p) && connected.contains(p))
-                .collect();
-        // The DHT query may time out on saturated links; the connected peers are candidates too,
-        // so that every node ranks the same set and they agree on one producer.
-        for p in &connected {
-            if *p != me && !exclude.contains(p) && !candidates.contains(p) {
-                candidates.push(*p);
-            }
-        }
+        // Ranked among the connected peers (not a DHT query, which times out on saturated links
+        // and names departed peers), so that the nodes of a swarm rank the same set and agree.
+        let mut candidates: Vec<PeerId> = connected
+            .iter()
+            .copied()
+            .filter(|p| *p != me && !exclude.contains(p))
+            .collect();
         if local_ok && role != Role::Ephemeral {
             candidates.push(me);
         }
