@@ -22,9 +22,10 @@ pids+=($!)
   --data-listen 127.0.0.1:15000 2> "$work/seed.log" &
 pids+=($!)
 for _ in $(seq 100); do "$DF" status --api 127.0.0.1:16000 >/dev/null 2>&1 && break; sleep 0.1; done
+# The seed created the swarm key on its first start; members join with it.
 for i in 1 2 3; do
   "$DF" node --data-dir "$work/node$i" --listen /ip4/127.0.0.1/tcp/1400$((i + 1)) \
-    --api 127.0.0.1:1600$i --data-listen 127.0.0.1:1500$i \
+    --api 127.0.0.1:1600$i --data-listen 127.0.0.1:1500$i --swarm-key "$work/seed/swarm.key" \
     --bootstrap /ip4/127.0.0.1/tcp/14001 2> "$work/node$i.log" &
   pids+=($!)
 done

@@ -154,6 +154,17 @@ fn start_df(
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
+    // Every df of the bench is a member of one private swarm.
+    let key = dir.with_file_name("swarm.key");
+    if !key.exists() {
+        let ok = Command::new(DF)
+            .args(["swarm-key", key.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "df swarm-key failed");
+    }
+    cmd.args(["--swarm-key", key.to_str().unwrap()]);
     if let Some(c) = config {
         let path = dir.with_extension("toml");
         std::fs::write(&path, c).unwrap();

@@ -30,6 +30,48 @@ pub(crate) enum Command {
     Seed(ServeArgs),
     /// Print a node's status as JSON.
     Status(StatusArgs),
+    /// Write a new swarm key (the pre-shared key members of a private swarm share).
+    SwarmKey(SwarmKeyArgs),
+}
+
+/// Which swarm a node joins (`df node`, `df seed`, and `df get`'s embedded node).
+#[derive(Debug, Args, Default, Clone)]
+pub(crate) struct SwarmArgs {
+    /// The swarm key file (IPFS `swarm.key` format). Default: `<data dir>/swarm.key`, created by
+    /// a seed (or the first node of a new swarm) on first start.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "DF_SWARM_KEY",
+        conflicts_with = "open_swarm"
+    )]
+    pub swarm_key: Option<PathBuf>,
+    /// Run without a swarm key: anyone who can reach this node may connect (only listed
+    /// `[trust] producers` are trusted then).
+    #[arg(long)]
+    pub open_swarm: bool,
+}
+
+impl SwarmArgs {
+    /// Lays the flags over `cfg`.
+    pub(crate) fn apply(&self, cfg: &mut NodeConfig) {
+        if let Some(k) = &self.swarm_key {
+            cfg.network.swarm_key = Some(k.clone());
+            cfg.network.open_swarm = false;
+        }
+        if self.open_swarm {
+            cfg.network.open_swarm = true;
+            cfg.network.swarm_key = None;
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SwarmKeyArgs {
+    /// Where to write it (mode 0600; an existing file is never overwritten), or `-` for
+    /// standard output.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +118,8 @@ pub(crate) struct GetArgs {
     /// For the embedded node: peers to join (repeatable).
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<Multiaddr>,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
 }
 
 #[derive(Debug, Args, Default)]
@@ -113,6 +157,8 @@ pub(crate) struct ServeArgs {
     /// Accept any TLS certificate from registries and origins (test setups only).
     #[arg(long)]
     pub mirror_insecure: bool,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +197,7 @@ pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> R
     if let Some(a) = args.data_listen {
         cfg.data_listen = a;
     }
+    args.swarm.apply(&mut cfg);
     if cfg.listen.is_empty() {
         bail!("no listen address: give --listen or `listen` in the config file");
     }

@@ -61,6 +61,7 @@ async fn backend(args: &GetArgs) -> Result<Backend> {
         cfg.data_listen = "0.0.0.0:0".parse()?;
         cfg.bootstrap = args.bootstrap.clone();
     }
+    args.swarm.apply(&mut cfg);
     cfg.storage.task_ttl = Duration::ZERO;
     let node = df_seed::start(cfg)
         .await
@@ -94,6 +95,7 @@ fn request(args: &GetArgs) -> Result<DownloadRequest> {
         tag: args.tag.clone(),
         filtered_query_params: args.filtered_query_params.clone(),
         disable_back_to_source: args.disable_back_to_source,
+        ..DownloadRequest::default()
     })
 }
 

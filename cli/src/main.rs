@@ -20,7 +20,9 @@ use clap::Parser;
 use df_node::Role;
 use df_node::api::client::ApiClient;
 
-use args::{Cli, Command, ServeArgs, StatusArgs, client_api, mirror_config, node_config};
+use args::{
+    Cli, Command, ServeArgs, StatusArgs, SwarmKeyArgs, client_api, mirror_config, node_config,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
                 init_logging("warn");
                 status(a).await
             }
+            Command::SwarmKey(a) => swarm_key(a),
         }
     });
     // Dropping the runtime would wait for blocking tasks (e.g. a stuck stdin): don't.
@@ -133,5 +136,20 @@ async fn status(args: StatusArgs) -> Result<()> {
     let (addr, _) = client_api(args.api.as_deref())?;
     let v = ApiClient::new(addr).status_json().await?;
     println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+fn swarm_key(args: SwarmKeyArgs) -> Result<()> {
+    let key = df_node::trust::generate();
+    if args.file.as_os_str() == "-" {
+        print!("{}", key.to_key_file());
+    } else {
+        df_node::trust::write(&args.file, key)?;
+        eprintln!(
+            "wrote swarm key {} (fingerprint {}): give it to every member with --swarm-key FILE",
+            args.file.display(),
+            key.fingerprint()
+        );
+    }
     Ok(())
 }

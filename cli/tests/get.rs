@@ -205,12 +205,13 @@ async fn get_without_a_daemon_joins_the_swarm_given_bootstrap() {
     // The origin breaks: only the swarm can serve the file now.
     origin.fail("/p", 500);
     let boot = seed.bootstrap_addr().to_string();
+    let key = df_testnet::swarm::swarm_key_file().unwrap();
     let home = tempfile::tempdir().unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("p");
     let url = origin.url("/p");
     let o = tokio::task::spawn_blocking({
-        let (out, home) = (out.clone(), home.path().to_owned());
+        let (out, home, key) = (out.clone(), home.path().to_owned(), key.clone());
         move || {
             df(
                 &[
@@ -220,6 +221,8 @@ async fn get_without_a_daemon_joins_the_swarm_given_bootstrap() {
                     out.to_str().unwrap(),
                     "--bootstrap",
                     &boot,
+                    "--swarm-key",
+                    key.to_str().unwrap(),
                     "--no-progress",
                 ],
                 &home,

@@ -221,6 +221,13 @@ pub struct NetworkConfig {
     /// Default: `60s`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The swarm key file (libp2p `pnet` pre-shared key, IPFS `swarm.key` format). Peers without
+    /// the same key cannot connect at all. Default: `<data_dir>/swarm.key`; a seed (or a node with
+    /// no `bootstrap`, i.e. the first of a new swarm) creates it there on first start.
+    pub swarm_key: Option<PathBuf>,
+    /// Run without a swarm key: anyone who can reach the node may connect. Only listed
+    /// `[trust] producers` are then trusted with URL tasks and credentials. Default: `false`.
+    pub open_swarm: bool,
 }
 
 impl Default for NetworkConfig {
@@ -228,6 +235,8 @@ impl Default for NetworkConfig {
         NetworkConfig {
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(60),
+            swarm_key: None,
+            open_swarm: false,
         }
     }
 }
@@ -317,6 +326,12 @@ pub struct OriginConfig {
     pub ca_bundle: Vec<PathBuf>,
     /// Accept any TLS certificate from origins. Only for test registries. Default: `false`.
     pub insecure: bool,
+    /// Host patterns this node fetches on a peer's behalf (`host`, `*.domain`, or an IP address);
+    /// empty allows every host the built-in guard allows. Fetches for the node's own user are not
+    /// narrowed. Default: `[]`.
+    pub allow: Vec<String>,
+    /// Host patterns never fetched on a peer's behalf (same forms as `allow`). Default: `[]`.
+    pub deny: Vec<String>,
 }
 
 impl Default for OriginConfig {
@@ -328,6 +343,8 @@ impl Default for OriginConfig {
             read_timeout: Duration::from_secs(30),
             ca_bundle: Vec::new(),
             insecure: false,
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }
@@ -357,12 +374,15 @@ impl Default for StorageConfig {
     }
 }
 
-/// Whose task headers and piece hashes a node accepts.
+/// Whose task headers and piece hashes a node accepts, and whom it sends origin credentials.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrustConfig {
-    /// Peer IDs allowed to produce tasks (normally the seeds). Empty (default): any peer that
-    /// fetched the origin is accepted as producer, and the first header seen for a task pins it.
+    /// Peer IDs trusted to produce URL tasks (normally the seeds): only they are asked to fetch
+    /// origins, receive credentials, and have their headers and piece hashes accepted. Empty
+    /// (default): every member of the private swarm (every peer holding the swarm key); in an
+    /// open swarm, nobody but this node. Digest tasks are accepted from any connected peer (the
+    /// digest guards the bytes).
     pub producers: Vec<PeerId>,
 }
 

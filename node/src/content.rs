@@ -169,6 +169,13 @@ async fn wait_for_piece(st: &mut StreamState, index: u32) -> Result<(), std::io:
             if let Phase::Failed(e) = &p.phase {
                 return Err(std::io::Error::other(e.to_string()));
             }
+            if p.header.is_none() {
+                // The content failed its digest and the task started over with another producer:
+                // what was streamed so far is not to be trusted.
+                return Err(std::io::Error::other(
+                    "content failed its digest; the task restarted without its producer, retry",
+                ));
+            }
             let complete = p.phase == Phase::Complete;
             if p.have.get(index) && (!st.gate_last || index != last || complete) {
                 return Ok(());
@@ -204,7 +211,22 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
     };
     let piece = match tokio::task::spawn_blocking(move || store.piece(&key, index)).await {
         Ok(Ok(Some(p))) => Bytes::from(p),
-        Ok(Ok(None)) => return fail(st, format!("piece {index} missing from the store")),
+        Ok(Ok(None)) => {
+            // A complete task lost a piece (damaged store): reopen it so the next download
+            // fetches what is missing instead of failing here forever.
+            let store = st.node.store().clone();
+            let reopened = tokio::task::spawn_blocking(move || {
+                store.drop_piece(&key, index)?;
+                store.reopen(&key)
+            })
+            .await;
+            st.node.forget_finished(&key);
+            tracing::warn!(task = %key, index, ?reopened, "piece missing from the store; task reopened");
+            return fail(
+                st,
+                format!("piece {index} missing from the store; the task was reopened, retry"),
+            );
+        }
         Ok(Err(e)) => return fail(st, e.to_string()),
         Err(e) => return fail(st, e.to_string()),
     };

@@ -1,6 +1,8 @@
-//! Cache eviction: finished tasks not used for `storage.task_ttl` are deleted, and when the store
-//! exceeds `storage.quota` the least recently used finished tasks are deleted until it is under 90 %
-//! of the quota. Tasks with a live runner (downloading, producing) are never evicted.
+//! Cache eviction: tasks not used for `storage.task_ttl` are deleted, and when the store exceeds
+//! `storage.quota` the least recently used tasks are deleted until it is under 90 % of the quota.
+//! Partial and failed tasks (no live runner, not complete) expire the same way, so interrupted
+//! downloads can resume within the TTL but do not hold disk forever. Tasks with a live runner
+//! (downloading, producing) are never evicted.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -44,7 +46,6 @@ fn candidates(node: &Node) -> Vec<(TaskKey, u64, u64)> {
     };
     let mut out: Vec<(TaskKey, u64, u64)> = records
         .into_iter()
-        .filter(|r| r.complete)
         .map(|r| {
             let k = r.header.header.task;
             let used = r.last_access.max(ctx.activity.last(&k));

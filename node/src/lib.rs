@@ -13,6 +13,7 @@
 //! | [`config`] | [`NodeConfig`] and its documented defaults |
 //! | [`metrics`] | counters for `/v1/status` and `/metrics` |
 //! | [`gc`] | cache eviction by TTL and quota |
+//! | [`trust`] | the swarm key (who may connect) and the trust policy (who may produce tasks) |
 
 pub mod api;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod origin;
 pub mod store;
 pub mod task;
 pub mod transfer;
+pub mod trust;
 
 pub use config::{ApiAddr, NodeConfig, Role};
 pub use content::{Content, ContentError};

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use df_protocols::control::{
     ControlError, ControlRequest, ControlResponse, DataAccess, ErrorCode, TaskState,
@@ -23,10 +24,11 @@ use crate::api;
 use crate::config::{ApiAddr, NodeConfig, Role};
 use crate::metrics::{ByteCounters, Gauges, Metrics};
 use crate::network::{self, NetworkEvent, NetworkSettings};
-use crate::origin::Origin;
+use crate::origin::{Origin, Requester};
 use crate::store::{PieceStore, StoreError};
 use crate::task::{DownloadRequest, Progress, RunnerMsg, TaskContext, TaskError, TaskRegistry};
 use crate::transfer::{DataClient, DataServer, TokenIssuer};
+use crate::trust::{SwarmAccess, TrustPolicy};
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Network(#[from] network::NetworkError),
+    #[error(transparent)]
+    SwarmKey(#[from] crate::trust::SwarmKeyError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -97,6 +101,18 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, NodeError> {
     }
 }
 
+/// Creates `dir` (and parents) and makes it private to this user (0700): it holds the identity
+/// and swarm keys, the API socket and token, and the cache.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
@@ -114,12 +130,14 @@ impl Node {
     /// Starts a node: opens the store, starts listening (libp2p, data plane, API) and joins the swarm.
     pub async fn start(config: NodeConfig, origin: Arc<dyn Origin>) -> Result<Node, NodeError> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| NodeError::DataDir {
+        create_private_dir(dir).map_err(|e| NodeError::DataDir {
             path: dir.display().to_string(),
             source: e,
         })?;
         let keypair = load_or_create_identity(&dir.join("identity.key"))?;
         let peer_id = keypair.public().to_peer_id();
+        let access = SwarmAccess::resolve(&config)?;
+        let trust = TrustPolicy::new(peer_id, &config.trust.producers, &access);
         let store = {
             let path = dir.join("store");
             let cfg = config.storage.clone();
@@ -146,6 +164,7 @@ impl Node {
             bootstrap: config.bootstrap.clone(),
             idle_timeout: config.network.idle_timeout,
             request_timeout: config.network.request_timeout,
+            access,
         })
         .await?;
 
@@ -165,6 +184,7 @@ impl Node {
             metrics: metrics.clone(),
             activity: activity.clone(),
             registry: TaskRegistry::default(),
+            trust,
         });
 
         tracker.spawn(event_loop.run(shutdown.clone()));
@@ -208,10 +228,21 @@ impl Node {
         if config.storage.task_ttl.as_secs() > 0 || config.storage.quota.as_u64() > 0 {
             tracker.spawn(crate::gc::run(node.clone(), shutdown));
         }
-        // Announce what the store already holds (provider records do not survive a restart).
+        // Announce what the store already holds (provider records do not survive a restart),
+        // after reopening tasks marked complete whose pieces did not all survive.
         let (store2, net2) = (store.clone(), net.clone());
         tracker.spawn(async move {
-            let tasks = tokio::task::spawn_blocking(move || store2.tasks())
+            let tasks = tokio::task::spawn_blocking(move || {
+                match store2.reopen_incomplete() {
+                    Ok(keys) => {
+                        for k in keys {
+                            tracing::warn!(task = %k, "task was marked complete but lost pieces; reopened, it will be fetched again");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "checking complete tasks failed"),
+                }
+                store2.tasks()
+            })
                 .await
                 .ok()
                 .and_then(Result::ok)
@@ -354,6 +385,14 @@ impl Node {
             .collect()
     }
 
+    /// Forgets a finished task's remembered progress (not its stored data), so the next
+    /// download reads the store again.
+    pub(crate) fn forget_finished(&self, key: &TaskKey) {
+        if self.inner.ctx.registry.live(key).is_none() {
+            self.inner.ctx.registry.forget(key);
+        }
+    }
+
     /// Removes a finished task from the store (it must not be running).
     pub async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError> {
         let ctx = &self.inner.ctx;
@@ -457,15 +496,19 @@ impl Node {
                         return ControlResponse::Started { header: rec.header };
                     }
                 }
-                let Some(runner) = ctx.registry.get_or_start(ctx, task) else {
-                    return ControlResponse::Error(
-                        TaskError::internal("registry unavailable").to_control(),
-                    );
+                let Some(runner) = ctx.registry.get_or_start_for(ctx, task, Some(peer)) else {
+                    return ControlResponse::Error(ControlError {
+                        code: ErrorCode::Declined,
+                        message: "too many tasks started by this peer".into(),
+                        origin_status: None,
+                    });
                 };
                 let (tx, rx) = oneshot::channel();
+                let requester = Requester::peer_at(ctx.net.state().peer(&peer).and_then(|p| p.ip));
                 let _ = runner.tx.send(RunnerMsg::StartTask {
                     origin,
                     missing,
+                    requester,
                     reply: tx,
                 });
                 rx.await.unwrap_or_else(|_| {
@@ -485,7 +528,7 @@ impl Node {
 
 async fn dispatch(
     node: Node,
-    mut events: mpsc::UnboundedReceiver<NetworkEvent>,
+    mut events: mpsc::Receiver<NetworkEvent>,
     shutdown: CancellationToken,
 ) {
     let ctx = node.ctx().clone();
@@ -502,15 +545,25 @@ async fn dispatch(
                 message_id,
                 message,
             } => match ctx.registry.live(&task) {
-                Some(h) => {
-                    let _ = h.tx.send(RunnerMsg::Gossip {
-                        source,
-                        propagation_source,
-                        message_id,
-                        message,
-                    });
+                Some(h)
+                    if h.pending_gossip.load(Ordering::Relaxed)
+                        < crate::task::MAX_PENDING_GOSSIP =>
+                {
+                    h.pending_gossip.fetch_add(1, Ordering::Relaxed);
+                    if h.tx
+                        .send(RunnerMsg::Gossip {
+                            source,
+                            propagation_source,
+                            message_id,
+                            message,
+                        })
+                        .is_err()
+                    {
+                        h.pending_gossip.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
-                None => {
+                // No runner, or one this far behind: not forwarded, not penalised.
+                _ => {
                     ctx.net
                         .report_validation(
                             message_id,

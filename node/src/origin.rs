@@ -5,6 +5,7 @@
 //! which tells it the length, the validators and whether ranges work. It then fetches the remaining
 //! pieces with [`Origin::range`], several in flight, each response checked against the validators.
 
+use std::net::IpAddr;
 use std::ops::Range;
 use std::pin::Pin;
 
@@ -22,6 +23,8 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, OriginError>> + Se
 pub struct OriginSpec {
     pub url: Url,
     pub headers: Vec<(String, String)>,
+    /// On whose behalf: decides which addresses the fetch may reach ([`OriginGuard`]).
+    pub requester: Requester,
 }
 
 impl std::fmt::Debug for OriginSpec {
@@ -32,6 +35,7 @@ impl std::fmt::Debug for OriginSpec {
         let _ = u.set_password(None);
         f.debug_struct("OriginSpec")
             .field("url", &u.as_str())
+            .field("requester", &self.requester)
             .field(
                 "headers",
                 &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
@@ -111,4 +115,322 @@ pub fn display_url(url: &Url) -> String {
     u.set_query(None);
     u.set_fragment(None);
     u.to_string()
+}
+
+/// On whose behalf an origin is fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Requester {
+    /// This node's own user (its API, `df get`, the registry mirror): whatever the host reaches.
+    #[default]
+    Local,
+    /// A peer connected over loopback: it runs on this host and could fetch loopback itself.
+    PeerOnLoopback,
+    /// A peer on another host.
+    Peer,
+}
+
+impl Requester {
+    /// The requester for a peer reached at `ip` (unknown: treated as remote).
+    pub fn peer_at(ip: Option<IpAddr>) -> Requester {
+        match ip {
+            Some(ip) if ip.to_canonical().is_loopback() => Requester::PeerOnLoopback,
+            _ => Requester::Peer,
+        }
+    }
+}
+
+/// Why the origin guard refused a fetch.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum GuardError {
+    #[error("{addr} is not fetched on a peer's behalf ({why})")]
+    Address { addr: IpAddr, why: &'static str },
+    #[error("host {host:?} is not fetched on a peer's behalf ({why})")]
+    Host { host: String, why: &'static str },
+    #[error("invalid host pattern {0:?}: expected HOST, *.DOMAIN, an IP address or ADDRESS/PREFIX")]
+    Pattern(String),
+}
+
+/// One `[origin] allow` / `deny` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    Exact(String),
+    /// `*.domain`: any name below `domain`.
+    Suffix(String),
+    Net(IpAddr, u8),
+}
+
+impl HostPattern {
+    fn parse(p: &str) -> Result<HostPattern, GuardError> {
+        let bad = || GuardError::Pattern(p.to_owned());
+        let p = p.trim();
+        if let Some(rest) = p.strip_prefix("*.") {
+            if rest.is_empty() || rest.contains('*') {
+                return Err(bad());
+            }
+            return Ok(HostPattern::Suffix(format!(
+                ".{}",
+                rest.to_ascii_lowercase()
+            )));
+        }
+        if let Some((addr, prefix)) = p.split_once('/') {
+            let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+            let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            if prefix > max {
+                return Err(bad());
+            }
+            return Ok(HostPattern::Net(addr.to_canonical(), prefix));
+        }
+        if let Ok(ip) = p.trim_matches(['[', ']']).parse::<IpAddr>() {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            return Ok(HostPattern::Net(ip.to_canonical(), max));
+        }
+        if p.is_empty() || p.contains(['*', '/', ':']) {
+            return Err(bad());
+        }
+        Ok(HostPattern::Exact(p.to_ascii_lowercase()))
+    }
+
+    fn matches_name(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Suffix(s) => host.ends_with(s.as_str()),
+            HostPattern::Net(..) => false,
+        }
+    }
+
+    fn matches_ip(&self, ip: IpAddr) -> bool {
+        let HostPattern::Net(net, prefix) = self else {
+            return false;
+        };
+        match (ip.to_canonical(), net) {
+            (IpAddr::V4(a), IpAddr::V4(n)) => prefix_eq(&a.octets(), &n.octets(), *prefix),
+            (IpAddr::V6(a), IpAddr::V6(n)) => prefix_eq(&a.octets(), &n.octets(), *prefix),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let bits = usize::from(bits);
+    let (full, rest) = (bits / 8, bits % 8);
+    if a.get(..full) != b.get(..full) {
+        return false;
+    }
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    match (a.get(full), b.get(full)) {
+        (Some(x), Some(y)) => x & mask == y & mask,
+        _ => false,
+    }
+}
+
+/// Cloud metadata services, reachable from inside a VM at these addresses (besides link-local
+/// 169.254.169.254, which the link-local rule covers).
+const METADATA_ADDRS: &[IpAddr] = &[
+    // AWS IMDS over IPv6.
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    // Alibaba Cloud.
+    IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
+];
+
+/// A node fetches for a peer only what that peer could fetch itself: never link-local or cloud
+/// metadata addresses, loopback only for a peer on this host, and within the operator's
+/// `[origin] allow` / `deny` host patterns. Checked on the URL, on every resolved address (so a
+/// name that resolves to a forbidden address is refused) and again on every redirect. Private
+/// ranges stay allowed: internal registries and artifact stores live there, and the swarm key
+/// keeps outsiders from asking. Fetches for the node's own user are not restricted.
+#[derive(Debug, Clone, Default)]
+pub struct OriginGuard {
+    allow: Vec<HostPattern>,
+    deny: Vec<HostPattern>,
+}
+
+impl OriginGuard {
+    pub fn new(allow: &[String], deny: &[String]) -> Result<OriginGuard, GuardError> {
+        let parse = |v: &[String]| -> Result<Vec<HostPattern>, GuardError> {
+            v.iter().map(|p| HostPattern::parse(p)).collect()
+        };
+        Ok(OriginGuard {
+            allow: parse(allow)?,
+            deny: parse(deny)?,
+        })
+    }
+
+    /// May `ip` be connected to on behalf of `who`?
+    pub fn check_ip(&self, ip: IpAddr, who: Requester) -> Result<(), GuardError> {
+        if who == Requester::Local {
+            return Ok(());
+        }
+        let ip = ip.to_canonical();
+        let refuse = |why| Err(GuardError::Address { addr: ip, why });
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        if link_local || METADATA_ADDRS.contains(&ip) {
+            return refuse("link-local or cloud metadata address");
+        }
+        if ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+            return refuse("multicast or broadcast address");
+        }
+        // 0.0.0.0 and :: reach this host's own services.
+        if (ip.is_loopback() || ip.is_unspecified()) && who != Requester::PeerOnLoopback {
+            return refuse("this host's loopback, and the peer is on another host");
+        }
+        if self.deny.iter().any(|p| p.matches_ip(ip)) {
+            return refuse("denied by [origin] deny");
+        }
+        if !self.allow.is_empty()
+            && !self.allow.iter().any(|p| p.matches_ip(ip))
+            && self.allow.iter().all(|p| matches!(p, HostPattern::Net(..)))
+        {
+            return refuse("not in [origin] allow");
+        }
+        Ok(())
+    }
+
+    /// Checks a URL's host (before resolution; IP literals are checked as addresses).
+    pub fn check_url(&self, url: &Url, who: Requester) -> Result<(), GuardError> {
+        if who == Requester::Local {
+            return Ok(());
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv4(ip)) => return self.check_literal(IpAddr::V4(ip), who),
+            Some(url::Host::Ipv6(ip)) => return self.check_literal(IpAddr::V6(ip), who),
+            Some(url::Host::Domain(d)) => d.trim_end_matches('.').to_ascii_lowercase(),
+            None => {
+                return Err(GuardError::Host {
+                    host: String::new(),
+                    why: "no host",
+                });
+            }
+        };
+        let refuse = |why| {
+            Err(GuardError::Host {
+                host: host.clone(),
+                why,
+            })
+        };
+        if (host == "localhost" || host.ends_with(".localhost")) && who != Requester::PeerOnLoopback
+        {
+            return refuse("this host's loopback, and the peer is on another host");
+        }
+        if self.deny.iter().any(|p| p.matches_name(&host)) {
+            return refuse("denied by [origin] deny");
+        }
+        let named = self
+            .allow
+            .iter()
+            .any(|p| !matches!(p, HostPattern::Net(..)));
+        if named && !self.allow.iter().any(|p| p.matches_name(&host)) {
+            return refuse("not in [origin] allow");
+        }
+        Ok(())
+    }
+
+    fn check_literal(&self, ip: IpAddr, who: Requester) -> Result<(), GuardError> {
+        self.check_ip(ip, who)?;
+        let named = self
+            .allow
+            .iter()
+            .any(|p| !matches!(p, HostPattern::Net(..)));
+        if named && !self.allow.iter().any(|p| p.matches_ip(ip)) {
+            return Err(GuardError::Address {
+                addr: ip,
+                why: "not in [origin] allow",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn peers_never_reach_link_local_metadata_or_a_remote_loopback() {
+        let g = OriginGuard::default();
+        for u in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[fd00:ec2::254]/",
+            "http://100.100.100.200/",
+            "http://[fe80::1]/",
+            "http://0.0.0.0:8080/",
+        ] {
+            assert!(g.check_url(&url(u), Requester::Peer).is_err(), "{u}");
+            assert!(g.check_url(&url(u), Requester::Local).is_ok(), "{u}");
+        }
+        // Loopback spelled in every way the URL parser normalises (decimal, hex, short forms).
+        for u in [
+            "http://127.0.0.1/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://127.1/",
+            "http://[::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://localhost:8080/",
+            "http://LOCALHOST./",
+        ] {
+            assert!(g.check_url(&url(u), Requester::Peer).is_err(), "{u}");
+            assert!(
+                g.check_url(&url(u), Requester::PeerOnLoopback).is_ok(),
+                "{u}"
+            );
+        }
+        assert!(
+            g.check_url(&url("http://169.254.169.254/"), Requester::PeerOnLoopback)
+                .is_err()
+        );
+        // Private ranges and public names stay allowed.
+        for u in [
+            "http://10.1.2.3/f",
+            "https://registry.internal:5000/v2/",
+            "http://[fd12::1]/",
+        ] {
+            assert!(g.check_url(&url(u), Requester::Peer).is_ok(), "{u}");
+        }
+        let mapped: IpAddr = "::ffff:169.254.169.254".parse().unwrap();
+        assert!(g.check_ip(mapped, Requester::PeerOnLoopback).is_err());
+    }
+
+    #[test]
+    fn allow_and_deny_narrow_what_peers_may_ask_for() {
+        let g = OriginGuard::new(
+            &[
+                "artifacts.corp".into(),
+                "*.cdn.corp".into(),
+                "10.9.0.0/16".into(),
+            ],
+            &["secret.cdn.corp".into(), "10.9.9.0/24".into()],
+        )
+        .unwrap();
+        let ok = |u: &str| g.check_url(&url(u), Requester::Peer).is_ok();
+        assert!(ok("https://artifacts.corp/a"));
+        assert!(ok("https://x.cdn.corp/a"));
+        assert!(!ok("https://cdn.corp/a"));
+        assert!(!ok("https://secret.cdn.corp/a"));
+        assert!(!ok("https://elsewhere.example/a"));
+        assert!(ok("http://10.9.1.1/a"));
+        assert!(!ok("http://10.9.9.1/a"));
+        assert!(!ok("http://10.8.0.1/a"));
+        assert!(
+            g.check_ip("10.9.9.9".parse().unwrap(), Requester::Peer)
+                .is_err()
+        );
+        assert!(
+            g.check_url(&url("https://elsewhere.example/a"), Requester::Local)
+                .is_ok()
+        );
+        for bad in ["*", "a/b", "*.", "1.2.3.4/40", "a*b"] {
+            assert!(OriginGuard::new(&[bad.into()], &[]).is_err(), "{bad}");
+        }
+    }
 }

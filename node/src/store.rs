@@ -11,8 +11,12 @@
 //!
 //! Pieces are written without the write-ahead log: every piece is checked against its hash when read
 //! by a peer anyway, and a crash only loses pieces that were still in the memtable. `atomic_flush`
-//! keeps `pieces` and `have` consistent across such a loss; a `have` marker whose piece is missing is
-//! treated as not held. Everything else goes through the WAL.
+//! keeps `pieces` and `have` consistent across such a loss. Everything else goes through the WAL.
+//!
+//! "Complete" is durable: [`PieceStore::flush`] writes (and fsyncs) the pieces before a
+//! task is marked complete, and [`PieceStore::reopen_incomplete`] reopens at start any task marked
+//! complete whose pieces are not all held (a crash before that flush, a damaged store), so it is
+//! fetched again instead of failing every later download.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -274,6 +278,36 @@ impl PieceStore {
         Ok(bf)
     }
 
+    /// Marks a task not complete (it keeps what it holds), so the next download fetches what is
+    /// missing. Returns whether it was marked complete.
+    pub fn reopen(&self, task: &TaskKey) -> Result<bool, StoreError> {
+        match self.task(task)? {
+            Some(mut rec) if rec.complete => {
+                rec.complete = false;
+                self.put_task(&rec)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Reopens every task marked complete that does not hold all its pieces; returns their keys.
+    pub fn reopen_incomplete(&self) -> Result<Vec<TaskKey>, StoreError> {
+        let mut out = Vec::new();
+        for rec in self.tasks()? {
+            if !rec.complete {
+                continue;
+            }
+            let key = rec.header.header.task;
+            let n = rec.header.header.layout().piece_count();
+            if !self.bitfield(&key, n)?.is_complete() {
+                self.reopen(&key)?;
+                out.push(key);
+            }
+        }
+        Ok(out)
+    }
+
     /// Forgets a piece (its `have` marker and bytes), e.g. after finding it missing or corrupt.
     pub fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError> {
         let key = piece_key(task, index);
@@ -420,6 +454,37 @@ mod tests {
         assert!(store.piece(&ta, 0).unwrap().is_none());
         assert_eq!(store.bitfield(&ta, 3).unwrap().count(), 0);
         assert_eq!(store.piece(&tb, 1).unwrap().unwrap(), b"zzzz");
+    }
+
+    #[test]
+    fn a_complete_task_missing_pieces_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let key = Keypair::generate_ed25519();
+        // 10 bytes in pieces of 4: three pieces.
+        let (whole, lossy) = (
+            header(&key, "http://h/whole"),
+            header(&key, "http://h/lossy"),
+        );
+        for h in [&whole, &lossy] {
+            let t = h.header.task;
+            store.put_piece(&t, 0, b"abcd").unwrap();
+            store.put_piece(&t, 1, b"efgh").unwrap();
+            store
+                .put_task(&TaskRecord {
+                    header: h.clone(),
+                    complete: true,
+                    last_access: 1,
+                })
+                .unwrap();
+        }
+        store.put_piece(&whole.header.task, 2, b"ij").unwrap();
+        assert_eq!(store.reopen_incomplete().unwrap(), vec![lossy.header.task]);
+        assert!(!store.task(&lossy.header.task).unwrap().unwrap().complete);
+        assert!(store.task(&whole.header.task).unwrap().unwrap().complete);
+        // What it held stays: only the missing piece is fetched again.
+        assert_eq!(store.bitfield(&lossy.header.task, 3).unwrap().count(), 2);
+        assert!(store.reopen_incomplete().unwrap().is_empty());
     }
 
     #[test]

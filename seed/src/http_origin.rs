@@ -11,15 +11,21 @@
 //!   producer retries ranges itself.
 
 use std::error::Error as _;
+use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use df_node::config::OriginConfig;
-use df_node::origin::{ByteStream, Origin, OriginError, OriginResponse, OriginSpec, display_url};
+use df_node::origin::{
+    ByteStream, GuardError, Origin, OriginError, OriginGuard, OriginResponse, OriginSpec,
+    Requester, display_url,
+};
 use df_protocols::manifest::Validators;
 use futures::StreamExt;
 use reqwest::StatusCode;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{
     CONTENT_LENGTH, CONTENT_RANGE, ETAG, HeaderMap, HeaderName, HeaderValue, IF_RANGE,
     LAST_MODIFIED, RANGE,
@@ -32,29 +38,106 @@ pub enum HttpOriginError {
     Client(#[from] reqwest::Error),
     #[error("reading CA bundle {path}: {reason}")]
     CaBundle { path: String, reason: String },
+    #[error("[origin] allow/deny: {0}")]
+    Guard(#[from] GuardError),
 }
 
-/// The HTTP(S) origin.
+/// Redirects followed per request.
+const MAX_REDIRECTS: usize = 10;
+
+/// The HTTP(S) origin. One client per [`Requester`]: fetches on a peer's behalf resolve names
+/// through the [`OriginGuard`] and check every redirect against it.
 #[derive(Clone)]
 pub struct HttpOrigin {
-    client: reqwest::Client,
+    local: reqwest::Client,
+    peer_on_loopback: reqwest::Client,
+    peer: reqwest::Client,
+    guard: Arc<OriginGuard>,
     retries: u32,
+}
+
+/// Resolves names for fetches on a peer's behalf, keeping only addresses the guard allows: a
+/// name that resolves only to forbidden addresses fails, and the check happens at connect time,
+/// so DNS rebinding between a check and the connection is not possible.
+struct GuardedResolver {
+    guard: Arc<OriginGuard>,
+    requester: Requester,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let guard = self.guard.clone();
+        let requester = self.requester;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| match guard.check_ip(a.ip(), requester) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        refused = Some(e);
+                        false
+                    }
+                })
+                .collect();
+            match (allowed.is_empty(), refused) {
+                (true, Some(e)) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                _ => Ok(Box::new(allowed.into_iter()) as Addrs),
+            }
+        })
+    }
 }
 
 impl HttpOrigin {
     pub fn new(cfg: &OriginConfig) -> Result<HttpOrigin, HttpOriginError> {
-        let client = client_builder(&cfg.ca_bundle, cfg.insecure)?
-            .user_agent(concat!("df/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(cfg.connect_timeout)
-            .read_timeout(cfg.read_timeout)
-            .build()?;
+        let guard = Arc::new(OriginGuard::new(&cfg.allow, &cfg.deny)?);
+        let client = |requester: Requester| -> Result<reqwest::Client, HttpOriginError> {
+            let mut b = client_builder(&cfg.ca_bundle, cfg.insecure)?
+                .user_agent(concat!("df/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(cfg.connect_timeout)
+                .read_timeout(cfg.read_timeout);
+            if requester != Requester::Local {
+                let g = guard.clone();
+                b = b
+                    .dns_resolver(Arc::new(GuardedResolver {
+                        guard: guard.clone(),
+                        requester,
+                    }))
+                    .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                        if attempt.previous().len() >= MAX_REDIRECTS {
+                            return attempt.error("too many redirects");
+                        }
+                        match g.check_url(attempt.url(), requester) {
+                            Ok(()) => attempt.follow(),
+                            Err(e) => attempt.error(e),
+                        }
+                    }));
+            } else {
+                b = b.redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS));
+            }
+            Ok(b.build()?)
+        };
         Ok(HttpOrigin {
-            client,
+            local: client(Requester::Local)?,
+            peer_on_loopback: client(Requester::PeerOnLoopback)?,
+            peer: client(Requester::Peer)?,
+            guard,
             retries: cfg.retries,
         })
     }
 
-    fn request(&self, spec: &OriginSpec, range: &Range<u64>) -> reqwest::RequestBuilder {
+    fn request(
+        &self,
+        spec: &OriginSpec,
+        range: &Range<u64>,
+    ) -> Result<reqwest::RequestBuilder, OriginError> {
+        // IP literals and host patterns are checked here; names again as they are resolved.
+        self.guard
+            .check_url(&spec.url, spec.requester)
+            .map_err(|e| refused(spec, &e))?;
         let mut headers = HeaderMap::new();
         for (k, v) in &spec.headers {
             if let (Ok(k), Ok(v)) = (
@@ -71,7 +154,12 @@ impl HttpOrigin {
         )) {
             headers.insert(RANGE, v);
         }
-        self.client.get(spec.url.clone()).headers(headers)
+        let client = match spec.requester {
+            Requester::Local => &self.local,
+            Requester::PeerOnLoopback => &self.peer_on_loopback,
+            Requester::Peer => &self.peer,
+        };
+        Ok(client.get(spec.url.clone()).headers(headers))
     }
 
     async fn send(
@@ -89,6 +177,16 @@ impl HttpOrigin {
             reason: status.canonical_reason().unwrap_or("").to_owned(),
             url: display_url(&spec.url),
         })
+    }
+}
+
+/// A fetch the guard refused: reported like a client error status, so the asking peer fails at
+/// once instead of retrying elsewhere.
+fn refused(spec: &OriginSpec, e: &GuardError) -> OriginError {
+    OriginError::Status {
+        status: 403,
+        reason: format!("refused: {e}"),
+        url: display_url(&spec.url),
     }
 }
 
@@ -129,6 +227,10 @@ fn unreachable(spec: &OriginSpec, e: &reqwest::Error) -> OriginError {
     let mut reason = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
+        // The guard refused a resolved address or a redirect: final, not worth a retry.
+        if let Some(g) = s.downcast_ref::<GuardError>() {
+            return refused(spec, g);
+        }
         reason = s.to_string();
         src = s.source();
     }
@@ -197,7 +299,7 @@ impl Origin for HttpOrigin {
     ) -> Result<OriginResponse, OriginError> {
         let mut attempt = 0;
         let resp = loop {
-            match self.send(spec, self.request(spec, &first)).await {
+            match self.send(spec, self.request(spec, &first)?).await {
                 Ok(r) => break r,
                 Err(e) if e.is_transient() && attempt < self.retries => {
                     attempt += 1;
@@ -266,7 +368,7 @@ impl Origin for HttpOrigin {
         content_length: u64,
         validators: &Validators,
     ) -> Result<ByteStream, OriginError> {
-        let mut req = self.request(spec, &range);
+        let mut req = self.request(spec, &range)?;
         let if_range = validators
             .etag
             .as_ref()
@@ -331,6 +433,24 @@ mod tests {
             Some((Some((0, 9)), None))
         );
         assert_eq!(content_range(&hm(CONTENT_RANGE, "items 0-9/10")), None);
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_forbidden_addresses_are_refused_for_remote_peers() {
+        let resolver = |requester| GuardedResolver {
+            guard: Arc::new(OriginGuard::default()),
+            requester,
+        };
+        let name = |s: &str| s.parse::<Name>().unwrap();
+        let r = resolver(Requester::Peer).resolve(name("localhost")).await;
+        let err = r.err().expect("localhost resolved for a remote peer");
+        assert!(err.downcast_ref::<GuardError>().is_some(), "{err}");
+        let addrs: Vec<SocketAddr> = resolver(Requester::PeerOnLoopback)
+            .resolve(name("localhost"))
+            .await
+            .unwrap()
+            .collect();
+        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()));
     }
 
     #[test]

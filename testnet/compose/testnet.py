@@ -109,8 +109,20 @@ def status(c):
         return None
 
 
+def write_swarm_key():
+    """A fresh swarm key (IPFS swarm.key format) for this testnet: seeds and peers read it from
+    /out/swarm.key (DF_SWARM_KEY), so they form one private swarm."""
+    path = OUT / "swarm.key"
+    if path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("/key/swarm/psk/1.0.0/\n/base16/\n" + os.urandom(32).hex() + "\n")
+
+
 def up(a):
     OUT.mkdir(parents=True, exist_ok=True)
+    write_swarm_key()
     WWW.mkdir(parents=True, exist_ok=True)
     if a.seeds < 1:
         raise SystemExit("the testnet's peers join through a seed: use --seeds 1 or more")

@@ -3,9 +3,11 @@
 
 use anyhow::{Context, Result, bail};
 use df_node::api::client::{ApiClient, ApiError};
-use df_node::{DownloadRequest, Multiaddr, Node, NodeConfig, Role};
+use df_node::{DownloadRequest, Multiaddr, Node, NodeConfig, Origin, Role};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// One node of a test swarm.
@@ -25,10 +27,33 @@ impl TestNode {
         let dir = tempfile::tempdir()?;
         let mut cfg = NodeConfig::local(dir.path(), role);
         cfg.bootstrap = bootstrap;
+        cfg.network.swarm_key = Some(swarm_key_file()?);
         // Tests detect stalls quickly.
         cfg.download.stall_timeout = Duration::from_secs(2);
         tweak(&mut cfg);
         let node = df_seed::start(cfg).await.context("starting node")?;
+        let api = ApiClient::new(node.api_addr());
+        Ok(TestNode {
+            node,
+            api,
+            _dir: dir,
+        })
+    }
+
+    /// Like [`TestNode::start`], with `origin` instead of HTTP for back-to-source.
+    pub async fn start_with_origin(
+        role: Role,
+        bootstrap: Vec<Multiaddr>,
+        origin: Arc<dyn Origin>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> Result<TestNode> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = NodeConfig::local(dir.path(), role);
+        cfg.bootstrap = bootstrap;
+        cfg.network.swarm_key = Some(swarm_key_file()?);
+        cfg.download.stall_timeout = Duration::from_secs(2);
+        tweak(&mut cfg);
+        let node = Node::start(cfg, origin).await.context("starting node")?;
         let api = ApiClient::new(node.api_addr());
         Ok(TestNode {
             node,
@@ -149,6 +174,28 @@ impl Swarm {
             n.stop().await;
         }
     }
+}
+
+/// The swarm key file every harness node uses (one per test process, so all nodes a test starts
+/// are members of one private swarm unless it gives one another key).
+pub fn swarm_key_file() -> Result<PathBuf> {
+    static KEY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("df-test-swarm-{}.key", std::process::id()));
+        if !path.exists() {
+            df_node::trust::create(&path).map_err(|e| e.to_string())?;
+        }
+        Ok(path)
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// A fresh swarm key file in `dir` (for an outsider's swarm).
+pub fn other_swarm_key(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("other-swarm.key");
+    df_node::trust::create(&path)?;
+    Ok(path)
 }
 
 /// Deterministic pseudo-random content.

@@ -30,12 +30,19 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Role;
+use crate::trust::SwarmAccess;
 use codec::ControlCodec;
+use libp2p::core::Transport as _;
+use libp2p::core::upgrade;
+use libp2p::pnet::PnetConfig;
 
 /// How often connections are pinged, and how long a ping may take before the connection is
 /// closed (a vanished peer sends no FIN; requests to it would otherwise wait their full timeout).
 const PING_INTERVAL: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Network events waiting for the node; beyond this, gossip is ignored and requests dropped.
+const MAX_PENDING_EVENTS: usize = 4096;
 
 /// Kademlia key under which seeds register as providers.
 pub const SEEDS_KEY: &[u8] = b"/df/seeds/1";
@@ -68,6 +75,8 @@ pub struct NetworkSettings {
     pub bootstrap: Vec<Multiaddr>,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
+    /// Who may connect: a private swarm (pnet key) or an open one.
+    pub access: SwarmAccess,
 }
 
 /// A connected peer as seen by this node.
@@ -304,91 +313,183 @@ fn role_from_agent(agent: &str) -> Option<Role> {
     role.parse().ok()
 }
 
+fn behaviour(
+    key: &libp2p::identity::Keypair,
+    role: Role,
+    request_timeout: Duration,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer_id = key.public().to_peer_id();
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
+            .with_agent_version(agent_version(role)),
+    );
+    let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+    kad_cfg.set_query_timeout(Duration::from_secs(20));
+    kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(120)));
+    kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
+    kad_cfg.set_provider_record_ttl(Some(Duration::from_secs(1800)));
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+    kad.set_mode(Some(if role == Role::Ephemeral {
+        kad::Mode::Client
+    } else {
+        kad::Mode::Server
+    }));
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .validate_messages()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .max_transmit_size(MAX_GOSSIP_MESSAGE + 4096)
+        .heartbeat_interval(Duration::from_millis(500))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_cfg,
+    )?;
+    gossipsub.with_peer_score(peer_score_params(), peer_score_thresholds())?;
+    let control = request_response::Behaviour::with_codec(
+        ControlCodec,
+        [(codec::PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(request_timeout),
+    );
+    Ok(Behaviour {
+        identify,
+        // Peers whose container or host vanished send no FIN: pings find them out.
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(PING_INTERVAL)
+                .with_timeout(PING_TIMEOUT),
+        ),
+        kad,
+        gossipsub,
+        control,
+    })
+}
+
+/// Peer scoring: a peer whose gossip this node rejects (bad signature, malformed, invalid for the
+/// task) loses score on that topic; below the thresholds its gossip is ignored, then its messages
+/// are dropped and it is pruned from meshes. Nothing else is scored: df's topics are short-lived
+/// and mesh-delivery statistics would only punish slow links.
+fn peer_score_params() -> gossipsub::PeerScoreParams {
+    gossipsub::PeerScoreParams {
+        // IP colocation scoring would punish the many nodes of one test host or NAT.
+        ip_colocation_factor_weight: 0.0,
+        behaviour_penalty_weight: -10.0,
+        behaviour_penalty_threshold: 6.0,
+        behaviour_penalty_decay: 0.9,
+        ..gossipsub::PeerScoreParams::default()
+    }
+}
+
+/// Score parameters of one task topic (set on subscribe).
+pub(crate) fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -20.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..gossipsub::TopicScoreParams::default()
+    }
+}
+
+fn peer_score_thresholds() -> gossipsub::PeerScoreThresholds {
+    gossipsub::PeerScoreThresholds {
+        // One invalid message (-20 × 1²) already takes the gossip threshold; three lead to
+        // graylisting (everything from the peer is ignored until its score decays).
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -150.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 5.0,
+    }
+}
+
+/// How long a new libp2p connection may take to become usable (pnet, noise and yamux).
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
+
 fn build_swarm(s: &NetworkSettings) -> Result<Swarm<Behaviour>, NetworkError> {
     let role = s.role;
     let request_timeout = s.request_timeout;
     let build = |e: String| NetworkError::Build(e);
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(s.keypair.clone())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| build(e.to_string()))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| build(e.to_string()))?
-        .with_behaviour(|key| {
-            let peer_id = key.public().to_peer_id();
-            let identify = identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
-                    .with_agent_version(agent_version(role)),
-            );
-            let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
-            kad_cfg.set_query_timeout(Duration::from_secs(20));
-            kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(120)));
-            kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
-            kad_cfg.set_provider_record_ttl(Some(Duration::from_secs(1800)));
-            let mut kad = kad::Behaviour::with_config(
-                peer_id,
-                kad::store::MemoryStore::new(peer_id),
-                kad_cfg,
-            );
-            kad.set_mode(Some(if role == Role::Ephemeral {
-                kad::Mode::Client
-            } else {
-                kad::Mode::Server
-            }));
-            let gossip_cfg = gossipsub::ConfigBuilder::default()
-                .validate_messages()
-                .validation_mode(gossipsub::ValidationMode::Strict)
-                .max_transmit_size(MAX_GOSSIP_MESSAGE + 4096)
-                .heartbeat_interval(Duration::from_millis(500))
+    let builder = libp2p::SwarmBuilder::with_existing_identity(s.keypair.clone()).with_tokio();
+    let swarm = match &s.access {
+        // pnet wraps TCP before noise: a peer without the key fails the noise handshake. QUIC
+        // brings its own TLS and cannot carry pnet, so a private swarm speaks TCP only.
+        SwarmAccess::Private(psk) => {
+            let psk = *psk;
+            builder
+                .with_other_transport(|key| {
+                    let noise = noise::Config::new(key)?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                            .upgrade(upgrade::Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default())
+                            .timeout(UPGRADE_TIMEOUT),
+                    )
+                })
+                .map_err(|e| build(e.to_string()))?
+                .with_dns()
+                .map_err(|e| build(e.to_string()))?
+                .with_behaviour(|key| behaviour(key, role, request_timeout))
+                .map_err(|e| build(e.to_string()))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(s.idle_timeout))
                 .build()
-                .map_err(|e| e.to_string())?;
-            let gossipsub = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gossip_cfg,
-            )?;
-            let control = request_response::Behaviour::with_codec(
-                ControlCodec,
-                [(codec::PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(request_timeout),
-            );
-            Ok(Behaviour {
-                identify,
-                // Peers whose container or host vanished send no FIN: pings find them out.
-                ping: ping::Behaviour::new(
-                    ping::Config::new()
-                        .with_interval(PING_INTERVAL)
-                        .with_timeout(PING_TIMEOUT),
-                ),
-                kad,
-                gossipsub,
-                control,
-            })
-        })
-        .map_err(|e| build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(s.idle_timeout))
-        .build();
+        }
+        SwarmAccess::Open => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| build(e.to_string()))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| build(e.to_string()))?
+            .with_behaviour(|key| behaviour(key, role, request_timeout))
+            .map_err(|e| build(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(s.idle_timeout))
+            .build(),
+    };
     Ok(swarm)
+}
+
+/// Whether `addr` can be used with `access` (a private swarm has no QUIC).
+fn usable_with(addr: &Multiaddr, access: &SwarmAccess) -> bool {
+    !(access.is_private()
+        && addr
+            .iter()
+            .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic)))
 }
 
 /// Builds the swarm and starts listening. Returns once every listener has an address.
 pub async fn spawn(
     settings: NetworkSettings,
-) -> Result<
-    (
-        NetworkClient,
-        mpsc::UnboundedReceiver<NetworkEvent>,
-        EventLoop,
-    ),
-    NetworkError,
-> {
+) -> Result<(NetworkClient, mpsc::Receiver<NetworkEvent>, EventLoop), NetworkError> {
     let mut swarm = build_swarm(&settings)?;
     let local_peer_id = *swarm.local_peer_id();
-    for addr in &settings.listen {
+    let listen: Vec<Multiaddr> = settings
+        .listen
+        .iter()
+        .filter(|a| {
+            let ok = usable_with(a, &settings.access);
+            if !ok {
+                tracing::debug!(addr = %a, "not listening on QUIC: a private swarm uses TCP only");
+            }
+            ok
+        })
+        .cloned()
+        .collect();
+    if listen.is_empty() {
+        return Err(NetworkError::Build(
+            "no usable listen address (a private swarm listens on TCP only)".into(),
+        ));
+    }
+    for addr in &listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| NetworkError::Listen {
@@ -397,7 +498,7 @@ pub async fn spawn(
             })?;
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
-    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::channel(MAX_PENDING_EVENTS);
     let state = Arc::new(NetState::default());
     let mut ev_loop = EventLoop {
         swarm,
@@ -414,13 +515,17 @@ pub async fn spawn(
         bootstrapped: false,
         bootstrap: Vec::new(),
     };
-    ev_loop.await_listeners(settings.listen.len()).await?;
+    ev_loop.await_listeners(listen.len()).await?;
     let client = NetworkClient {
         commands: cmd_tx,
         state,
         local_peer_id,
     };
-    ev_loop.bootstrap = settings.bootstrap;
+    ev_loop.bootstrap = settings
+        .bootstrap
+        .into_iter()
+        .filter(|a| usable_with(a, &settings.access))
+        .collect();
     ev_loop.dial_bootstrap();
     Ok((client, ev_rx, ev_loop))
 }
@@ -434,7 +539,7 @@ type InboundReply = futures::future::BoxFuture<
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    events: mpsc::UnboundedSender<NetworkEvent>,
+    events: mpsc::Sender<NetworkEvent>,
     state: Arc<NetState>,
     role: Role,
     topics: HashMap<TopicHash, TaskKey>,
@@ -572,6 +677,12 @@ impl EventLoop {
             Command::Subscribe(task) => {
                 let topic = IdentTopic::new(task.topic());
                 self.topics.insert(topic.hash(), task);
+                if let Err(e) = b
+                    .gossipsub
+                    .set_topic_params(topic.clone(), topic_score_params())
+                {
+                    tracing::warn!(%task, error = %e, "topic scoring not set");
+                }
                 if let Err(e) = b.gossipsub.subscribe(&topic) {
                     tracing::warn!(%task, error = %e, "subscribe failed");
                 }
@@ -613,8 +724,32 @@ impl EventLoop {
         }
     }
 
-    fn emit(&self, ev: NetworkEvent) {
-        let _ = self.events.send(ev);
+    /// Hands an event to the node. When the node is this far behind, gossip is ignored (not
+    /// forwarded) and requests are dropped (their peers see the stream close), so a flood cannot
+    /// grow memory without bound.
+    fn emit(&mut self, ev: NetworkEvent) {
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                tracing::debug!("node is behind on network events; dropping one");
+                if let NetworkEvent::Gossip {
+                    propagation_source,
+                    message_id,
+                    ..
+                } = ev
+                {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Ignore,
+                        );
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {

@@ -12,6 +12,7 @@ pub(crate) mod produce;
 pub(crate) mod runner;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::network::NetworkClient;
-use crate::origin::{Origin, OriginError, OriginSpec};
+use crate::origin::{Origin, OriginError, OriginSpec, Requester};
 use crate::store::{PieceStore, StoreError};
 use crate::transfer::DataClient;
 
@@ -149,6 +150,9 @@ pub struct DownloadRequest {
     pub filtered_query_params: Vec<String>,
     /// Never fetch from origin for this request, not even through a peer; only seeds may.
     pub disable_back_to_source: bool,
+    /// Who asked: this node's user, or a peer (never taken from the API body).
+    #[serde(skip)]
+    pub requester: Requester,
 }
 
 impl DownloadRequest {
@@ -173,6 +177,27 @@ impl DownloadRequest {
         ))
     }
 
+    /// Whether the request carries anything secret: origin headers (e.g. `Authorization`, a
+    /// registry token), URL userinfo, or query parameters that [`task::canonical_url`] filters
+    /// (signatures, tokens). Such a request goes only to trusted producers.
+    pub(crate) fn carries_credentials(&self) -> bool {
+        if !self.headers.is_empty() {
+            return true;
+        }
+        match task::parse_url(&self.url) {
+            Ok(u) => {
+                !u.username().is_empty()
+                    || u.password().is_some()
+                    || u.query_pairs().count()
+                        != task::canonical_url(&u, &self.filtered_query_params)
+                            .query_pairs()
+                            .count()
+            }
+            // Unparseable: never sent anywhere.
+            Err(_) => true,
+        }
+    }
+
     pub(crate) fn origin_request(&self) -> OriginRequest {
         OriginRequest {
             url: self.url.clone(),
@@ -183,7 +208,8 @@ impl DownloadRequest {
         }
     }
 
-    pub(crate) fn from_origin_request(o: &OriginRequest) -> DownloadRequest {
+    /// The request a peer sent with `start_task`.
+    pub(crate) fn from_origin_request(o: &OriginRequest, requester: Requester) -> DownloadRequest {
         DownloadRequest {
             url: o.url.clone(),
             headers: o.headers.clone(),
@@ -191,6 +217,7 @@ impl DownloadRequest {
             tag: o.tag.clone(),
             filtered_query_params: o.filtered_query_params.clone(),
             disable_back_to_source: false,
+            requester,
         }
     }
 
@@ -199,6 +226,7 @@ impl DownloadRequest {
         Ok(OriginSpec {
             url,
             headers: self.headers.clone(),
+            requester: self.requester,
         })
     }
 }
@@ -277,6 +305,7 @@ pub(crate) enum RunnerMsg {
     StartTask {
         origin: OriginRequest,
         missing: Vec<u32>,
+        requester: Requester,
         reply: oneshot::Sender<ControlResponse>,
     },
     GetState {
@@ -329,13 +358,22 @@ pub(crate) struct TaskContext {
     pub metrics: Arc<Metrics>,
     pub activity: Arc<crate::gc::Activity>,
     pub registry: TaskRegistry,
+    pub trust: crate::trust::TrustPolicy,
 }
+
+/// Live runners one peer may have started on this node with `start_task`.
+const MAX_RUNNERS_PER_PEER: usize = 64;
+/// Gossip messages waiting in one runner's mailbox; more are ignored (not forwarded).
+pub(crate) const MAX_PENDING_GOSSIP: usize = 1024;
 
 struct Entry {
     id: u64,
     tx: Option<mpsc::UnboundedSender<RunnerMsg>>,
     progress: watch::Receiver<Progress>,
     finished_at: Option<Instant>,
+    /// The peer whose `start_task` started this runner (none: this node's own download).
+    started_by: Option<PeerId>,
+    pending_gossip: Arc<AtomicUsize>,
 }
 
 /// The node's tasks: live runners and recently finished ones.
@@ -353,6 +391,8 @@ struct RegistryInner {
 /// A live runner's mailbox.
 pub(crate) struct RunnerHandle {
     pub tx: mpsc::UnboundedSender<RunnerMsg>,
+    /// Gossip messages sent to it and not handled yet (bounded by [`MAX_PENDING_GOSSIP`]).
+    pub pending_gossip: Arc<AtomicUsize>,
 }
 
 impl TaskRegistry {
@@ -364,7 +404,10 @@ impl TaskRegistry {
         if tx.is_closed() {
             return None;
         }
-        Some(RunnerHandle { tx: tx.clone() })
+        Some(RunnerHandle {
+            tx: tx.clone(),
+            pending_gossip: e.pending_gossip.clone(),
+        })
     }
 
     /// The latest progress of a live or recently finished task.
@@ -398,6 +441,17 @@ impl TaskRegistry {
         ctx: &Arc<TaskContext>,
         key: TaskKey,
     ) -> Option<RunnerHandle> {
+        self.get_or_start_for(ctx, key, None)
+    }
+
+    /// Like [`TaskRegistry::get_or_start`] for a peer's `start_task`: `None` when that peer
+    /// already started [`MAX_RUNNERS_PER_PEER`] live runners here.
+    pub(crate) fn get_or_start_for(
+        &self,
+        ctx: &Arc<TaskContext>,
+        key: TaskKey,
+        peer: Option<PeerId>,
+    ) -> Option<RunnerHandle> {
         if let Some(h) = self.live(&key) {
             return Some(h);
         }
@@ -407,10 +461,21 @@ impl TaskRegistry {
             e.finished_at
                 .is_none_or(|t| now.duration_since(t) < FINISHED_RETENTION)
         });
+        if let Some(p) = peer {
+            let started = inner
+                .entries
+                .values()
+                .filter(|e| e.tx.is_some() && e.started_by == Some(p))
+                .count();
+            if started >= MAX_RUNNERS_PER_PEER {
+                return None;
+            }
+        }
         inner.next_id += 1;
         let id = inner.next_id;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ptx, prx) = watch::channel(Progress::starting());
+        let pending_gossip = Arc::new(AtomicUsize::new(0));
         inner.entries.insert(
             key,
             Entry {
@@ -418,11 +483,21 @@ impl TaskRegistry {
                 tx: Some(tx.clone()),
                 progress: prx.clone(),
                 finished_at: None,
+                started_by: peer,
+                pending_gossip: pending_gossip.clone(),
             },
         );
-        let runner = runner::Runner::new(ctx.clone(), key, id, rx, tx.clone(), ptx);
+        let runner = runner::Runner::new(
+            ctx.clone(),
+            key,
+            id,
+            rx,
+            tx.clone(),
+            ptx,
+            pending_gossip.clone(),
+        );
         tokio::spawn(runner.run());
-        Some(RunnerHandle { tx })
+        Some(RunnerHandle { tx, pending_gossip })
     }
 
     /// Called by a runner as it exits; returns whether it was still the registered one.
@@ -453,6 +528,8 @@ impl TaskRegistry {
                     tx: None,
                     progress: rx.clone(),
                     finished_at: Some(Instant::now()),
+                    started_by: None,
+                    pending_gossip: Arc::default(),
                 },
             );
         }

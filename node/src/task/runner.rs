@@ -23,6 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -48,6 +49,7 @@ use super::produce::{FirstBody, ProduceError, ProductionJob};
 use super::{DownloadRequest, Phase, Progress, RunnerMsg, TaskContext, TaskError};
 use crate::config::Role;
 use crate::network::NetworkError;
+use crate::origin::Requester;
 use crate::store::TaskRecord;
 use crate::transfer::FetchError;
 
@@ -61,6 +63,8 @@ const ELECT_ASK_TIMEOUT: Duration = Duration::from_secs(20);
 /// After a stall, how long probes get to answer before the producer question is decided.
 const STALL_SETTLE: Duration = Duration::from_secs(1);
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
+/// Producers whose content failed its digest, each banned in turn, before the task fails.
+const MAX_DIGEST_RESTARTS: u32 = 3;
 const FAILURE_PAUSE: Duration = Duration::from_millis(500);
 
 /// Why fetching a piece from a source failed.
@@ -107,6 +111,8 @@ struct HashEntry {
 }
 
 pub(crate) struct Runner {
+    /// Gossip messages queued in the mailbox (the dispatcher ignores more than a bound).
+    pending_gossip: Arc<AtomicUsize>,
     ctx: Arc<TaskContext>,
     key: TaskKey,
     id: u64,
@@ -155,6 +161,8 @@ pub(crate) struct Runner {
     from_peers: u64,
     from_origin: u64,
     digest_checking: bool,
+    /// Times the content failed its digest and the task started over without its producer.
+    restarts: u32,
     rng: StdRng,
 }
 
@@ -166,8 +174,10 @@ impl Runner {
         rx: mpsc::UnboundedReceiver<RunnerMsg>,
         tx: mpsc::UnboundedSender<RunnerMsg>,
         progress: watch::Sender<Progress>,
+        pending_gossip: Arc<AtomicUsize>,
     ) -> Runner {
         Runner {
+            pending_gossip,
             ctx,
             key,
             id,
@@ -212,6 +222,7 @@ impl Runner {
             from_peers: 0,
             from_origin: 0,
             digest_checking: false,
+            restarts: 0,
             rng: StdRng::from_os_rng(),
         }
     }
@@ -302,27 +313,41 @@ impl Runner {
         self.publish_progress();
     }
 
-    /// Whose header this node accepts: a configured producer, or anyone when none is configured
-    /// (the first valid header then pins the task).
+    /// Whether the task's content digest is known in advance: then any connected peer's header
+    /// and hashes are usable, since wrong bytes fail the digest (and ban their producer).
+    fn digest_task(&self) -> bool {
+        self.key.content_digest().is_some()
+    }
+
+    /// Whose header this node accepts: a trusted producer (see [`crate::trust`]); for a digest
+    /// task, any producer not banned for it.
     fn trusted(&self, producer: &PeerId) -> bool {
-        let t = &self.ctx.config.trust.producers;
-        t.is_empty() || t.contains(producer) || *producer == self.ctx.peer_id
+        if *producer == self.ctx.peer_id {
+            return true;
+        }
+        if self.banned.contains(producer) {
+            return false;
+        }
+        self.ctx.trust.trusts_producer(producer) || self.digest_task()
     }
 
     /// Whose piece hashes this node accepts: configured producers; else the header's producer and
-    /// the producers this node itself asked to take over. Anyone else could otherwise sign bogus
-    /// hashes for pieces not produced yet and serve matching bogus bytes.
+    /// the producers this node itself asked to take over, if they are trusted (or the task has a
+    /// digest). Anyone else could otherwise sign bogus hashes for pieces not produced yet and serve
+    /// matching bogus bytes.
     fn trusted_for_hashes(&self, producer: &PeerId) -> bool {
-        let t = &self.ctx.config.trust.producers;
-        if *producer == self.ctx.peer_id || t.contains(producer) {
+        if *producer == self.ctx.peer_id {
             return true;
         }
-        t.is_empty()
-            && (self.elected.contains(producer)
-                || self
-                    .header
-                    .as_ref()
-                    .is_some_and(|h| h.header.producer == *producer))
+        if self.ctx.trust.has_producer_list() {
+            return self.ctx.trust.trusts_producer(producer);
+        }
+        let pinned = self.elected.contains(producer)
+            || self
+                .header
+                .as_ref()
+                .is_some_and(|h| h.header.producer == *producer);
+        pinned && self.trusted(producer)
     }
 
     fn piece_count(&self) -> u32 {
@@ -339,8 +364,9 @@ impl Runner {
             RunnerMsg::StartTask {
                 origin,
                 missing,
+                requester,
                 reply,
-            } => self.on_start_task(origin, missing, reply),
+            } => self.on_start_task(origin, missing, requester, reply),
             RunnerMsg::GetState { reply } => {
                 let _ = reply.send(self.state());
             }
@@ -350,6 +376,7 @@ impl Runner {
                 message_id,
                 message,
             } => {
+                self.pending_gossip.fetch_sub(1, Ordering::Relaxed);
                 let verdict = self.on_gossip(source, message).await;
                 self.ctx
                     .net
@@ -427,9 +454,10 @@ impl Runner {
         &mut self,
         origin: OriginRequest,
         missing: Vec<u32>,
+        requester: Requester,
         reply: oneshot::Sender<ControlResponse>,
     ) {
-        let req = DownloadRequest::from_origin_request(&origin);
+        let req = DownloadRequest::from_origin_request(&origin, requester);
         match req.task_key() {
             Ok(k) if k == self.key => {}
             Ok(_) => {
@@ -587,7 +615,13 @@ impl Runner {
         let role = self.ctx.config.role;
         let local_ok = self.may_fetch_origin_locally();
         let seedless_ok = !req.disable_back_to_source;
-        let exclude = self.failed_producers.clone();
+        let mut exclude = self.failed_producers.clone();
+        exclude.extend(self.banned.iter().copied());
+        // Only trusted producers are asked (they see the request's credentials, and only their
+        // headers are accepted); for a digest task without credentials, any member may fetch.
+        let trust = self.ctx.trust.clone();
+        let anyone = self.digest_task() && !req.carries_credentials();
+        let may_ask = move |p: &PeerId| anyone || trust.trusts_producer(p);
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let outcome = run_election(
@@ -597,7 +631,10 @@ impl Runner {
                 role,
                 req,
                 missing,
-                exclude,
+                Candidates {
+                    exclude,
+                    may_ask: Box::new(may_ask),
+                },
                 local_ok,
                 seedless_ok,
             )
@@ -611,11 +648,19 @@ impl Runner {
         match outcome {
             Election::Started { producer, header } => {
                 tracing::debug!(task = %self.key, %producer, "producer accepted");
+                if self.header.is_none() && !self.accept_header(*header, Some(producer)).await {
+                    // Out of this task's elections: asking it again would loop.
+                    tracing::info!(task = %self.key, %producer, "producer's header rejected; asking the next");
+                    self.failed_producers.insert(producer);
+                    if !matches!(self.phase, Phase::Failed(_)) {
+                        self.elect(Vec::new());
+                    }
+                    return;
+                }
                 self.producer = Some(producer);
                 self.elected.insert(producer);
                 self.live_producers.insert(producer, Instant::now());
                 self.last_progress = Instant::now();
-                self.accept_header(*header, Some(producer)).await;
                 self.probing.remove(&producer);
                 self.probe(producer);
             }
@@ -719,11 +764,17 @@ impl Runner {
     fn apply_hashes(&mut self, batch: PieceHashBatch, persist: bool) -> bool {
         let n = self.piece_count();
         if self.header.is_none() {
+            // Kept until the header names the producer; bounded by one task's worth of hashes.
+            let held: usize = self.early_hashes.iter().map(|b| b.hashes.len()).sum();
+            if held + batch.hashes.len() > MAX_PIECES as usize || !self.trusted(&batch.producer) {
+                return false;
+            }
             self.early_hashes.push(batch);
             return true;
         }
-        if batch.verify(&self.key, n).is_err()
-            || (persist && !self.trusted_for_hashes(&batch.producer))
+        // The trust check is a set lookup; signatures are checked only for a trusted producer.
+        if (persist && !self.trusted_for_hashes(&batch.producer))
+            || batch.verify(&self.key, n).is_err()
         {
             return false;
         }
@@ -758,6 +809,9 @@ impl Runner {
     async fn on_gossip(&mut self, source: Option<PeerId>, msg: GossipMessage) -> MessageAcceptance {
         match msg {
             GossipMessage::Header(h) => {
+                if self.header.is_none() && !self.trusted(&h.header.producer) {
+                    return MessageAcceptance::Ignore;
+                }
                 if h.verify(&self.key).is_err() {
                     return MessageAcceptance::Reject;
                 }
@@ -768,6 +822,15 @@ impl Runner {
                 }
             }
             GossipMessage::Hashes(batch) => {
+                // Trust first (a lookup), signatures only for a producer this node would accept.
+                let trusted = if self.header.is_some() {
+                    self.trusted_for_hashes(&batch.producer)
+                } else {
+                    self.trusted(&batch.producer)
+                };
+                if !trusted {
+                    return MessageAcceptance::Ignore;
+                }
                 let bound = if self.header.is_some() {
                     self.piece_count()
                 } else {
@@ -776,11 +839,11 @@ impl Runner {
                 if batch.verify(&self.key, bound).is_err() {
                     return MessageAcceptance::Reject;
                 }
-                if self.header.is_some() && !self.trusted_for_hashes(&batch.producer) {
-                    return MessageAcceptance::Ignore;
+                if self.apply_hashes(batch, true) {
+                    MessageAcceptance::Accept
+                } else {
+                    MessageAcceptance::Ignore
                 }
-                self.apply_hashes(batch, true);
-                MessageAcceptance::Accept
             }
             GossipMessage::Have { pieces, complete } => {
                 let Some(peer) = source else {
@@ -1401,6 +1464,15 @@ impl Runner {
                 let key = self.key;
                 let _ = tokio::task::spawn_blocking(move || store.delete_task(&key)).await;
                 self.have = Bitfield::new(self.piece_count());
+                let producer = self.header.as_ref().map(|h| h.header.producer);
+                if let Some(p) = producer.filter(|p| *p != self.ctx.peer_id)
+                    && self.wanted
+                    && self.restarts < MAX_DIGEST_RESTARTS
+                {
+                    tracing::warn!(task = %self.key, producer = %p, error = %e, "content failed its digest: producer banned for this task; starting over");
+                    self.restart_without(p);
+                    return;
+                }
             }
             self.fail(e);
             return;
@@ -1413,7 +1485,14 @@ impl Runner {
                 complete: true,
                 last_access: crate::store::now_unix(),
             };
-            match tokio::task::spawn_blocking(move || store.put_task(&rec)).await {
+            // The pieces skip the write-ahead log: make them durable before the record that says
+            // they are all here, or a crash would leave a "complete" task without its pieces.
+            match tokio::task::spawn_blocking(move || {
+                store.flush()?;
+                store.put_task(&rec)
+            })
+            .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     self.fail(e.into());
@@ -1430,6 +1509,46 @@ impl Runner {
         tracing::info!(task = %self.key, from_peers = self.from_peers, from_origin = self.from_origin, "task complete");
         self.flush_announcements().await;
         self.publish_progress();
+    }
+
+    /// Forgets everything learnt under the current header (whose content failed its digest),
+    /// bans its producer for this task, and looks for the content again.
+    fn restart_without(&mut self, producer: PeerId) {
+        self.restarts += 1;
+        self.ctx.metrics.source_banned();
+        self.banned.insert(producer);
+        self.failed_producers.insert(producer);
+        for (_, reqs) in self.inflight.drain() {
+            for (_, h) in reqs {
+                h.abort();
+            }
+        }
+        for s in self.sources.values() {
+            self.ctx.data.forget(s.addr);
+        }
+        self.sources.clear();
+        self.header = None;
+        self.layout = PieceLayout {
+            content_length: 0,
+            piece_length: MIN_PIECE_LENGTH,
+        };
+        self.hashes.clear();
+        self.hash_known = Bitfield::new(0);
+        self.have = Bitfield::new(0);
+        self.early_hashes.clear();
+        self.pending_have.clear();
+        self.unpersisted.clear();
+        self.unannounced.clear();
+        self.producer = None;
+        self.elected.clear();
+        self.live_producers.clear();
+        self.probed_connected = false;
+        self.awaiting_probes = 0;
+        self.stall_since = None;
+        self.last_progress = Instant::now();
+        self.phase = Phase::Starting;
+        self.publish_progress();
+        self.discover();
     }
 
     // ---- periodic work -------------------------------------------------------------------
@@ -1615,6 +1734,20 @@ fn distance_order(key: &TaskKey, peers: &mut [PeerId]) {
     peers.sort_by_key(|p| KBucketKey::from(*p).distance(&target));
 }
 
+/// Who an election may ask.
+struct Candidates {
+    /// Producers that failed, vanished, were banned or whose header was rejected.
+    exclude: HashSet<PeerId>,
+    /// The trust check: only peers it admits are asked.
+    may_ask: Box<dyn Fn(&PeerId) -> bool + Send>,
+}
+
+impl Candidates {
+    fn admits(&self, p: &PeerId) -> bool {
+        !self.exclude.contains(p) && (self.may_ask)(p)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_election(
     net: crate::network::NetworkClient,
@@ -1623,7 +1756,7 @@ async fn run_election(
     role: Role,
     req: DownloadRequest,
     missing: Vec<u32>,
-    exclude: HashSet<PeerId>,
+    candidates: Candidates,
     local_ok: bool,
     seedless_ok: bool,
 ) -> Election {
@@ -1655,10 +1788,10 @@ async fn run_election(
         .state()
         .seeds()
         .into_iter()
-        .filter(|s| *s != me && !exclude.contains(s) && connected.contains(s))
+        .filter(|s| *s != me && candidates.admits(s) && connected.contains(s))
         .collect();
     distance_order(&key, &mut seeds);
-    if role == Role::Seed && !exclude.contains(&me) {
+    if role == Role::Seed && !candidates.exclude.contains(&me) {
         // A seed is responsible for what it is asked to download itself.
         return Election::Local;
     }
@@ -1693,7 +1826,7 @@ async fn run_election(
         let mut candidates: Vec<PeerId> = connected
             .iter()
             .copied()
-            .filter(|p| *p != me && !exclude.contains(p))
+            .filter(|p| *p != me && candidates.admits(p))
             .collect();
         if local_ok && role != Role::Ephemeral {
             candidates.push(me);

@@ -1,0 +1,185 @@
+//! A node killed with SIGKILL right after a download completes keeps the task usable: the next
+//! `df get` succeeds with the right bytes, without any manual step, even with the origin gone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use df_node::ApiAddr;
+use df_node::api::client::ApiClient;
+use df_protocols::task::{TaskKey, canonical_url, parse_url};
+use df_testnet::{TestOrigin, content, sha256_hex};
+
+const MIB: usize = 1 << 20;
+const DF: &str = env!("CARGO_BIN_EXE_df");
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_node(dir: &Path, api: &str) -> Daemon {
+    let child = Command::new(DF)
+        .args(["node", "--data-dir", dir.to_str().unwrap()])
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--api", api])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let d = Daemon(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let ok = Command::new(DF)
+            .args(["status", "--api", api])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        if ok {
+            return d;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("df node did not answer on {api}");
+}
+
+fn get(url: &str, out: &Path, api: &str) -> Output {
+    Command::new(DF)
+        .args([
+            "get",
+            url,
+            "-o",
+            out.to_str().unwrap(),
+            "--api",
+            api,
+            "--no-progress",
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Waits until the node reports the task of `url` complete.
+async fn wait_complete(api: &str, url: &str) {
+    let key = TaskKey::for_url(&canonical_url(&parse_url(url).unwrap(), &[]), "");
+    let client = ApiClient::new(api.parse::<ApiAddr>().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(t) = client.task(&key.to_string()).await
+            && t.state == "complete"
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the task never became complete");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sigkill(mut node: Daemon) {
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_after_completion_keeps_the_task_usable() {
+    let origin = TestOrigin::start().await.unwrap();
+    // Small enough to sit in RocksDB's memtable (pieces skip the write-ahead log).
+    let (a, b) = (content(5 * MIB + 11, 77), content(3 * MIB + 5, 78));
+    origin.put("/done", a.clone());
+    origin.put("/now", b.clone());
+    let (url_a, url_b) = (origin.url("/done"), origin.url("/now"));
+    let dir = tempfile::tempdir().unwrap().keep();
+    let out = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let file = |n: &str| out.path().join(n);
+
+    // 1. Killed once the task is recorded complete: the store alone must serve it afterwards.
+    let node = blocking({
+        let (dir, api) = (dir.clone(), api.clone());
+        move || start_node(&dir, &api)
+    })
+    .await;
+    let o = blocking({
+        let (u, f, api) = (url_a.clone(), file("a1"), api.clone());
+        move || get(&u, &f, &api)
+    })
+    .await;
+    assert!(
+        o.status.success(),
+        "first get failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    wait_complete(&api, &url_a).await;
+    // 2. And killed the moment a second download returns, complete or not.
+    let o = blocking({
+        let (u, f, api) = (url_b.clone(), file("b1"), api.clone());
+        move || {
+            let o = get(&u, &f, &api);
+            sigkill(node);
+            o
+        }
+    })
+    .await;
+    assert!(
+        o.status.success(),
+        "second get failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The first file's origin is gone: only the node's store can serve it now.
+    origin.fail("/done", 500);
+    let (oa, ob) = blocking({
+        let (dir, api, url_a, url_b) = (dir.clone(), api.clone(), url_a.clone(), url_b.clone());
+        let (fa, fb) = (file("a2"), file("b2"));
+        move || {
+            let _node = start_node(&dir, &api);
+            (get(&url_a, &fa, &api), get(&url_b, &fb, &api))
+        }
+    })
+    .await;
+    assert!(
+        oa.status.success(),
+        "get of a complete task after kill -9 failed: {}",
+        String::from_utf8_lossy(&oa.stderr)
+    );
+    assert!(
+        ob.status.success(),
+        "get of the second task after kill -9 failed: {}",
+        String::from_utf8_lossy(&ob.stderr)
+    );
+    assert_eq!(
+        sha256_hex(&std::fs::read(file("a2")).unwrap()),
+        sha256_hex(&a)
+    );
+    assert_eq!(
+        sha256_hex(&std::fs::read(file("b2")).unwrap()),
+        sha256_hex(&b)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
