@@ -2,7 +2,8 @@
 //! their authenticated libp2p connection.
 //!
 //! Framing: each message is a big-endian `u32` length followed by that many bytes of JSON. A length
-//! above [`MAX_CONTROL_MESSAGE`] is rejected before reading; a parsed message is then checked by
+//! above [`MAX_CONTROL_MESSAGE`] is rejected before reading ([`check_length`]); a list longer than
+//! its limit is rejected while the JSON is parsed, and a parsed message is then checked by
 //! [`ControlRequest::validate`] / [`ControlResponse::validate`].
 //!
 //! | request | response | meaning |
@@ -13,11 +14,12 @@
 //! Credentials in `start_task` (the origin URL and headers) are used for that origin fetch only and
 //! never stored, logged or gossiped.
 
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::limits::{
     MAX_CONTROL_MESSAGE, MAX_ERROR_MESSAGE, MAX_ORIGIN_HEADER_BYTES, MAX_ORIGIN_HEADERS,
-    MAX_PIECES, MAX_URL_LEN,
+    MAX_PIECES, MAX_URL_LEN, at_most_max_origin_headers, at_most_max_pieces,
 };
 use crate::manifest::{PieceHashBatch, SignedHeader};
 use crate::piece::Bitfield;
@@ -42,11 +44,11 @@ pub enum ControlCodecError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OriginRequest {
     pub url: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_max_origin_headers")]
     pub headers: Vec<(String, String)>,
     #[serde(default)]
     pub tag: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_max_origin_headers")]
     pub filtered_query_params: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<ContentDigest>,
@@ -71,8 +73,8 @@ impl OriginRequest {
     }
 }
 
-/// A control request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A control request: a JSON object whose `type` names the variant, beside the variant's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum ControlRequest {
     GetTask {
@@ -81,10 +83,46 @@ pub enum ControlRequest {
     StartTask {
         task: TaskKey,
         origin: OriginRequest,
-        /// Pieces nobody can serve; empty means the whole task.
-        #[serde(default)]
+        /// Pieces nobody can serve; empty (or absent) means the whole task.
         missing: Vec<u32>,
     },
+}
+
+// Messages are parsed through a struct holding every variant's fields rather than serde's
+// internally tagged enum support, which first buffers the whole message as an untyped tree (tens of
+// bytes per JSON value, so a 32 MiB message of small numbers would take a GiB) to find its tag.
+// Parsing into typed fields allocates about what the input holds, and lists stop at their limit.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RequestKind {
+    GetTask,
+    StartTask,
+}
+
+#[derive(Deserialize)]
+struct RequestWire {
+    #[serde(rename = "type")]
+    kind: RequestKind,
+    task: TaskKey,
+    #[serde(default)]
+    origin: Option<OriginRequest>,
+    #[serde(default, deserialize_with = "at_most_max_pieces")]
+    missing: Vec<u32>,
+}
+
+impl<'de> Deserialize<'de> for ControlRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = RequestWire::deserialize(d)?;
+        Ok(match w.kind {
+            RequestKind::GetTask => ControlRequest::GetTask { task: w.task },
+            RequestKind::StartTask => ControlRequest::StartTask {
+                task: w.task,
+                origin: w.origin.ok_or_else(|| D::Error::missing_field("origin"))?,
+                missing: w.missing,
+            },
+        })
+    }
 }
 
 impl ControlRequest {
@@ -116,7 +154,7 @@ pub struct DataAccess {
 pub struct TaskState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<SignedHeader>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_max_pieces")]
     pub hashes: Vec<PieceHashBatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitfield: Option<Bitfield>,
@@ -154,13 +192,68 @@ pub struct ControlError {
     pub origin_status: Option<u16>,
 }
 
-/// A control response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A control response: a JSON object whose `type` names the variant, beside the variant's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum ControlResponse {
     Task(TaskState),
     Started { header: SignedHeader },
     Error(ControlError),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ResponseKind {
+    Task,
+    Started,
+    Error,
+}
+
+#[derive(Deserialize)]
+struct ResponseWire {
+    #[serde(rename = "type")]
+    kind: ResponseKind,
+    #[serde(default)]
+    header: Option<SignedHeader>,
+    #[serde(default, deserialize_with = "at_most_max_pieces")]
+    hashes: Vec<PieceHashBatch>,
+    #[serde(default)]
+    bitfield: Option<Bitfield>,
+    #[serde(default)]
+    producing: bool,
+    #[serde(default)]
+    data: Option<DataAccess>,
+    #[serde(default)]
+    code: Option<ErrorCode>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    origin_status: Option<u16>,
+}
+
+impl<'de> Deserialize<'de> for ControlResponse {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = ResponseWire::deserialize(d)?;
+        Ok(match w.kind {
+            ResponseKind::Task => ControlResponse::Task(TaskState {
+                header: w.header,
+                hashes: w.hashes,
+                bitfield: w.bitfield,
+                producing: w.producing,
+                data: w.data,
+            }),
+            ResponseKind::Started => ControlResponse::Started {
+                header: w.header.ok_or_else(|| D::Error::missing_field("header"))?,
+            },
+            ResponseKind::Error => ControlResponse::Error(ControlError {
+                code: w.code.ok_or_else(|| D::Error::missing_field("code"))?,
+                message: w
+                    .message
+                    .ok_or_else(|| D::Error::missing_field("message"))?,
+                origin_status: w.origin_status,
+            }),
+        })
+    }
 }
 
 impl ControlResponse {
@@ -170,7 +263,9 @@ impl ControlResponse {
                 Err(ControlCodecError::Invalid("error message too long"))
             }
             ControlResponse::Task(t)
-                if t.hashes.iter().map(|b| b.hashes.len()).sum::<usize>() > MAX_PIECES as usize =>
+                if t.hashes.len() > MAX_PIECES as usize
+                    || t.hashes.iter().map(|b| b.hashes.len()).sum::<usize>()
+                        > MAX_PIECES as usize =>
             {
                 Err(ControlCodecError::Invalid("too many hashes"))
             }

@@ -2,8 +2,8 @@
 //!
 //! Messages are JSON, at most [`MAX_GOSSIP_MESSAGE`] bytes, and signed by gossipsub with the author's
 //! libp2p key, so the author is known. Every message is validated by the node before gossipsub
-//! forwards it (header and hash signatures, index ranges); an invalid one is rejected and lowers the
-//! forwarder's score.
+//! forwards it (size and list limits here in [`GossipMessage::decode`]; header and hash signatures
+//! and index ranges by the node, which knows the task); rejected messages are not forwarded.
 //!
 //! | message | sent by | meaning |
 //! |---|---|---|
@@ -11,10 +11,14 @@
 //! | `hashes` | producer | signed hashes of pieces just fetched from origin |
 //! | `have` | any holder | "I now hold these pieces" (batched); `complete` when it holds all |
 
-use serde::{Deserialize, Serialize};
+use libp2p_identity::PeerId;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::limits::{MAX_GOSSIP_MESSAGE, MAX_HASHES_PER_GOSSIP, MAX_PIECES};
-use crate::manifest::{PieceHashBatch, SignedHeader};
+use crate::limits::{
+    MAX_GOSSIP_MESSAGE, MAX_HASHES_PER_GOSSIP, MAX_PIECES, some_at_most_max_pieces,
+};
+use crate::manifest::{PieceHashBatch, Signature, SignedHeader, SignedPieceHash, TaskHeader};
 #[cfg(doc)]
 use crate::task::TaskKey;
 
@@ -29,17 +33,69 @@ pub enum GossipCodecError {
     Invalid(&'static str),
 }
 
-/// A message on a task topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A message on a task topic: a JSON object whose `type` names the variant, beside the variant's
+/// fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum GossipMessage {
     Header(Box<SignedHeader>),
     Hashes(PieceHashBatch),
     Have {
         pieces: Vec<u32>,
-        #[serde(default)]
+        /// Absent means `false`.
         complete: bool,
     },
+}
+
+// Parsed through a struct holding every variant's fields rather than serde's internally tagged enum
+// support, which first buffers the whole message as an untyped tree (tens of bytes per JSON value)
+// to find its tag. Lists stop at their limit while they are parsed.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum GossipKind {
+    Header,
+    Hashes,
+    Have,
+}
+
+#[derive(Deserialize)]
+struct GossipWire {
+    #[serde(rename = "type")]
+    kind: GossipKind,
+    #[serde(default)]
+    header: Option<TaskHeader>,
+    #[serde(default)]
+    signature: Option<Signature>,
+    #[serde(default)]
+    producer: Option<PeerId>,
+    #[serde(default, deserialize_with = "some_at_most_max_pieces")]
+    hashes: Option<Vec<SignedPieceHash>>,
+    #[serde(default, deserialize_with = "some_at_most_max_pieces")]
+    pieces: Option<Vec<u32>>,
+    #[serde(default)]
+    complete: bool,
+}
+
+impl<'de> Deserialize<'de> for GossipMessage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = GossipWire::deserialize(d)?;
+        let missing = |field| D::Error::missing_field(field);
+        Ok(match w.kind {
+            GossipKind::Header => GossipMessage::Header(Box::new(SignedHeader {
+                header: w.header.ok_or_else(|| missing("header"))?,
+                signature: w.signature.ok_or_else(|| missing("signature"))?,
+            })),
+            GossipKind::Hashes => GossipMessage::Hashes(PieceHashBatch {
+                producer: w.producer.ok_or_else(|| missing("producer"))?,
+                hashes: w.hashes.ok_or_else(|| missing("hashes"))?,
+            }),
+            GossipKind::Have => GossipMessage::Have {
+                pieces: w.pieces.ok_or_else(|| missing("pieces"))?,
+                complete: w.complete,
+            },
+        })
+    }
 }
 
 impl GossipMessage {

@@ -1,7 +1,8 @@
 //! What a producer (whoever fetched the origin: normally a seed) says about a task, and how peers
 //! check it.
 //!
-//! * [`TaskHeader`]: key, source URL (canonical, no credentials), content length, piece length,
+//! * [`TaskHeader`]: key, source URL (canonical: no userinfo, no fragment, and none of the query
+//!   parameters [`canonical_url`] removes), content length, piece length,
 //!   whole-content digest when known, origin validators (ETag, Last-Modified), producer's peer ID.
 //!   Published once, as soon as the origin's first response arrives.
 //! * [`SignedPieceHash`]: one piece's sha2-256, published as soon as the producer has fetched that
@@ -13,13 +14,15 @@
 //! peer ID (ed25519 peer IDs inline their key). Signed bytes are domain-separated:
 //! `"df/header/v1\0" ‖ JSON(header)` and `"df/piece/v1\0" ‖ task key ‖ index (u32 BE) ‖ hash`.
 //! Whether a producer is *trusted* is the node's policy, not this module's.
+//!
+//! [`canonical_url`]: crate::task::canonical_url
 
 use std::fmt;
 
 use libp2p_identity::{Keypair, PeerId, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{MAX_HASHES_PER_GOSSIP, MAX_PIECES, MAX_URL_LEN};
+use crate::limits::{MAX_HASHES_PER_GOSSIP, MAX_PIECES, MAX_URL_LEN, at_most_max_pieces};
 use crate::piece::{LayoutError, PieceHash, PieceLayout};
 use crate::task::{ContentDigest, TaskKey};
 
@@ -207,6 +210,7 @@ impl SignedPieceHash {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PieceHashBatch {
     pub producer: PeerId,
+    #[serde(deserialize_with = "at_most_max_pieces")]
     pub hashes: Vec<SignedPieceHash>,
 }
 

@@ -241,6 +241,12 @@ impl<'de> Deserialize<'de> for Bitfield {
         if w.len > MAX_PIECES {
             return Err(serde::de::Error::custom("bitfield too long"));
         }
+        // Checked before decoding: the decoded bytes are never more than `len` calls for.
+        if w.bits.len() != 2 * (w.len as usize).div_ceil(8) {
+            return Err(serde::de::Error::custom(
+                "bitfield bits do not match its length",
+            ));
+        }
         let bits = hex::decode(&w.bits).map_err(serde::de::Error::custom)?;
         Bitfield::from_bytes(w.len, bits).ok_or_else(|| serde::de::Error::custom("bad bitfield"))
     }
