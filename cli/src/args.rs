@@ -151,6 +151,10 @@ pub(crate) struct ServeArgs {
     /// Where the mirror sends `?ns=HOST` requests, HOST=URL (repeatable).
     #[arg(long, value_name = "HOST=URL", value_parser = df_proxy::config::parse_registry_mapping)]
     pub mirror_registry: Vec<(String, url::Url)>,
+    /// Let the mirror serve `?ns=HOST` for hosts not mapped with --mirror-registry (from
+    /// https://HOST).
+    #[arg(long)]
+    pub mirror_allow_unmapped: bool,
     /// Extra CA certificates (PEM) for HTTPS registries and origins (repeatable).
     #[arg(long, value_name = "FILE")]
     pub mirror_ca_bundle: Vec<PathBuf>,
@@ -231,6 +235,7 @@ pub(crate) fn mirror_config(file: Option<&str>, args: &ServeArgs) -> Result<Mirr
     }
     cfg.ca_bundle.extend(args.mirror_ca_bundle.iter().cloned());
     cfg.insecure |= args.mirror_insecure;
+    cfg.allow_unmapped |= args.mirror_allow_unmapped;
     Ok(cfg)
 }
 
@@ -306,6 +311,7 @@ mod tests {
             "b.example=https://b.example:8443",
             "--mirror-listen",
             "127.0.0.1:65002",
+            "--mirror-allow-unmapped",
         ])
         .unwrap();
         let Command::Node(args) = cli.command else {
@@ -316,6 +322,12 @@ mod tests {
         assert_eq!(m.upstream.unwrap().as_str(), "http://127.0.0.1:5000/");
         assert_eq!(m.registries.len(), 2);
         assert!(m.insecure);
+        assert!(m.allow_unmapped);
+        assert!(
+            !mirror_config(Some(file), &ServeArgs::default())
+                .unwrap()
+                .allow_unmapped
+        );
         let n = node_config(Role::Node, Some(file), &args).unwrap();
         assert!(
             n.origin.insecure,

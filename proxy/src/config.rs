@@ -21,11 +21,16 @@ pub struct MirrorConfig {
     /// Default: none (such requests get 404 `NAME_UNKNOWN` with an explanation).
     #[serde(with = "url_serde::option")]
     pub upstream: Option<Url>,
-    /// Where requests with `?ns=HOST` go, `HOST = URL`. A host with no entry goes to
-    /// `https://HOST`, except `docker.io` (Docker Hub's API is served by another host, which must
-    /// be given here). Default: empty.
+    /// Where requests with `?ns=HOST` go, `HOST = URL`. `?ns=` naming the `upstream`'s own
+    /// `HOST[:PORT]` goes to `upstream`. Any other host is refused (403 `DENIED`) unless
+    /// `allow_unmapped` is set. Default: empty.
     #[serde(with = "url_serde::map")]
     pub registries: BTreeMap<String, Url>,
+    /// Serve `?ns=HOST` for hosts not in `registries` too, from `https://HOST` (never a loopback,
+    /// link-local or cloud-metadata address; `docker.io` still needs an entry, since Docker Hub's
+    /// API is served by another host). This makes the mirror a proxy to any HTTPS registry its
+    /// clients name. Default: `false`.
+    pub allow_unmapped: bool,
     /// How long a manifest looked up by tag is reused before asking the registry again. Manifests
     /// by digest are immutable and kept until evicted. Default: `10s`.
     #[serde(with = "humantime_serde")]
@@ -36,6 +41,14 @@ pub struct MirrorConfig {
     pub max_manifest_size: ByteSize,
     /// Requests served at once; more get 429 `TOOMANYREQUESTS`. Default: `512`.
     pub max_concurrent_requests: usize,
+    /// Client connections open at once, idle or busy; more are answered 429 `TOOMANYREQUESTS`
+    /// and closed. Default: `1024`.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers, counted from the connection's start
+    /// or the end of its previous response; a connection that takes longer (or sits idle that
+    /// long) is closed. Must be more than zero. Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
     /// PEM files of extra CA certificates trusted for HTTPS registries. They also apply to the
     /// node's origin fetches, since blobs are fetched by the node. Default: none.
     pub ca_bundle: Vec<PathBuf>,
@@ -55,10 +68,13 @@ impl Default for MirrorConfig {
             listen: None,
             upstream: None,
             registries: BTreeMap::new(),
+            allow_unmapped: false,
             tag_ttl: Duration::from_secs(10),
             manifest_cache: ByteSize::mib(64),
             max_manifest_size: ByteSize::mib(8),
             max_concurrent_requests: 512,
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
             ca_bundle: Vec::new(),
             insecure: false,
             connect_timeout: Duration::from_secs(10),
@@ -162,6 +178,15 @@ mod tests {
         assert_eq!(c.tag_ttl, Duration::from_secs(2));
         assert_eq!(c.registries["docker.io"].as_str(), "https://hub.example/");
         assert_eq!(c.max_concurrent_requests, 512);
+        assert!(!c.allow_unmapped);
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        let c: MirrorConfig =
+            toml::from_str("allow_unmapped = true\nheader_timeout = \"1s\"\nmax_connections = 8")
+                .unwrap();
+        assert!(c.allow_unmapped);
+        assert_eq!(c.header_timeout, Duration::from_secs(1));
+        assert_eq!(c.max_connections, 8);
         assert!(toml::from_str::<MirrorConfig>("bogus = 1").is_err());
         assert!(toml::from_str::<MirrorConfig>("upstream = \"ftp://x\"").is_err());
         assert!(toml::from_str::<MirrorConfig>("upstream = \"not a url\"").is_err());

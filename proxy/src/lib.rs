@@ -7,6 +7,7 @@
 //! | [`oci`] | request paths, names, references, OCI JSON errors |
 //! | [`source`] | [`BlobSource`]: the node as the mirror sees it |
 //! | [`mirror`] | [`Mirror`]: the HTTP server and handlers |
+//! | `upstream` | the registry client's redirect policy and DNS guard |
 //! | `cache` | the in-memory manifest cache |
 //!
 //! Manifests, tags and the `/v2/` check go to the upstream registry with the client's `Accept`
@@ -17,6 +18,10 @@
 //! requesting client's credentials, for that request only), and the client receives the blob in
 //! order while it arrives — verified against its digest, or the response is aborted.
 //!
+//! The mirror talks only to its `upstream` and the registries mapped for `?ns=` (unless
+//! `allow_unmapped`), and follows a registry's redirects only to HTTPS or within the registry,
+//! never to a loopback, link-local or cloud-metadata address other than the registry's own.
+//!
 //! Any client of a mirror can fetch any blob the swarm holds if it knows its digest (as with
 //! Dragonfly, Kraken and Spegel): run the mirror for one trust domain.
 
@@ -25,6 +30,7 @@ pub mod config;
 pub mod mirror;
 pub mod oci;
 pub mod source;
+mod upstream;
 
 pub use config::MirrorConfig;
 pub use mirror::{Mirror, MirrorError, MirrorStats};

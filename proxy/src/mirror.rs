@@ -1,7 +1,8 @@
 //! The mirror's HTTP server and its request handlers.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::error::Error as _;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,8 +14,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,7 @@ use crate::cache::{CacheKey, CachedManifest, ManifestCache};
 use crate::config::MirrorConfig;
 use crate::oci::{ErrorCode, OciError, Reference, Route, parse_path};
 use crate::source::BlobSource;
+use crate::upstream::{self, GuardedResolver, InternalOnly};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -46,6 +48,8 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 pub enum MirrorError {
     #[error("the mirror has no listen address")]
     NoListen,
+    #[error("the mirror's header_timeout must be more than zero")]
+    ZeroHeaderTimeout,
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -66,6 +70,8 @@ pub struct MirrorStats {
     pub blobs_served: AtomicU64,
     pub blob_bytes_sent: AtomicU64,
     pub rejected_busy: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub rejected_connections: AtomicU64,
 }
 
 /// A running mirror. Dropping it does not stop it; call [`Mirror::shutdown`].
@@ -92,6 +98,9 @@ impl Mirror {
         source: Arc<dyn BlobSource>,
     ) -> Result<Mirror, MirrorError> {
         let addr = cfg.listen.ok_or(MirrorError::NoListen)?;
+        if cfg.header_timeout.is_zero() {
+            return Err(MirrorError::ZeroHeaderTimeout);
+        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| MirrorError::Bind { addr, source })?;
@@ -102,6 +111,8 @@ impl Mirror {
             .user_agent(concat!("df-mirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.request_timeout)
+            .redirect(upstream::redirect_policy())
+            .dns_resolver(GuardedResolver::new(&cfg))
             .build()?;
         let stats = Arc::new(MirrorStats::default());
         let ctx = Arc::new(Ctx {
@@ -139,43 +150,84 @@ impl Mirror {
 }
 
 async fn serve(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let connections = Arc::new(Semaphore::new(ctx.cfg.max_connections.max(1)));
+    let busy = busy_response();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "mirror accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            ctx.stats
+                .rejected_connections
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "mirror connection refused: max_connections open");
+            // Best effort, without waiting: a fresh socket's send buffer takes this whole.
+            let _ = stream.try_write(&busy);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let ctx = ctx.clone();
-                async move {
-                    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-                    let auth = req.headers().contains_key(header::AUTHORIZATION);
-                    let resp = handle(ctx, req).await;
-                    tracing::debug!(%method, %path, auth, status = resp.status().as_u16(), "mirror request");
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "mirror connection ended");
-                }
-            }
-        });
+        tokio::spawn(serve_connection(
+            stream,
+            ctx.clone(),
+            shutdown.clone(),
+            permit,
+        ));
     }
+}
+
+/// Serves one client connection; `_permit` is its place among `max_connections`.
+async fn serve_connection(
+    stream: TcpStream,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let header_timeout = ctx.cfg.header_timeout;
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move {
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            let auth = req.headers().contains_key(header::AUTHORIZATION);
+            let resp = handle(ctx, req).await;
+            tracing::debug!(%method, %path, auth, status = resp.status().as_u16(), "mirror request");
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    // The header timeout also runs while a kept-alive connection waits for its next request, so
+    // idle and trickling connections give their place back.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %e, "mirror connection ended");
+        }
+    }
+}
+
+/// The whole HTTP response sent to a connection over `max_connections` before closing it.
+fn busy_response() -> Bytes {
+    let body = OciError::new(
+        ErrorCode::TooManyRequests,
+        "mirror has too many connections open, retry later",
+    )
+    .body();
+    Bytes::from(format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         docker-distribution-api-version: registry/2.0\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
 }
 
 fn empty() -> Body {
@@ -265,7 +317,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         (Route::Blob { name, digest }, Ok(u)) => {
             return blob(&ctx, &req, &u, &name, digest, head, permit).await;
         }
-        (Route::Other, Ok(u)) => passthrough(&ctx, &req, &u, head).await,
+        (r @ (Route::Tags { .. } | Route::Referrers { .. } | Route::Catalog), Ok(u)) => {
+            passthrough(&ctx, &req, &u, &r, head).await
+        }
     };
     drop(permit);
     resp
@@ -277,39 +331,76 @@ struct Upstream {
     base: String,
 }
 
+impl Upstream {
+    fn new(u: &url::Url) -> Upstream {
+        Upstream {
+            base: u.as_str().trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+/// `HOST[:PORT]` of a URL, as containerd's `?ns=` names it (no port when it is the default).
+fn authority(u: &url::Url) -> Option<String> {
+    let host = u.host_str()?;
+    Some(match u.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    })
+}
+
+/// The registry for a request: `upstream` without `?ns=`, else the mapped registry (or
+/// `upstream` when `ns` names it). An unmapped host is refused unless `allow_unmapped`.
 fn resolve(cfg: &MirrorConfig, ns: Option<&str>) -> Result<Upstream, OciError> {
-    let base = match ns {
-        None => cfg.upstream.as_ref().map(|u| u.to_string()).ok_or_else(|| {
+    let Some(host) = ns else {
+        return cfg.upstream.as_ref().map(Upstream::new).ok_or_else(|| {
             OciError::new(
                 ErrorCode::NameUnknown,
                 "this mirror has no default upstream (set --mirror-upstream, or use containerd's ?ns=)",
             )
-        })?,
-        Some(host) => match cfg.registries.get(host) {
-            Some(u) => u.to_string(),
-            None if host == "docker.io" => {
-                return Err(OciError::new(
-                    ErrorCode::NameUnknown,
-                    "no registry configured for docker.io: map it with --mirror-registry docker.io=URL",
-                ));
-            }
-            None => {
-                let u = url::Url::parse(&format!("https://{host}")).map_err(|_| {
-                    OciError::new(ErrorCode::NameInvalid, format!("invalid ns {host:?}"))
-                })?;
-                if u.path() != "/" || u.query().is_some() || u.host_str().is_none() {
-                    return Err(OciError::new(
-                        ErrorCode::NameInvalid,
-                        format!("invalid ns {host:?}"),
-                    ));
-                }
-                u.to_string()
-            }
-        },
+        });
     };
-    Ok(Upstream {
-        base: base.trim_end_matches('/').to_owned(),
-    })
+    if let Some(u) = cfg.registries.get(host) {
+        return Ok(Upstream::new(u));
+    }
+    if let Some(u) = &cfg.upstream
+        && authority(u).is_some_and(|a| a.eq_ignore_ascii_case(host))
+    {
+        return Ok(Upstream::new(u));
+    }
+    if host == "docker.io" {
+        return Err(OciError::new(
+            ErrorCode::NameUnknown,
+            "no registry configured for docker.io: map it with --mirror-registry docker.io=URL",
+        ));
+    }
+    if !cfg.allow_unmapped {
+        return Err(OciError::new(
+            ErrorCode::Denied,
+            format!(
+                "this mirror does not serve registry {host}: map it with --mirror-registry {host}=URL \
+                 ([proxy.registries]), or set allow_unmapped"
+            ),
+        ));
+    }
+    let invalid = || OciError::new(ErrorCode::NameInvalid, format!("invalid ns {host:?}"));
+    let u = url::Url::parse(&format!("https://{host}")).map_err(|_| invalid())?;
+    if u.path() != "/" || u.query().is_some() || u.fragment().is_some() || !u.username().is_empty()
+    {
+        return Err(invalid());
+    }
+    let ip = match u.host() {
+        Some(url::Host::Ipv4(a)) => Some(IpAddr::V4(a)),
+        Some(url::Host::Ipv6(a)) => Some(IpAddr::V6(a)),
+        Some(url::Host::Domain(_)) => None,
+        None => return Err(invalid()),
+    };
+    if ip.is_some_and(upstream::is_internal) {
+        return Err(OciError::new(
+            ErrorCode::Denied,
+            format!("registry {host} is a loopback, link-local or cloud-metadata address"),
+        ));
+    }
+    Ok(Upstream::new(&u))
 }
 
 fn base_ok() -> Response<Body> {
@@ -322,17 +413,74 @@ fn base_ok() -> Response<Body> {
     respond(StatusCode::OK, h, full("{}"))
 }
 
+/// `e` and its sources, `: `-separated.
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        src = s.source();
+    }
+    text
+}
+
+/// The first error of type `T` among `e`'s causes.
+fn cause<T: std::error::Error + 'static>(e: &reqwest::Error) -> Option<&T> {
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(t) = s.downcast_ref::<T>() {
+            return Some(t);
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// The response to a failed registry request: a refused redirect or internal address, a
+/// timeout, or an unreachable registry.
 fn unavailable(u: &Upstream, e: &reqwest::Error) -> Response<Body> {
+    let reason = error_chain(e);
+    let internal = cause::<InternalOnly>(e);
+    // A name other than the registry's own was refused: one a redirect pointed at.
+    let redirected = internal
+        .is_some_and(|i| url::Url::parse(&u.base).is_ok_and(|b| b.host_str() != Some(i.host())));
+    let internal = internal.is_some();
+    if e.is_redirect() || redirected {
+        tracing::warn!(registry = %u.base, error = %reason, "registry redirect refused");
+        return oci_error(
+            &OciError::new(
+                ErrorCode::Unknown,
+                format!(
+                    "registry {} sent a redirect the mirror does not follow: {reason}",
+                    u.base
+                ),
+            ),
+            false,
+        );
+    }
+    if internal {
+        tracing::warn!(registry = %u.base, error = %reason, "registry refused");
+        return oci_error(
+            &OciError::new(
+                ErrorCode::Denied,
+                format!("registry {} refused: {reason}", u.base),
+            ),
+            false,
+        );
+    }
     let what = if e.is_timeout() {
         "timed out"
     } else {
         "unreachable"
     };
-    tracing::warn!(registry = %u.base, error = %e, "registry {what}");
+    tracing::warn!(registry = %u.base, error = %reason, "registry {what}");
     oci_error(
         &OciError::new(
             ErrorCode::Unavailable,
-            format!("registry {} {what}: {e}", u.base),
+            format!("registry {} {what}: {reason}", u.base),
         ),
         false,
     )
@@ -412,32 +560,39 @@ fn relay_stream(r: reqwest::Response, head: bool) -> Response<Body> {
     respond(status, h, body)
 }
 
-/// The upstream path and query of a request, with the mirror's own `ns` parameter removed.
-fn upstream_path(req: &Request<Incoming>) -> String {
-    let path = req.uri().path();
+/// The query string for the registry (with its `?`, or empty): the client's, without the
+/// mirror's own `ns` parameter.
+fn upstream_query(req: &Request<Incoming>) -> String {
     let Some(q) = req.uri().query() else {
-        return path.to_owned();
+        return String::new();
     };
     let kept: Vec<(String, String)> = url::form_urlencoded::parse(q.as_bytes())
         .filter(|(k, _)| k != "ns")
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     if kept.is_empty() {
-        return path.to_owned();
+        return String::new();
     }
     let q = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(kept)
         .finish();
-    format!("{path}?{q}")
+    format!("?{q}")
 }
 
 async fn passthrough(
     ctx: &Ctx,
     req: &Request<Incoming>,
     u: &Upstream,
+    route: &Route,
     head: bool,
 ) -> Response<Body> {
-    let url = format!("{}{}", u.base, upstream_path(req));
+    let Some(path) = route.upstream_path() else {
+        return oci_error(
+            &OciError::new(ErrorCode::NotFound, "unknown registry endpoint"),
+            head,
+        );
+    };
+    let url = format!("{}{path}{}", u.base, upstream_query(req));
     let method = if head { Method::HEAD } else { Method::GET };
     match upstream_request(ctx, req, method, &url).send().await {
         Ok(r) => relay_stream(r, head),
@@ -767,30 +922,66 @@ mod tests {
     #[test]
     fn resolve_upstreams() {
         let mut cfg = MirrorConfig::default();
+        let code = |cfg: &MirrorConfig, ns: Option<&str>| resolve(cfg, ns).err().map(|e| e.code);
+        let base = |cfg: &MirrorConfig, ns: Option<&str>| resolve(cfg, ns).ok().map(|u| u.base);
+        assert_eq!(code(&cfg, None), Some(ErrorCode::NameUnknown));
+        assert_eq!(code(&cfg, Some("docker.io")), Some(ErrorCode::NameUnknown));
+        // Unmapped hosts are refused, with the way to map them in the message.
+        let e = resolve(&cfg, Some("reg.example:5000")).err().unwrap();
         assert_eq!(
-            resolve(&cfg, None).err().map(|e| e.code),
-            Some(ErrorCode::NameUnknown)
+            (e.code, e.status),
+            (ErrorCode::Denied, StatusCode::FORBIDDEN)
         );
-        assert_eq!(
-            resolve(&cfg, Some("docker.io")).err().map(|e| e.code),
-            Some(ErrorCode::NameUnknown)
+        assert!(
+            e.message.contains("--mirror-registry reg.example:5000=URL"),
+            "{}",
+            e.message
         );
-        assert_eq!(
-            resolve(&cfg, Some("reg.example:5000")).ok().map(|u| u.base),
-            Some("https://reg.example:5000".to_owned())
-        );
-        assert!(resolve(&cfg, Some("a/b")).is_err());
         cfg.upstream = Some("http://127.0.0.1:5000/".parse().unwrap());
         cfg.registries
             .insert("docker.io".into(), "https://hub.example".parse().unwrap());
+        assert_eq!(base(&cfg, None), Some("http://127.0.0.1:5000".to_owned()));
         assert_eq!(
-            resolve(&cfg, None).ok().map(|u| u.base),
-            Some("http://127.0.0.1:5000".to_owned())
-        );
-        assert_eq!(
-            resolve(&cfg, Some("docker.io")).ok().map(|u| u.base),
+            base(&cfg, Some("docker.io")),
             Some("https://hub.example".to_owned())
         );
+        // `ns` naming the upstream goes to the upstream (containerd names the registry).
+        assert_eq!(
+            base(&cfg, Some("127.0.0.1:5000")),
+            Some("http://127.0.0.1:5000".to_owned())
+        );
+        assert_eq!(code(&cfg, Some("127.0.0.1:5001")), Some(ErrorCode::Denied));
+        assert_eq!(code(&cfg, Some("127.0.0.1")), Some(ErrorCode::Denied));
+
+        // allow_unmapped: any https registry, but not internal addresses.
+        cfg.allow_unmapped = true;
+        assert_eq!(
+            base(&cfg, Some("reg.example:5000")),
+            Some("https://reg.example:5000".to_owned())
+        );
+        for internal in [
+            "127.0.0.1:5001",
+            "localhost.:1@127.0.0.1",
+            "169.254.169.254",
+            "100.100.100.200",
+            "[::1]:5000",
+            "[fd00:ec2::254]",
+            "[::ffff:127.0.0.1]",
+            "0.0.0.0:80",
+        ] {
+            assert!(resolve(&cfg, Some(internal)).is_err(), "{internal}");
+        }
+        assert_eq!(code(&cfg, Some("169.254.169.254")), Some(ErrorCode::Denied));
+        for bad in ["a/b", "a?b", "a#b", "u@host", ""] {
+            assert_eq!(
+                code(&cfg, Some(bad)),
+                Some(ErrorCode::NameInvalid),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(code(&cfg, Some("docker.io")), None);
+        cfg.registries.clear();
+        assert_eq!(code(&cfg, Some("docker.io")), Some(ErrorCode::NameUnknown));
     }
 
     #[test]

@@ -16,8 +16,29 @@ pub enum Route {
     Blob { name: String, digest: ContentDigest },
     /// `/v2/<name>/blobs/uploads/...`: pushes, which a pull mirror refuses.
     Upload,
-    /// Other read-only endpoints (`tags/list`, `referrers/<digest>`, `_catalog`): passed through.
-    Other,
+    /// `/v2/<name>/tags/list`: passed through.
+    Tags { name: String },
+    /// `/v2/<name>/referrers/<digest>`: passed through.
+    Referrers { name: String, digest: ContentDigest },
+    /// `/v2/_catalog`: passed through.
+    Catalog,
+}
+
+impl Route {
+    /// The path asked of the registry, rebuilt from the checked parts (never the client's text).
+    /// `None` for routes the mirror answers itself.
+    pub fn upstream_path(&self) -> Option<String> {
+        match self {
+            Route::Base | Route::Upload => None,
+            Route::Manifest { name, reference } => {
+                Some(format!("/v2/{name}/manifests/{reference}"))
+            }
+            Route::Blob { name, digest } => Some(format!("/v2/{name}/blobs/{digest}")),
+            Route::Tags { name } => Some(format!("/v2/{name}/tags/list")),
+            Route::Referrers { name, digest } => Some(format!("/v2/{name}/referrers/{digest}")),
+            Route::Catalog => Some("/v2/_catalog".to_owned()),
+        }
+    }
 }
 
 /// A manifest reference: a tag or a digest.
@@ -38,6 +59,11 @@ impl std::fmt::Display for Reference {
 
 /// Parses a request path. `Err` is the error response to send (path under `/v2/` but malformed).
 /// `Ok(None)`: not a registry path at all.
+///
+/// The path is percent-decoded segment by segment first; a `.` or `..` segment, or a segment
+/// that decodes to something holding `/`, `\`, `%` or a control character, is `NAME_INVALID`:
+/// the registry URL is built from these parts, and URL parsing would resolve such segments
+/// (`/v2/_catalog/../../x` is `/x` on the registry).
 pub fn parse_path(path: &str) -> Result<Option<Route>, OciError> {
     let Some(rest) = path.strip_prefix("/v2") else {
         return Ok(None);
@@ -48,8 +74,16 @@ pub fn parse_path(path: &str) -> Result<Option<Route>, OciError> {
     let Some(rest) = rest.strip_prefix('/') else {
         return Ok(None);
     };
-    if rest.starts_with("_catalog") {
-        return Ok(Some(Route::Other));
+    let rest = decode_segments(rest)?;
+    let rest = rest.as_str();
+    if rest == "_catalog" {
+        return Ok(Some(Route::Catalog));
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        check_name(name)?;
+        return Ok(Some(Route::Tags {
+            name: name.to_owned(),
+        }));
     }
     if let Some(i) = rest.rfind("/manifests/") {
         let (name, reference) = (&rest[..i], &rest[i + "/manifests/".len()..]);
@@ -66,25 +100,80 @@ pub fn parse_path(path: &str) -> Result<Option<Route>, OciError> {
     if let Some(i) = rest.rfind("/blobs/") {
         let (name, digest) = (&rest[..i], &rest[i + "/blobs/".len()..]);
         check_name(name)?;
-        let digest = digest
-            .parse::<ContentDigest>()
-            .map_err(|_| OciError::new(ErrorCode::DigestInvalid, "invalid digest"))?;
         return Ok(Some(Route::Blob {
             name: name.to_owned(),
-            digest,
+            digest: parse_digest(digest)?,
         }));
     }
-    if let Some(i) = rest
-        .rfind("/tags/list")
-        .or_else(|| rest.rfind("/referrers/"))
-    {
-        check_name(&rest[..i])?;
-        return Ok(Some(Route::Other));
+    if let Some(i) = rest.rfind("/referrers/") {
+        let (name, digest) = (&rest[..i], &rest[i + "/referrers/".len()..]);
+        check_name(name)?;
+        return Ok(Some(Route::Referrers {
+            name: name.to_owned(),
+            digest: parse_digest(digest)?,
+        }));
     }
     Err(OciError::new(
         ErrorCode::NotFound,
         "unknown registry endpoint",
     ))
+}
+
+fn parse_digest(s: &str) -> Result<ContentDigest, OciError> {
+    s.parse::<ContentDigest>()
+        .map_err(|_| OciError::new(ErrorCode::DigestInvalid, "invalid digest"))
+}
+
+/// Percent-decodes each `/`-separated segment of `path`, refusing dot segments, encoded
+/// separators, double encoding and control characters.
+fn decode_segments(path: &str) -> Result<String, OciError> {
+    let invalid = || {
+        OciError::new(
+            ErrorCode::NameInvalid,
+            "invalid path: '.' and '..' segments, encoded '/' or '\\' and control characters are not allowed",
+        )
+    };
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        let decoded = percent_decode(seg).ok_or_else(invalid)?;
+        if decoded == "." || decoded == ".." {
+            return Err(invalid());
+        }
+        if decoded
+            .chars()
+            .any(|c| matches!(c, '/' | '\\' | '%') || c.is_control())
+        {
+            return Err(invalid());
+        }
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(&decoded);
+    }
+    Ok(out)
+}
+
+/// `%XX` escapes decoded; `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_owned());
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hi = hex(*b.get(i + 1)?)?;
+            let lo = hex(*b.get(i + 2)?)?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn parse_reference(s: &str) -> Result<Reference, OciError> {
@@ -278,8 +367,36 @@ mod tests {
             parse_path("/v2/x/blobs/uploads/").unwrap(),
             Some(Route::Upload)
         );
-        assert_eq!(parse_path("/v2/x/tags/list").unwrap(), Some(Route::Other));
-        assert_eq!(parse_path("/v2/_catalog").unwrap(), Some(Route::Other));
+        assert_eq!(
+            parse_path("/v2/x/tags/list").unwrap(),
+            Some(Route::Tags { name: "x".into() })
+        );
+        assert_eq!(parse_path("/v2/_catalog").unwrap(), Some(Route::Catalog));
+        match parse_path(&format!("/v2/a/b/referrers/{D}")).unwrap() {
+            Some(r @ Route::Referrers { .. }) => {
+                assert_eq!(r.upstream_path().unwrap(), format!("/v2/a/b/referrers/{D}"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // An escaped ':' in a digest is decoded, and the registry gets the plain form.
+        let escaped = D.replace(':', "%3A");
+        let r = parse_path(&format!("/v2/x/blobs/{escaped}"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.upstream_path().unwrap(), format!("/v2/x/blobs/{D}"));
+        // Only the exact endpoints: nothing after `tags/list` or `_catalog`.
+        for p in [
+            "/v2/_catalogue",
+            "/v2/_catalog/x",
+            "/v2/x/tags/list/more",
+            "/v2/x/tags/listing",
+        ] {
+            assert!(
+                matches!(parse_path(p), Err(ref e) if e.code == ErrorCode::NotFound),
+                "{p}: {:?}",
+                parse_path(p)
+            );
+        }
         assert_eq!(
             parse_path("/v2/x/blobs/sha256:abc").unwrap_err().code,
             ErrorCode::DigestInvalid
@@ -296,6 +413,42 @@ mod tests {
             parse_path("/v2/x/whatever").unwrap_err().code,
             ErrorCode::NotFound
         );
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_name_invalid() {
+        for p in [
+            "/v2/_catalog/../../secret",
+            "/v2/x/tags/list/../../secret",
+            "/v2/x/tags/list/../../../admin",
+            "/v2/../secret",
+            "/v2/./x/tags/list",
+            "/v2/x/./tags/list",
+            "/v2/x/manifests/..",
+            "/v2/x/referrers/..",
+            "/v2/_catalog/%2e%2e/%2e%2e/secret",
+            "/v2/_catalog/%2E./%2e%2E/secret",
+            "/v2/_catalog/.%2e/.%2E/secret",
+            "/v2/x/tags/list/%2e%2e%2f%2e%2e%2fsecret",
+            "/v2/x%2fy/tags/list",
+            "/v2/x%2F..%2F..%2Fsecret/tags/list",
+            "/v2/x%5c..%5csecret/tags/list",
+            "/v2/x/%2e/tags/list",
+            "/v2/x%252e%252e/tags/list",
+            "/v2/x%00/tags/list",
+            "/v2/x%/tags/list",
+            "/v2/x%2/tags/list",
+            "/v2/x%zz/tags/list",
+            "/v2/x%ff/tags/list",
+        ] {
+            match parse_path(p) {
+                Err(e) => {
+                    assert_eq!(e.code, ErrorCode::NameInvalid, "{p}");
+                    assert_eq!(e.status, StatusCode::BAD_REQUEST, "{p}");
+                }
+                Ok(r) => panic!("{p} accepted as {r:?}"),
+            }
+        }
     }
 
     #[test]
