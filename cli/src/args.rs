@@ -2,12 +2,14 @@
 //! [`NodeConfig`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use df_node::Multiaddr;
+use df_node::api::client::ApiClient;
+use df_node::api::token::{ApiToken, TOKEN_FILE};
 use df_node::config::default_data_dir;
 use df_node::{ApiAddr, NodeConfig, Role};
 use df_proxy::MirrorConfig;
@@ -93,6 +95,11 @@ pub(crate) struct GetArgs {
     /// embedded node for this one download when nothing listens there.
     #[arg(long, value_name = "ADDR")]
     pub api: Option<String>,
+    /// File holding the node's API token, needed by a TCP API on a non-loopback address.
+    /// Default: `$DF_API_TOKEN` (the token itself), else `<data dir>/api-token` for a loopback
+    /// `--api HOST:PORT` when that file exists.
+    #[arg(long, value_name = "FILE")]
+    pub api_token: Option<PathBuf>,
     /// Extra request header for the origin, `Name: value` (repeatable).
     #[arg(short = 'H', long = "header", value_name = "HEADER")]
     pub headers: Vec<String>,
@@ -170,6 +177,11 @@ pub(crate) struct StatusArgs {
     /// The node's API (HOST:PORT or a unix socket path).
     #[arg(long, value_name = "ADDR")]
     pub api: Option<String>,
+    /// File holding the node's API token, needed by a TCP API on a non-loopback address.
+    /// Default: `$DF_API_TOKEN` (the token itself), else `<data dir>/api-token` for a loopback
+    /// `--api HOST:PORT` when that file exists.
+    #[arg(long, value_name = "FILE")]
+    pub api_token: Option<PathBuf>,
 }
 
 /// Builds a node's config: defaults, then the config file's text (if any), then the flags.
@@ -239,11 +251,77 @@ pub(crate) fn mirror_config(file: Option<&str>, args: &ServeArgs) -> Result<Mirr
     Ok(cfg)
 }
 
-/// The API address a client command uses: the flag, else the default node's socket.
-pub(crate) fn client_api(flag: Option<&str>) -> Result<(ApiAddr, bool)> {
-    match flag {
-        Some(a) => Ok((a.parse::<ApiAddr>().map_err(anyhow::Error::msg)?, true)),
-        None => Ok((ApiAddr::default_for(&default_data_dir()), false)),
+/// The environment variable holding an API token (the token itself, not a file).
+pub(crate) const API_TOKEN_ENV: &str = "DF_API_TOKEN";
+
+/// The node API a client command talks to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ClientApi {
+    pub addr: ApiAddr,
+    /// Whether `--api` named it (else it is the default node's socket).
+    pub explicit: bool,
+    pub token: TokenSource,
+}
+
+/// Where a client command's API token comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TokenSource {
+    None,
+    /// `--api-token FILE`: must be readable.
+    File(PathBuf),
+    /// `$DF_API_TOKEN`.
+    Env(String),
+    /// The default node's `api-token`, used when it exists.
+    DefaultFile(PathBuf),
+}
+
+/// The API a client command uses: `--api`, else the default node's socket in `data_dir`; its token
+/// from `--api-token FILE`, else `$DF_API_TOKEN` (`env_token`), else — for a loopback TCP address
+/// only, so that it never goes to another host — `<data_dir>/api-token` if it exists.
+pub(crate) fn client_api(
+    api: Option<&str>,
+    token_file: Option<&Path>,
+    env_token: Option<&str>,
+    data_dir: &Path,
+) -> Result<ClientApi> {
+    let (addr, explicit) = match api {
+        Some(a) => (a.parse::<ApiAddr>().map_err(anyhow::Error::msg)?, true),
+        None => (ApiAddr::default_for(data_dir), false),
+    };
+    let token = match (token_file, env_token.filter(|t| !t.trim().is_empty())) {
+        (Some(f), _) => TokenSource::File(f.to_path_buf()),
+        (None, Some(t)) => TokenSource::Env(t.to_owned()),
+        (None, None) => match &addr {
+            ApiAddr::Tcp(a) if a.ip().to_canonical().is_loopback() => {
+                TokenSource::DefaultFile(data_dir.join(TOKEN_FILE))
+            }
+            _ => TokenSource::None,
+        },
+    };
+    Ok(ClientApi {
+        addr,
+        explicit,
+        token,
+    })
+}
+
+impl ClientApi {
+    /// The client command's environment: `$DF_API_TOKEN` and the default data directory.
+    pub(crate) fn from_env(api: Option<&str>, token_file: Option<&Path>) -> Result<ClientApi> {
+        let env = std::env::var(API_TOKEN_ENV).ok();
+        client_api(api, token_file, env.as_deref(), &default_data_dir())
+    }
+
+    /// A client for this API, with its token read.
+    pub(crate) fn client(&self) -> Result<ApiClient> {
+        let token = match &self.token {
+            TokenSource::None => None,
+            TokenSource::File(p) => Some(ApiToken::read(p)?),
+            TokenSource::Env(t) => Some(ApiToken::parse(t, API_TOKEN_ENV)?),
+            // Unreadable (another user's node, say): go without; a node that needs it says so.
+            TokenSource::DefaultFile(p) => ApiToken::read(p).ok(),
+        };
+        Ok(ApiClient::new(self.addr.clone()).with_token(token))
     }
 }
 
@@ -345,6 +423,72 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(node_config(Role::Node, None, &args).is_err());
+    }
+
+    #[test]
+    fn api_token_comes_from_the_flag_then_the_env_then_the_local_file() {
+        let dir = Path::new("/d");
+        let c = client_api(None, None, None, dir).unwrap();
+        assert_eq!(c.addr, ApiAddr::Unix("/d/api.sock".into()));
+        assert!(!c.explicit);
+        assert_eq!(c.token, TokenSource::None);
+
+        let tcp = Some("127.0.0.1:7000");
+        let c = client_api(tcp, Some(Path::new("/t")), Some("envtok"), dir).unwrap();
+        assert!(c.explicit);
+        assert_eq!(c.token, TokenSource::File("/t".into()));
+        let c = client_api(tcp, None, Some("envtok"), dir).unwrap();
+        assert_eq!(c.token, TokenSource::Env("envtok".into()));
+        let c = client_api(tcp, None, Some(" "), dir).unwrap();
+        assert_eq!(c.token, TokenSource::DefaultFile("/d/api-token".into()));
+        // The local node's token never goes to another address on its own.
+        let c = client_api(Some("10.0.0.5:7000"), None, None, dir).unwrap();
+        assert_eq!(c.token, TokenSource::None);
+        let c = client_api(Some("10.0.0.5:7000"), None, Some("t"), dir).unwrap();
+        assert_eq!(c.token, TokenSource::Env("t".into()));
+        assert!(client_api(Some("nonsense"), None, None, dir).is_err());
+
+        let cli =
+            Cli::try_parse_from(["df", "status", "--api", "127.0.0.1:1", "--api-token", "/f"])
+                .unwrap();
+        let Command::Status(s) = cli.command else {
+            panic!("not status")
+        };
+        assert_eq!(s.api_token, Some(PathBuf::from("/f")));
+    }
+
+    #[test]
+    fn token_sources_are_read_when_the_client_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tok");
+        std::fs::write(&file, "abc\n").unwrap();
+        let tcp = Some("127.0.0.1:7000");
+        assert!(
+            client_api(tcp, Some(&file), None, dir.path())
+                .unwrap()
+                .client()
+                .is_ok()
+        );
+        let missing = dir.path().join("missing");
+        assert!(
+            client_api(tcp, Some(&missing), None, dir.path())
+                .unwrap()
+                .client()
+                .is_err()
+        );
+        assert!(
+            client_api(tcp, None, Some("a b"), dir.path())
+                .unwrap()
+                .client()
+                .is_err()
+        );
+        // An absent default file is no error.
+        assert!(
+            client_api(tcp, None, None, dir.path())
+                .unwrap()
+                .client()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use df_node::api::Refusal;
 use df_node::api::client::{ApiClient, ApiError};
 use df_node::{ApiAddr, DownloadRequest, Node, NodeConfig, Role};
 use df_protocols::task::{ContentDigest, parse_url};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::args::{GetArgs, client_api, parse_header};
+use crate::args::{API_TOKEN_ENV, ClientApi, GetArgs, parse_header};
 use crate::progress::Progress;
 
 /// Where the bytes go.
@@ -36,8 +37,8 @@ impl Backend {
 }
 
 async fn backend(args: &GetArgs) -> Result<Backend> {
-    let (addr, explicit) = client_api(args.api.as_deref())?;
-    let api = ApiClient::new(addr);
+    let target = ClientApi::from_env(args.api.as_deref(), args.api_token.as_deref())?;
+    let api = target.client()?;
     match api.healthz().await {
         Ok(()) => {
             return Ok(Backend {
@@ -45,7 +46,7 @@ async fn backend(args: &GetArgs) -> Result<Backend> {
                 embedded: None,
             });
         }
-        Err(e) if explicit => return Err(e.into()),
+        Err(e) if target.explicit => return Err(e.into()),
         Err(_) => {}
     }
     // No daemon: run a node for this download only.
@@ -309,9 +310,13 @@ async fn download(
 }
 
 /// Turns API errors into the one line the user sees.
-fn describe(e: ApiError) -> anyhow::Error {
+pub(crate) fn describe(e: ApiError) -> anyhow::Error {
     match e {
         ApiError::Task(t) => anyhow!("{t}"),
+        ApiError::Refused(r @ Refusal::Unauthorized { .. }) => anyhow!(
+            "the df API refused the request: {r} (give the node's api-token file with \
+             --api-token FILE, or the token itself in ${API_TOKEN_ENV})"
+        ),
         other => anyhow!("{other}"),
     }
 }

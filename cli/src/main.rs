@@ -18,10 +18,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use df_node::Role;
-use df_node::api::client::ApiClient;
 
 use args::{
-    Cli, Command, ServeArgs, StatusArgs, SwarmKeyArgs, client_api, mirror_config, node_config,
+    Cli, ClientApi, Command, ServeArgs, StatusArgs, SwarmKeyArgs, mirror_config, node_config,
 };
 
 #[global_allocator]
@@ -133,8 +132,8 @@ async fn wait_for_signal() {
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
-    let (addr, _) = client_api(args.api.as_deref())?;
-    let v = ApiClient::new(addr).status_json().await?;
+    let api = ClientApi::from_env(args.api.as_deref(), args.api_token.as_deref())?.client()?;
+    let v = api.status_json().await.map_err(get::describe)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }

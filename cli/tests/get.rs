@@ -5,17 +5,24 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use df_node::Role;
+use df_node::{ApiAddr, Role};
 use df_testnet::{TestNode, TestOrigin, content, sha256_hex};
 
 const MIB: usize = 1 << 20;
 
 /// Runs `df` with an empty default data dir, so no daemon is found unless `--api` is given.
 fn df(args: &[&str], data_home: &Path) -> Output {
+    df_env(args, data_home, &[])
+}
+
+/// [`df`] with extra environment variables.
+fn df_env(args: &[&str], data_home: &Path, env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_df"))
         .args(args)
         .env("DF_DATA_DIR", data_home)
         .env_remove("RUST_LOG")
+        .env_remove("DF_API_TOKEN")
+        .envs(env.iter().copied())
         .output()
         .expect("running df")
 }
@@ -233,4 +240,84 @@ async fn get_without_a_daemon_joins_the_swarm_given_bootstrap() {
     .unwrap();
     assert!(o.status.success(), "df failed: {}", stderr(&o));
     assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_and_status_with_the_token_of_a_non_loopback_api() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(3 * MIB + 5, 6);
+    origin.put("/t", data.clone());
+    let node = TestNode::start(Role::Node, vec![], |c| {
+        c.api = Some("0.0.0.0:0".parse().unwrap());
+    })
+    .await
+    .unwrap();
+    let ApiAddr::Tcp(bound) = node.node.api_addr() else {
+        panic!("not a TCP API")
+    };
+    let api = format!("127.0.0.1:{}", bound.port());
+    let data_dir = node.node.config().data_dir.clone();
+    let token_file = data_dir.join("api-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let url = origin.url("/t");
+
+    // Without a token: refused, with a hint.
+    let err = fails(vec!["get".into(), url.clone(), "--api".into(), api.clone()]).await;
+    assert!(err.contains("--api-token"), "{err}");
+
+    // `--api-token FILE`.
+    let o = tokio::task::spawn_blocking({
+        let (url, api, token_file) = (url.clone(), api.clone(), token_file.clone());
+        move || {
+            let home = tempfile::tempdir().unwrap();
+            df(
+                &[
+                    "get",
+                    &url,
+                    "-O",
+                    "-",
+                    "--api",
+                    &api,
+                    "--api-token",
+                    token_file.to_str().unwrap(),
+                    "--no-progress",
+                ],
+                home.path(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    assert_eq!(sha256_hex(&o.stdout), sha256_hex(&data));
+
+    // `DF_API_TOKEN`; a wrong one is refused.
+    let peer_id = node.node.peer_id().to_string();
+    let (good, bad) = tokio::task::spawn_blocking({
+        let (api, token) = (api.clone(), token.clone());
+        move || {
+            let home = tempfile::tempdir().unwrap();
+            let run = |t: &str| {
+                df_env(
+                    &["status", "--api", &api],
+                    home.path(),
+                    &[("DF_API_TOKEN", t)],
+                )
+            };
+            (run(token.trim()), run("wrong"))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(good.status.success(), "{}", stderr(&good));
+    let v: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
+    assert_eq!(v["peer_id"], peer_id);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("wrong API token"), "{}", stderr(&bad));
+
+    // On the node's own host, its data directory's token is found without being named.
+    let own = tokio::task::spawn_blocking(move || df(&["status", "--api", &api], &data_dir))
+        .await
+        .unwrap();
+    assert!(own.status.success(), "{}", stderr(&own));
 }

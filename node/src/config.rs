@@ -145,6 +145,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Local API address. Default: `<data_dir>/api.sock`.
     pub api: Option<ApiAddr>,
+    /// How the local API guards itself.
+    pub local_api: LocalApiConfig,
     /// Data-plane (piece transfer) listen address. Default: `0.0.0.0:4002`.
     pub data_listen: SocketAddr,
     pub network: NetworkConfig,
@@ -173,6 +175,7 @@ impl Default for NodeConfig {
             ],
             bootstrap: Vec::new(),
             api: None,
+            local_api: LocalApiConfig::default(),
             data_listen: SocketAddr::from(([0, 0, 0, 0], 4002)),
             network: NetworkConfig::default(),
             download: DownloadConfig::default(),
@@ -206,6 +209,32 @@ impl NodeConfig {
             api: Some(ApiAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))),
             data_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..NodeConfig::default()
+        }
+    }
+}
+
+/// The local API's limits and the host names it answers to. (A TCP API on a non-loopback address
+/// also requires the bearer token in `<data_dir>/api-token`: see [`crate::api`].)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalApiConfig {
+    /// A client must send a request's headers (and, on a kept-alive connection, its next
+    /// request's) within this long, else the connection is closed. Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// API connections served at once; more are answered `503` and closed. Default: `64`.
+    pub max_connections: usize,
+    /// Host names a TCP API answers to besides its IP literal (and `localhost` on loopback), in
+    /// `Host` and `Origin` headers, e.g. this machine's DNS name. Default: none.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for LocalApiConfig {
+    fn default() -> Self {
+        LocalApiConfig {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 64,
+            allowed_hosts: Vec::new(),
         }
     }
 }

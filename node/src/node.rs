@@ -201,7 +201,7 @@ impl Node {
         if config.role == Role::Seed {
             let _ = net.start_providing(network::SEEDS_KEY.to_vec()).await;
         }
-        let api_listener = api::server::ApiListener::bind(&config.api_addr())
+        let api_listener = api::server::ApiListener::bind_config(&config)
             .await
             .map_err(|e| NodeError::Listen {
                 addr: config.api_addr().to_string(),

@@ -10,7 +10,8 @@ use http_body_util::{BodyExt, BodyStream, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::{ErrorBody, TaskInfo};
+use super::token::ApiToken;
+use super::{ErrorBody, Refusal, RefusalBody, TaskInfo};
 use crate::config::ApiAddr;
 use crate::node::NodeStatus;
 use crate::task::{DownloadRequest, TaskError};
@@ -26,6 +27,9 @@ pub enum ApiError {
     /// The node answered with a task error.
     #[error("{0}")]
     Task(TaskError),
+    /// The node refused the request (missing or wrong token, foreign `Host` or `Origin`, …).
+    #[error("the df API refused the request: {0}")]
+    Refused(Refusal),
     #[error("the df API answered {status}: {body}")]
     Http { status: StatusCode, body: String },
     #[error("talking to the df API failed: {0}")]
@@ -39,11 +43,19 @@ pub type ContentStream = Pin<Box<dyn Stream<Item = Result<Bytes, ApiError>> + Se
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     addr: ApiAddr,
+    token: Option<ApiToken>,
 }
 
 impl ApiClient {
     pub fn new(addr: ApiAddr) -> ApiClient {
-        ApiClient { addr }
+        ApiClient { addr, token: None }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (needed by a TCP API on a
+    /// non-loopback address).
+    pub fn with_token(mut self, token: Option<ApiToken>) -> ApiClient {
+        self.token = token;
+        self
     }
 
     pub fn addr(&self) -> &ApiAddr {
@@ -62,24 +74,32 @@ impl ApiClient {
             source: e,
         };
         let proto = |e: hyper::Error| ApiError::Protocol(e.to_string());
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "df");
-        for (k, v) in headers {
-            builder = builder.header(k, v);
-        }
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
-        let req = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        // `Host` names the address the connection reached, as the server checks it.
+        let build = |host: String| {
+            let mut builder = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::HOST, host);
+            for (k, v) in headers {
+                builder = builder.header(k, v);
+            }
+            if let Some(t) = &self.token {
+                builder = builder.header(header::AUTHORIZATION, format!("Bearer {}", t.as_str()));
+            }
+            if body.is_some() {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+            }
+            builder
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| ApiError::Protocol(e.to_string()))
+        };
         match &self.addr {
             ApiAddr::Tcp(a) => {
                 let s = tokio::net::TcpStream::connect(a)
                     .await
                     .map_err(unreachable)?;
+                let host = s.peer_addr().unwrap_or(*a).to_string();
+                let req = build(host)?;
                 let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
                     .await
                     .map_err(proto)?;
@@ -90,6 +110,7 @@ impl ApiClient {
                 let s = tokio::net::UnixStream::connect(p)
                     .await
                     .map_err(unreachable)?;
+                let req = build("df".to_owned())?;
                 let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
                     .await
                     .map_err(proto)?;
@@ -119,7 +140,7 @@ impl ApiClient {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol(e.to_string()))
     }
 
-    /// `GET /healthz`.
+    /// `GET /healthz` (answered without token or `Host` checks).
     pub async fn healthz(&self) -> Result<(), ApiError> {
         let resp = self.send(Method::GET, "/healthz", None, &[]).await?;
         if resp.status() == StatusCode::OK {
@@ -129,6 +150,27 @@ impl ApiClient {
                 status: resp.status(),
                 body: String::new(),
             })
+        }
+    }
+
+    /// `DELETE /v1/tasks/{id}`: evicts a finished task; false when the node did not have it.
+    pub async fn delete_task(&self, id: &str) -> Result<bool, ApiError> {
+        let resp = self
+            .send(Method::DELETE, &format!("/v1/tasks/{id}"), None, &[])
+            .await?;
+        let status = resp.status();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(true);
+        }
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ApiError::Protocol(e.to_string()))?
+            .to_bytes();
+        match error_from(status, &bytes) {
+            ApiError::Task(TaskError::NotFound { .. }) => Ok(false),
+            e => Err(e),
         }
     }
 
@@ -205,11 +247,14 @@ impl ApiClient {
 }
 
 fn error_from(status: StatusCode, body: &[u8]) -> ApiError {
-    match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) => ApiError::Task(e.error),
-        Err(_) => ApiError::Http {
-            status,
-            body: String::from_utf8_lossy(body).chars().take(500).collect(),
-        },
+    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+        return ApiError::Task(e.error);
+    }
+    if let Ok(r) = serde_json::from_slice::<RefusalBody>(body) {
+        return ApiError::Refused(r.error);
+    }
+    ApiError::Http {
+        status,
+        body: String::from_utf8_lossy(body).chars().take(500).collect(),
     }
 }

@@ -11,10 +11,19 @@
 //! | `GET /v1/tasks/{id}` | one task's [`TaskInfo`] (progress, sources, error) |
 //! | `GET`/`HEAD /v1/tasks/{id}/content` | the content, in order, streamed as pieces arrive; `Range: bytes=…` supported. A task that fails mid-stream aborts the response. |
 //! | `DELETE /v1/tasks/{id}` | evicts a finished task from the cache |
+//!
+//! The unix socket (mode 0600) is guarded by its file mode alone. A TCP API checks every request
+//! but `GET /healthz`: the `Host` header must name the listener, an `Origin` header
+//! must be the API's own, a request with a body must be `application/json`, and on a non-loopback
+//! address `Authorization: Bearer <token>` must carry the [`token`] from `<data dir>/api-token`.
+//! Refusals are `{"error": {"code": "unauthorized" | "forbidden" | …}}` ([`Refusal`]).
 
+pub(crate) mod access;
 pub mod client;
 pub mod server;
+pub mod token;
 
+use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::task::{Phase, Progress, TaskError};
@@ -82,4 +91,40 @@ impl TaskInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: TaskError,
+}
+
+/// Why the API refused a request before serving it. Serialised like a [`TaskError`]:
+/// `{"error": {"code": "unauthorized", "message": …}}` ([`RefusalBody`]).
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum Refusal {
+    /// 401: a bearer token is needed and was missing or wrong.
+    #[error("{message}")]
+    Unauthorized { message: String },
+    /// 403: the `Host` or `Origin` header names something other than this API.
+    #[error("{message}")]
+    Forbidden { message: String },
+    /// 415: a request body that is not `application/json`.
+    #[error("{message}")]
+    UnsupportedMediaType { message: String },
+    /// 503: too many API connections at once.
+    #[error("{message}")]
+    Unavailable { message: String },
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Refusal::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// A refusal answer: `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefusalBody {
+    pub error: Refusal,
 }

@@ -1,7 +1,9 @@
 //! The API server (routes in the [module docs](super)).
 
 use std::convert::Infallible;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use df_protocols::task::TaskKey;
@@ -10,12 +12,15 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{ErrorBody, TaskInfo};
-use crate::config::ApiAddr;
+use super::access::Access;
+use super::token::{ApiToken, TOKEN_FILE, TokenVerifier};
+use super::{ErrorBody, Refusal, RefusalBody, TaskInfo};
+use crate::config::{ApiAddr, NodeConfig};
 use crate::content::ContentError;
 use crate::node::Node;
 use crate::task::{DownloadRequest, TaskError};
@@ -24,60 +29,103 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 const MAX_REQUEST_BODY: usize = 1 << 20;
 
-/// A bound API listener.
-pub(crate) enum ApiListener {
+/// A bound API listener, with the policy its connections are served under.
+pub(crate) struct ApiListener {
+    socket: Socket,
+    /// The TCP checks; `None` on the unix socket.
+    access: Option<Arc<Access>>,
+    header_read_timeout: Duration,
+    max_connections: usize,
+}
+
+enum Socket {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
 }
 
 impl ApiListener {
-    pub(crate) async fn bind(addr: &ApiAddr) -> std::io::Result<ApiListener> {
-        match addr {
-            ApiAddr::Tcp(a) => Ok(ApiListener::Tcp(TcpListener::bind(a).await?)),
-            ApiAddr::Unix(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                if path.exists() {
-                    if tokio::net::UnixStream::connect(path).await.is_ok() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::AddrInUse,
-                            "another df node is already listening on this socket",
-                        ));
-                    }
-                    std::fs::remove_file(path)?;
-                }
-                let l = UnixListener::bind(path)?;
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-                }
-                Ok(ApiListener::Unix(l, path.clone()))
+    /// Binds `config`'s API address. A TCP address that is not loopback gets the bearer token of
+    /// `<data_dir>/api-token`, created if missing.
+    pub(crate) async fn bind_config(config: &NodeConfig) -> std::io::Result<ApiListener> {
+        let socket = match config.api_addr() {
+            ApiAddr::Tcp(a) => Socket::Tcp(TcpListener::bind(a).await?),
+            ApiAddr::Unix(path) => Socket::Unix(bind_unix(&path).await?, path),
+        };
+        let access = match &socket {
+            Socket::Unix(..) => None,
+            Socket::Tcp(l) => {
+                let ip = l.local_addr()?.ip().to_canonical();
+                let token = if ip.is_loopback() {
+                    None
+                } else {
+                    let path = config.data_dir.join(TOKEN_FILE);
+                    let token = ApiToken::load_or_create(&path).map_err(std::io::Error::other)?;
+                    tracing::info!(%ip, token_file = %path.display(), "the API is not on loopback: requests need its bearer token");
+                    Some(TokenVerifier::new(&token))
+                };
+                Some(Arc::new(Access::new(
+                    token,
+                    &config.local_api.allowed_hosts,
+                )))
             }
-        }
+        };
+        Ok(ApiListener {
+            socket,
+            access,
+            header_read_timeout: config.local_api.header_read_timeout,
+            max_connections: config
+                .local_api
+                .max_connections
+                .clamp(1, Semaphore::MAX_PERMITS),
+        })
     }
 
     pub(crate) fn local_addr(&self) -> ApiAddr {
-        match self {
-            ApiListener::Tcp(l) => l
+        match &self.socket {
+            Socket::Tcp(l) => l
                 .local_addr()
                 .map(ApiAddr::Tcp)
                 .unwrap_or_else(|_| ApiAddr::Tcp(([127, 0, 0, 1], 0).into())),
-            ApiListener::Unix(_, p) => ApiAddr::Unix(p.clone()),
+            Socket::Unix(_, p) => ApiAddr::Unix(p.clone()),
         }
     }
 }
 
-/// Serves the API until `shutdown`.
+async fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another df node is already listening on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(l)
+}
+
+/// Serves the API until `shutdown`: at most `max_connections` connections at once (more are
+/// answered 503 and closed), each closed when a request's headers take longer than
+/// `header_read_timeout`.
 pub(crate) async fn serve(listener: ApiListener, node: Node, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(listener.max_connections));
+    let read_timeout = listener.header_read_timeout;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = async {
-                match &listener {
-                    ApiListener::Tcp(l) => l.accept().await.map(|(s, _)| Either::Tcp(s)),
-                    ApiListener::Unix(l, _) => l.accept().await.map(|(s, _)| Either::Unix(s)),
+                match &listener.socket {
+                    Socket::Tcp(l) => l.accept().await.map(|(s, _)| Either::Tcp(s)),
+                    Socket::Unix(l, _) => l.accept().await.map(|(s, _)| Either::Unix(s)),
                 }
             } => a,
         };
@@ -89,25 +137,47 @@ pub(crate) async fn serve(listener: ApiListener, node: Node, shutdown: Cancellat
                 continue;
             }
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("too many API connections: answering 503");
+            stream.refuse_busy();
+            continue;
+        };
+        // The TCP checks need the address this connection reached.
+        let access = match (&listener.access, &stream) {
+            (Some(a), Either::Tcp(s)) => match s.local_addr() {
+                Ok(local) => Some((a.clone(), local)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "API connection without a local address");
+                    continue;
+                }
+            },
+            _ => None,
+        };
         let node = node.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let node = node.clone();
-                async move { Ok::<_, Infallible>(route(node, req).await) }
+                let access = access.clone();
+                async move {
+                    if let Some((a, local)) = &access
+                        && !is_probe(&req)
+                        && let Err(r) = a.check(&req, *local)
+                    {
+                        return Ok::<_, Infallible>(refused(r));
+                    }
+                    Ok::<_, Infallible>(route(node, req, read_timeout).await)
+                }
             });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout);
             let conn = async {
                 let r = match stream {
-                    Either::Tcp(s) => {
-                        hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(s), svc)
-                            .await
-                    }
-                    Either::Unix(s) => {
-                        hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(s), svc)
-                            .await
-                    }
+                    Either::Tcp(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Either::Unix(s) => builder.serve_connection(TokioIo::new(s), svc).await,
                 };
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "API connection ended");
@@ -124,6 +194,43 @@ pub(crate) async fn serve(listener: ApiListener, node: Node, shutdown: Cancellat
 enum Either {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl Either {
+    /// Answers 503 without waiting (a fresh socket's send buffer takes it), then closes.
+    fn refuse_busy(self) {
+        let body = serde_json::to_string(&RefusalBody {
+            error: Refusal::Unavailable {
+                message: "too many API connections".into(),
+            },
+        })
+        .unwrap_or_default();
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = match &self {
+            Either::Tcp(s) => s.try_write(answer.as_bytes()),
+            Either::Unix(s) => s.try_write(answer.as_bytes()),
+        };
+    }
+}
+
+/// `GET /healthz` answers without checks, for probes.
+fn is_probe<B>(req: &Request<B>) -> bool {
+    req.method() == Method::GET && req.uri().path() == "/healthz"
+}
+
+fn refused(r: Refusal) -> Response<Body> {
+    let mut resp = json(r.status(), &RefusalBody { error: r });
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
@@ -173,7 +280,7 @@ fn not_found(what: &str) -> Response<Body> {
     })
 }
 
-async fn route(node: Node, req: Request<Incoming>) -> Response<Body> {
+async fn route(node: Node, req: Request<Incoming>, read_timeout: Duration) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
@@ -192,7 +299,7 @@ async fn route(node: Node, req: Request<Incoming>) -> Response<Body> {
                 .collect();
             json(StatusCode::OK, &list)
         }
-        (Method::POST, ["v1", "tasks"]) => create_task(node, req).await,
+        (Method::POST, ["v1", "tasks"]) => create_task(node, req, read_timeout).await,
         (method, ["v1", "tasks", id, rest @ ..]) => {
             let Ok(key) = id.parse::<TaskKey>() else {
                 return error(TaskError::bad_request(format!("malformed task id {id:?}")));
@@ -221,13 +328,17 @@ async fn route(node: Node, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn create_task(node: Node, req: Request<Incoming>) -> Response<Body> {
-    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return error(TaskError::bad_request(format!("reading request body: {e}"))),
+async fn create_task(node: Node, req: Request<Incoming>, read_timeout: Duration) -> Response<Body> {
+    // A body trickled in slowly must not hold the connection longer than slow headers could.
+    let read = Limited::new(req.into_body(), MAX_REQUEST_BODY).collect();
+    let body = match tokio::time::timeout(read_timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return error(TaskError::bad_request(format!("reading request body: {e}"))),
+        Err(_) => {
+            return error(TaskError::bad_request(format!(
+                "the request body took longer than {read_timeout:?}"
+            )));
+        }
     };
     let dl: DownloadRequest = match serde_json::from_slice(&body) {
         Ok(d) => d,
