@@ -228,6 +228,38 @@ async fn expired_grant_is_denied() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_connection_outliving_its_grant_is_closed_before_the_next_request() -> Result<()> {
+    let server = start_server(1, 1000, |_| {}).await?;
+    let peer = new_peer();
+    let expires = now_unix() + 2;
+    let grant = server.tokens.grant_until(&peer, expires);
+    let (mut s, st, _) = handshake(server.addr, &peer, &grant).await?;
+    assert_eq!(st, HandshakeStatus::Accepted);
+    let request = transfer::encode_request(&server.task.to_bytes(), 0)?;
+    s.write_all(&request).await?;
+    let mut head = [0u8; RESPONSE_HEADER_LEN];
+    s.read_exact(&mut head).await?;
+    assert_eq!(
+        transfer::decode_response_header(&head)?,
+        (PieceStatus::Ok, 1000)
+    );
+    let mut body = [0u8; 1000];
+    s.read_exact(&mut body).await?;
+    // The grant runs out (the server counts whole unix seconds).
+    while now_unix() < expires {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.write_all(&request).await?;
+    let mut byte = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await?;
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "the server answered a request under an expired grant"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn someone_elses_grant_is_denied() -> Result<()> {
     let server = start_server(1, 1000, |_| {}).await?;
     let (alice, mallory) = (new_peer(), new_peer());
