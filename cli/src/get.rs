@@ -239,10 +239,8 @@ async fn download(
                 Err(e) => {
                     // The node aborted the stream: ask it why.
                     let why = api
-                        .task(&info.id)
+                        .failure(&info.id, Duration::from_secs(30))
                         .await
-                        .ok()
-                        .and_then(|t| t.error)
                         .map(|e| e.to_string())
                         .unwrap_or_else(|| e.to_string());
                     bail!("{why}");

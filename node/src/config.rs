@@ -310,7 +310,7 @@ impl Default for DownloadConfig {
     }
 }
 
-/// How a node serves pieces.
+/// How a node serves pieces (see [`crate::transfer`] for how the limits work together).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UploadConfig {
@@ -320,6 +320,26 @@ pub struct UploadConfig {
     /// so that peers asking together spread over different pieces and then fetch this one from
     /// whoever got it first instead of splitting this node's uplink N ways. Default: `1`.
     pub max_per_piece: usize,
+    /// Piece responses being sent to one requesting peer at once; more of its requests are
+    /// answered "busy", so one peer cannot take every upload slot. Default: `4`.
+    pub max_per_peer: usize,
+    /// Open data-plane connections in total; a connection beyond it is closed at once. Keeps a
+    /// flood of connections from using up the node's file descriptors. Default: `512`.
+    pub max_connections: usize,
+    /// Authenticated data-plane connections from one peer; a handshake beyond it is answered
+    /// "busy". Default: `8`.
+    pub max_connections_per_peer: usize,
+    /// Connections still in their handshake; at the limit a new connection closes the oldest of
+    /// them. Default: `64`.
+    pub max_handshakes: usize,
+    /// Time a new connection has to complete its handshake, and a request to arrive in full once
+    /// its first byte did. Default: `5s`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A piece is written in 256 KiB chunks; a chunk the requester does not take within this long
+    /// frees the upload slot and closes the connection. Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Close a data-plane connection idle for this long. Default: `60s`.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -330,6 +350,12 @@ impl Default for UploadConfig {
         UploadConfig {
             max_concurrent: 32,
             max_per_piece: 1,
+            max_per_peer: 4,
+            max_connections: 512,
+            max_connections_per_peer: 8,
+            max_handshakes: 64,
+            handshake_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
         }
     }

@@ -468,9 +468,11 @@ impl Node {
                     None => self.state_blocking(task).await,
                 };
                 if state.bitfield.is_some() {
+                    let grant = self.inner.tokens.grant_for(&peer);
                     state.data = Some(DataAccess {
                         port: self.inner.data_addr.port(),
-                        token: self.inner.tokens.token_for(&peer),
+                        token: grant.token,
+                        expires: grant.expires,
                     });
                 }
                 ControlResponse::Task(state)

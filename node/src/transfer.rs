@@ -1,7 +1,24 @@
-//! The data plane (wire format in [`df_protocols::transfer`]): a TCP server that serves stored
-//! pieces to peers holding an access token, and a client with a per-address connection pool.
+//! The data plane (wire format and access scheme in [`df_protocols::transfer`]): a TCP server that
+//! serves stored pieces to peers holding a [`Grant`], and a client with a per-address connection
+//! pool.
+//!
+//! The server bounds everything a peer can hold (see `[upload]` in [`UploadConfig`]):
+//! - connections: `max_connections` in total (beyond it a new connection is closed at once) and
+//!   `max_connections_per_peer` per authenticated peer (beyond it the handshake answers "busy");
+//! - handshakes: each must finish within `handshake_timeout`; at most `max_handshakes` may be in
+//!   progress, and when a new connection arrives at that limit the *oldest* one still in its
+//!   handshake is closed. Rejecting the newcomer instead would let an attacker that keeps
+//!   `max_handshakes` idle connections open lock every honest peer out; evicting the oldest means
+//!   it must open connections faster than an honest peer answers its challenge (one round trip);
+//! - requests: a connection may idle `idle_timeout` until a request's first byte, and the rest of
+//!   the request must follow within `handshake_timeout`;
+//! - uploads: `max_concurrent` in total, `max_per_peer` per peer, `max_per_piece` per piece; beyond
+//!   any of them the request is answered "busy". A piece is written in chunks of
+//!   [`transfer::WRITE_CHUNK`] bytes and each must drain within `write_timeout`: a requester that
+//!   stops reading loses its upload slot and its connection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,8 +26,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use df_protocols::task::TaskKey;
 use df_protocols::transfer::{
-    self, AccessToken, HANDSHAKE_ACCEPTED, HANDSHAKE_DENIED, MAGIC, PieceStatus, TOKEN_LEN,
-    TransferError,
+    self, AccessToken, CHALLENGE_LEN, Grant, HANDSHAKE_HEAD_LEN, HandshakeStatus,
+    MAX_HANDSHAKE_LEN, MAX_REQUEST_LEN, Nonce, PieceStatus, RESPONSE_HEADER_LEN, TransferError,
 };
 use hmac::{KeyInit, Mac};
 use libp2p::PeerId;
@@ -23,14 +40,16 @@ use tokio_util::sync::CancellationToken;
 use crate::config::UploadConfig;
 use crate::gc::Activity;
 use crate::metrics::Metrics;
-use crate::store::PieceStore;
+use crate::store::{PieceStore, now_unix};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE_PER_ADDR: usize = 8;
+/// How long a grant handed out in a `get_task` answer stays valid.
+pub const GRANT_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// Issues and checks data-plane access tokens: `HMAC-SHA256(secret, requester peer ID)`.
+/// Issues data-plane grants and derives their tokens:
+/// `HMAC-SHA256(secret, "df-grant-v2" | u8 n | peer ID | u64 BE expires)`.
 #[derive(Clone)]
 pub struct TokenIssuer {
     secret: [u8; 32],
@@ -43,53 +62,75 @@ impl TokenIssuer {
         }
     }
 
-    fn mac(&self) -> HmacSha256 {
-        // HMAC accepts keys of any length.
-        match <HmacSha256 as KeyInit>::new_from_slice(&self.secret) {
+    /// The token of a grant for `peer_id` (its bytes) until `expires`; `None` for a peer ID
+    /// longer than the wire allows.
+    fn token(&self, peer_id: &[u8], expires: u64) -> Option<AccessToken> {
+        let message = transfer::grant_message(peer_id, expires).ok()?;
+        let mut mac = match <HmacSha256 as KeyInit>::new_from_slice(&self.secret) {
             Ok(m) => m,
             Err(_) => unreachable!("HMAC takes keys of any length"),
+        };
+        mac.update(&message);
+        Some(AccessToken(mac.finalize().into_bytes().into()))
+    }
+
+    /// A grant for `peer` valid until `expires` (unix seconds).
+    pub fn grant_until(&self, peer: &PeerId, expires: u64) -> Grant {
+        let token = self
+            .token(&peer.to_bytes(), expires)
+            // libp2p peer IDs (at most 42 bytes) always fit; a longer one could not handshake
+            // anyway, as the server derives no token for it, so this placeholder is never accepted.
+            .unwrap_or(AccessToken([0; transfer::TOKEN_LEN]));
+        Grant { token, expires }
+    }
+
+    /// A grant for `peer`, valid for [`GRANT_LIFETIME`].
+    pub fn grant_for(&self, peer: &PeerId) -> Grant {
+        self.grant_until(peer, now_unix().saturating_add(GRANT_LIFETIME.as_secs()))
+    }
+
+    /// Whether `hs` answers `nonce` with a grant this issuer made and that has not expired.
+    fn verify(&self, hs: &transfer::Handshake<'_>, nonce: &Nonce) -> bool {
+        if hs.expires <= now_unix() {
+            return false;
         }
-    }
-
-    pub fn token_for(&self, peer: &PeerId) -> AccessToken {
-        let mut mac = self.mac();
-        mac.update(&peer.to_bytes());
-        AccessToken(mac.finalize().into_bytes().into())
-    }
-
-    fn check(&self, peer_bytes: &[u8], token: &[u8]) -> bool {
-        let mut mac = self.mac();
-        mac.update(peer_bytes);
-        mac.verify_slice(token).is_ok()
+        let Some(token) = self.token(hs.peer_id, hs.expires) else {
+            return false;
+        };
+        transfer::verify_handshake_proof(&token, nonce, hs.peer_id, hs.expires, &hs.proof)
     }
 }
 
-/// One upload of a piece in progress; released on drop.
-struct PieceSlot {
-    map: Arc<Mutex<HashMap<(TaskKey, u32), usize>>>,
-    key: (TaskKey, u32),
-}
+/// Counts of something in progress per key, each held by a [`Slot`].
+struct Counts<K: Eq + Hash + Clone>(Arc<Mutex<HashMap<K, usize>>>);
 
-impl PieceSlot {
-    fn take(
-        map: &Arc<Mutex<HashMap<(TaskKey, u32), usize>>>,
-        key: (TaskKey, u32),
-        max: usize,
-    ) -> Option<PieceSlot> {
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(key).or_insert(0);
+impl<K: Eq + Hash + Clone> Counts<K> {
+    fn new() -> Counts<K> {
+        Counts(Arc::new(Mutex::new(HashMap::new())))
+    }
+
+    /// Takes one of `max` slots of `key`, or `None` when all are held.
+    fn take(&self, key: K, max: usize) -> Option<Slot<K>> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(PieceSlot {
-            map: map.clone(),
+        Some(Slot {
+            map: self.0.clone(),
             key,
         })
     }
 }
 
-impl Drop for PieceSlot {
+/// One unit of a [`Counts`] key; released on drop.
+struct Slot<K: Eq + Hash + Clone> {
+    map: Arc<Mutex<HashMap<K, usize>>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.key) {
@@ -101,16 +142,70 @@ impl Drop for PieceSlot {
     }
 }
 
+/// Connections still in their handshake, oldest first; at the limit a newcomer evicts the oldest.
+struct Handshakes {
+    max: usize,
+    pending: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+}
+
+/// A connection's place among the pending handshakes; cancelled when evicted, released on drop.
+struct HandshakeTicket {
+    owner: Arc<Handshakes>,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl Handshakes {
+    fn enter(self: &Arc<Self>) -> HandshakeTicket {
+        let mut guard = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, pending) = &mut *guard;
+        let id = *next;
+        *next += 1;
+        while pending.len() >= self.max {
+            match pending.pop_first() {
+                Some((_, oldest)) => oldest.cancel(),
+                None => break,
+            }
+        }
+        let evicted = CancellationToken::new();
+        pending.insert(id, evicted.clone());
+        HandshakeTicket {
+            owner: self.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        let mut guard = self.owner.pending.lock().unwrap_or_else(|p| p.into_inner());
+        guard.1.remove(&self.id);
+    }
+}
+
 /// Serves pieces from the store.
 pub struct DataServer {
     listener: TcpListener,
     store: PieceStore,
     tokens: TokenIssuer,
+    /// Piece uploads in progress, capped at `max_concurrent`.
     permits: Arc<Semaphore>,
+    /// Open connections, capped at `max_connections`.
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
     /// Uploads in progress per (task, piece), capped at `per_piece`.
-    uploading: Arc<Mutex<HashMap<(TaskKey, u32), usize>>>,
+    uploading: Counts<(TaskKey, u32)>,
+    /// Uploads in progress per requester, capped at `per_peer`.
+    peer_uploads: Counts<PeerId>,
+    /// Authenticated connections per requester, capped at `conns_per_peer`.
+    peer_connections: Counts<PeerId>,
     per_piece: usize,
+    per_peer: usize,
+    conns_per_peer: usize,
     idle_timeout: Duration,
+    handshake_timeout: Duration,
+    write_timeout: Duration,
     metrics: Arc<Metrics>,
     activity: Arc<Activity>,
     corrupt: bool,
@@ -131,13 +226,29 @@ impl DataServer {
             store,
             tokens,
             permits: Arc::new(Semaphore::new(upload.max_concurrent.max(1))),
-            uploading: Arc::new(Mutex::new(HashMap::new())),
+            connections: Arc::new(Semaphore::new(upload.max_connections.max(1))),
+            handshakes: Arc::new(Handshakes {
+                max: upload.max_handshakes.max(1),
+                pending: Mutex::new((0, BTreeMap::new())),
+            }),
+            uploading: Counts::new(),
+            peer_uploads: Counts::new(),
+            peer_connections: Counts::new(),
             per_piece: upload.max_per_piece.max(1),
+            per_peer: upload.max_per_peer.max(1),
+            conns_per_peer: upload.max_connections_per_peer.max(1),
             idle_timeout: upload.idle_timeout,
+            handshake_timeout: upload.handshake_timeout,
+            write_timeout: upload.write_timeout,
             metrics,
             activity,
             corrupt,
         }
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -149,13 +260,20 @@ impl DataServer {
             };
             match accepted {
                 Ok((stream, remote)) => {
+                    let Ok(permit) = this.connections.clone().try_acquire_owned() else {
+                        tracing::debug!(%remote, "data plane at its connection limit: closing");
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
+                    let ticket = this.handshakes.enter();
                     let this = this.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
-                            r = this.serve_connection(stream) => if let Err(e) = r {
+                            r = this.serve_connection(stream, ticket) => if let Err(e) = r {
                                 tracing::debug!(%remote, error = %e, "data connection ended");
                             }
                         }
@@ -169,34 +287,64 @@ impl DataServer {
         }
     }
 
-    async fn serve_connection(&self, mut stream: TcpStream) -> Result<(), ServeError> {
-        let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+    /// Writes `buf` unless the peer stops reading for `write_timeout`.
+    async fn write(&self, stream: &mut TcpStream, buf: &[u8]) -> Result<(), ServeError> {
+        tokio::time::timeout(self.write_timeout, stream.write_all(buf))
             .await
-            .map_err(|_| ServeError::Timeout)??;
+            .map_err(|_| ServeError::WriteStalled)??;
+        Ok(())
+    }
+
+    async fn respond(&self, stream: &mut TcpStream, status: PieceStatus) -> Result<(), ServeError> {
+        self.write(stream, &transfer::encode_response_header(status, 0))
+            .await
+    }
+
+    async fn serve_connection(
+        &self,
+        mut stream: TcpStream,
+        ticket: HandshakeTicket,
+    ) -> Result<(), ServeError> {
+        let (peer, expires) = tokio::select! {
+            _ = ticket.evicted.cancelled() => return Err(ServeError::Evicted),
+            r = tokio::time::timeout(self.handshake_timeout, self.handshake(&mut stream)) => {
+                r.map_err(|_| ServeError::Timeout("handshake"))??
+            }
+        };
+        drop(ticket);
+        let Some(_connection) = self.peer_connections.take(peer, self.conns_per_peer) else {
+            self.write(&mut stream, &[HandshakeStatus::Busy.to_byte()])
+                .await?;
+            return Err(ServeError::TooManyConnections(peer));
+        };
+        self.write(&mut stream, &[HandshakeStatus::Accepted.to_byte()])
+            .await?;
+        let mut buf = [0u8; MAX_REQUEST_LEN];
         loop {
-            let mut n = [0u8; 1];
-            match tokio::time::timeout(self.idle_timeout, stream.read_exact(&mut n)).await {
+            match tokio::time::timeout(self.idle_timeout, stream.read_exact(&mut buf[..1])).await {
                 Err(_) => return Ok(()),
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Ok(r) => r?,
             };
-            let n = transfer::check_task_key_len(n[0])?;
-            let mut key = vec![0u8; n + 4];
-            stream.read_exact(&mut key).await?;
-            let index = u32::from_be_bytes([key[n], key[n + 1], key[n + 2], key[n + 3]]);
-            let Ok(task) = TaskKey::from_bytes(&key[..n]) else {
-                stream
-                    .write_all(&transfer::encode_response_header(PieceStatus::NotFound, 0))
-                    .await?;
+            let len = transfer::request_len(buf[0])?;
+            tokio::time::timeout(self.handshake_timeout, stream.read_exact(&mut buf[1..len]))
+                .await
+                .map_err(|_| ServeError::Timeout("request"))??;
+            let request = transfer::decode_request(&buf[..len])?;
+            if expires <= now_unix() {
+                return Err(ServeError::Expired(peer));
+            }
+            let index = request.index;
+            let Ok(task) = TaskKey::from_bytes(request.task_key) else {
+                self.respond(&mut stream, PieceStatus::NotFound).await?;
                 continue;
             };
-            let (Ok(_permit), Some(_slot)) = (
+            let (Ok(_permit), Some(_peer_slot), Some(_piece_slot)) = (
                 self.permits.clone().try_acquire_owned(),
-                PieceSlot::take(&self.uploading, (task, index), self.per_piece),
+                self.peer_uploads.take(peer, self.per_peer),
+                self.uploading.take((task, index), self.per_piece),
             ) else {
-                stream
-                    .write_all(&transfer::encode_response_header(PieceStatus::Busy, 0))
-                    .await?;
+                self.respond(&mut stream, PieceStatus::Busy).await?;
                 continue;
             };
             let store = self.store.clone();
@@ -209,47 +357,43 @@ impl DataServer {
                         data[0] ^= 0xff;
                     }
                     let len = data.len() as u32;
-                    stream
-                        .write_all(&transfer::encode_response_header(PieceStatus::Ok, len))
-                        .await?;
-                    stream.write_all(&data).await?;
+                    self.write(
+                        &mut stream,
+                        &transfer::encode_response_header(PieceStatus::Ok, len),
+                    )
+                    .await?;
+                    for chunk in data.chunks(transfer::WRITE_CHUNK) {
+                        self.write(&mut stream, chunk).await?;
+                    }
                     self.metrics.add_uploaded(data.len() as u64);
                     self.activity.touch(&task);
                     tracing::trace!(%peer, %task, index, "served piece");
                 }
-                Ok(None) => {
-                    stream
-                        .write_all(&transfer::encode_response_header(PieceStatus::NotFound, 0))
-                        .await?;
-                }
+                Ok(None) => self.respond(&mut stream, PieceStatus::NotFound).await?,
                 Err(e) => {
                     tracing::warn!(%task, index, error = %e, "reading piece failed");
-                    stream
-                        .write_all(&transfer::encode_response_header(PieceStatus::Error, 0))
-                        .await?;
+                    self.respond(&mut stream, PieceStatus::Error).await?;
                 }
             }
         }
     }
 
-    async fn handshake(&self, stream: &mut TcpStream) -> Result<PeerId, ServeError> {
-        let mut head = [0u8; 5];
-        stream.read_exact(&mut head).await?;
-        if &head[..4] != MAGIC {
-            return Err(TransferError::BadMagic.into());
-        }
-        let n = transfer::check_peer_id_len(head[4])?;
-        let mut rest = vec![0u8; n + TOKEN_LEN];
-        stream.read_exact(&mut rest).await?;
-        let (peer_bytes, token) = rest.split_at(n);
-        let peer = PeerId::from_bytes(peer_bytes).ok();
-        match peer {
-            Some(peer) if self.tokens.check(peer_bytes, token) => {
-                stream.write_all(&[HANDSHAKE_ACCEPTED]).await?;
-                Ok(peer)
-            }
+    /// Runs the `DFX2` handshake up to (not including) the status byte of an accepted one.
+    /// Returns the authenticated peer and its grant's expiry.
+    async fn handshake(&self, stream: &mut TcpStream) -> Result<(PeerId, u64), ServeError> {
+        let nonce: Nonce = rand::random();
+        stream
+            .write_all(&transfer::encode_challenge(&nonce))
+            .await?;
+        let mut buf = [0u8; MAX_HANDSHAKE_LEN];
+        stream.read_exact(&mut buf[..HANDSHAKE_HEAD_LEN]).await?;
+        let len = transfer::handshake_len(&buf[..HANDSHAKE_HEAD_LEN])?;
+        stream.read_exact(&mut buf[HANDSHAKE_HEAD_LEN..len]).await?;
+        let hs = transfer::decode_handshake(&buf[..len])?;
+        match PeerId::from_bytes(hs.peer_id) {
+            Ok(peer) if self.tokens.verify(&hs, &nonce) => Ok((peer, hs.expires)),
             _ => {
-                let _ = stream.write_all(&[HANDSHAKE_DENIED]).await;
+                let _ = stream.write_all(&[HandshakeStatus::Denied.to_byte()]).await;
                 Err(ServeError::Denied)
             }
         }
@@ -262,10 +406,18 @@ enum ServeError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Protocol(#[from] TransferError),
-    #[error("handshake timed out")]
-    Timeout,
-    #[error("access token rejected")]
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("the peer stopped reading: write stalled")]
+    WriteStalled,
+    #[error("closed in the handshake to make room for a newer connection")]
+    Evicted,
+    #[error("handshake denied: bad proof or expired grant")]
     Denied,
+    #[error("{0} has too many connections open")]
+    TooManyConnections(PeerId),
+    #[error("the grant of {0} expired")]
+    Expired(PeerId),
 }
 
 /// Why a piece fetch failed.
@@ -326,43 +478,49 @@ impl DataClient {
         }
     }
 
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-        token: &AccessToken,
-    ) -> Result<TcpStream, FetchError> {
+    /// Opens a connection to `addr` and runs the `DFX2` handshake with `grant`.
+    async fn connect(&self, addr: SocketAddr, grant: &Grant) -> Result<TcpStream, FetchError> {
         let mut s = TcpStream::connect(addr)
             .await
             .map_err(|e| FetchError::Connect(addr, e))?;
         let _ = s.set_nodelay(true);
-        s.write_all(&transfer::encode_handshake(&self.local_peer, token)?)
-            .await?;
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        s.read_exact(&mut challenge).await?;
+        let nonce = transfer::decode_challenge(&challenge)?;
+        s.write_all(&transfer::encode_handshake(
+            &self.local_peer,
+            grant,
+            &nonce,
+        )?)
+        .await?;
         let mut status = [0u8; 1];
         s.read_exact(&mut status).await?;
-        if status[0] != HANDSHAKE_ACCEPTED {
-            return Err(FetchError::Denied(addr));
+        match HandshakeStatus::from_byte(status[0])? {
+            HandshakeStatus::Accepted => Ok(s),
+            HandshakeStatus::Denied => Err(FetchError::Denied(addr)),
+            HandshakeStatus::Busy => Err(FetchError::Busy),
         }
-        Ok(s)
     }
 
     /// Fetches one piece of `expected_len` bytes, within `timeout`.
     pub async fn fetch(
         &self,
         addr: SocketAddr,
-        token: &AccessToken,
+        grant: &Grant,
         task: &TaskKey,
         index: u32,
         expected_len: u32,
         timeout: Duration,
     ) -> Result<Bytes, FetchError> {
         tokio::time::timeout(timeout, async {
-            // A pooled connection may have been closed by the server meanwhile: retry once fresh.
+            // A pooled connection may have been closed by the server meanwhile (idle, or its grant
+            // expired): retry once fresh.
             if let Some(s) = self.take_idle(addr)
                 && let Ok(b) = self.fetch_on(addr, s, task, index, expected_len).await
             {
                 return Ok(b);
             }
-            let s = self.connect(addr, token).await?;
+            let s = self.connect(addr, grant).await?;
             self.fetch_on(addr, s, task, index, expected_len).await
         })
         .await
@@ -379,9 +537,9 @@ impl DataClient {
     ) -> Result<Bytes, FetchError> {
         s.write_all(&transfer::encode_request(&task.to_bytes(), index)?)
             .await?;
-        let mut head = [0u8; 5];
+        let mut head = [0u8; RESPONSE_HEADER_LEN];
         s.read_exact(&mut head).await?;
-        let (status, len) = transfer::decode_response_header(head)?;
+        let (status, len) = transfer::decode_response_header(&head)?;
         match status {
             PieceStatus::Ok => {}
             other => {

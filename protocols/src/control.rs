@@ -24,7 +24,7 @@ use crate::limits::{
 use crate::manifest::{PieceHashBatch, SignedHeader};
 use crate::piece::Bitfield;
 use crate::task::{ContentDigest, TaskKey};
-use crate::transfer::AccessToken;
+use crate::transfer::{AccessToken, Grant};
 
 /// Protocol name of the control protocol.
 pub const CONTROL_PROTOCOL: &str = "/df/control/1";
@@ -142,11 +142,23 @@ impl ControlRequest {
 }
 
 /// Where and how to fetch pieces from the answering peer on the data plane. The address is the
-/// one the requester reached the peer at, with this port.
+/// one the requester reached the peer at, with this port; `token` and `expires` (unix seconds) are
+/// a [`Grant`] bound to the requester's peer ID (see [`crate::transfer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataAccess {
     pub port: u16,
     pub token: AccessToken,
+    pub expires: u64,
+}
+
+impl DataAccess {
+    /// The grant this answer carries.
+    pub fn grant(&self) -> Grant {
+        Grant {
+            token: self.token,
+            expires: self.expires,
+        }
+    }
 }
 
 /// A peer's view of one task.

@@ -264,7 +264,7 @@ fn arb_response() -> impl Strategy<Value = ControlResponse> {
         proptest::collection::vec(arb_task_key().prop_flat_map(|k| arb_batch(k, 4)), 0..3),
         proptest::option::of(arb_bitfield()),
         any::<bool>(),
-        proptest::option::of((any::<u16>(), any::<[u8; 32]>())),
+        proptest::option::of((any::<u16>(), any::<[u8; 32]>(), any::<u64>())),
     )
         .prop_map(|(header, hashes, bitfield, producing, data)| {
             ControlResponse::Task(TaskState {
@@ -272,9 +272,10 @@ fn arb_response() -> impl Strategy<Value = ControlResponse> {
                 hashes,
                 bitfield,
                 producing,
-                data: data.map(|(port, t)| DataAccess {
+                data: data.map(|(port, t, expires)| DataAccess {
                     port,
                     token: AccessToken(t),
+                    expires,
                 }),
             })
         });

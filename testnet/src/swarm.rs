@@ -79,7 +79,7 @@ impl TestNode {
             let chunk = match chunk {
                 Ok(c) => c,
                 // The node aborted the stream: report why.
-                Err(e) => match self.api.task(&info.id).await.ok().and_then(|t| t.error) {
+                Err(e) => match self.api.failure(&info.id, Duration::from_secs(30)).await {
                     Some(t) => return Err(ApiError::Task(t).into()),
                     None => return Err(e.into()),
                 },

@@ -196,6 +196,26 @@ impl ApiClient {
             .await
     }
 
+    /// Why a task's content stream broke: waits (up to `within`) until the task has failed or
+    /// completed and returns its error, if it failed. A stream also breaks when the content
+    /// failed its digest and the task started over without that producer; the task's final
+    /// outcome is then the answer.
+    pub async fn failure(&self, id: &str, within: std::time::Duration) -> Option<TaskError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut pause = std::time::Duration::from_millis(20);
+        loop {
+            let info = self.task(id).await.ok()?;
+            if info.error.is_some() || info.state == "complete" {
+                return info.error;
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(500));
+        }
+    }
+
     /// `GET /v1/tasks/{id}/content`: the content (or `range` of it), streamed in order.
     /// Returns the number of bytes to expect and the stream.
     pub async fn content(

@@ -35,7 +35,7 @@ use df_protocols::manifest::{
 };
 use df_protocols::piece::{Bitfield, PieceHash, PieceLayout};
 use df_protocols::task::{TaskKey, canonical_url, parse_url};
-use df_protocols::transfer::AccessToken;
+use df_protocols::transfer::Grant;
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 use libp2p::kad::KBucketKey;
@@ -91,7 +91,7 @@ pub(crate) enum Election {
 
 struct Source {
     addr: SocketAddr,
-    token: AccessToken,
+    token: Grant,
     have: Bitfield,
     inflight: usize,
     is_seed: bool,
@@ -914,7 +914,7 @@ impl Runner {
                         Some(s) => {
                             s.have = have;
                             s.addr = addr;
-                            s.token = data.token;
+                            s.token = data.grant();
                             s.is_seed = is_seed;
                         }
                         None => {
@@ -922,7 +922,7 @@ impl Runner {
                                 peer,
                                 Source {
                                     addr,
-                                    token: data.token,
+                                    token: data.grant(),
                                     have,
                                     inflight: 0,
                                     is_seed,
@@ -1371,6 +1371,11 @@ impl Runner {
                             self.publish_progress();
                         }
                     }
+                }
+                // Denied: the grant expired (or the source restarted with a new secret); a fresh
+                // `get_task` answer carries a new one.
+                if matches!(e, FetchError::Denied(_)) {
+                    self.probe(peer);
                 }
             }
         }
