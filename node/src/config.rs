@@ -318,7 +318,8 @@ pub struct UploadConfig {
     pub max_concurrent: usize,
     /// Responses of the same piece being sent at once; more requests for it are answered "busy",
     /// so that peers asking together spread over different pieces and then fetch this one from
-    /// whoever got it first instead of splitting this node's uplink N ways. Default: `1`.
+    /// whoever got it first instead of splitting this node's uplink N ways. One peer holds at most
+    /// one of them, so with 2 a peer that asks and never reads cannot block a piece. Default: `2`.
     pub max_per_piece: usize,
     /// Piece responses being sent to one requesting peer at once; more of its requests are
     /// answered "busy", so one peer cannot take every upload slot. Default: `4`.
@@ -349,7 +350,7 @@ impl Default for UploadConfig {
     fn default() -> Self {
         UploadConfig {
             max_concurrent: 32,
-            max_per_piece: 1,
+            max_per_piece: 2,
             max_per_peer: 4,
             max_connections: 512,
             max_connections_per_peer: 8,

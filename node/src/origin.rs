@@ -227,14 +227,57 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
     }
 }
 
-/// Cloud metadata services, reachable from inside a VM at these addresses (besides link-local
-/// 169.254.169.254, which the link-local rule covers).
-const METADATA_ADDRS: &[IpAddr] = &[
-    // AWS IMDS over IPv6.
-    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
-    // Alibaba Cloud.
-    IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
-];
+/// Where an internal address leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Internal {
+    /// This host: loopback, unspecified ("this host", 0.0.0.0/8, `::`).
+    Loopback,
+    /// Link-local (which holds 169.254.169.254) or a cloud metadata service.
+    LinkLocal,
+}
+
+/// Alibaba Cloud's metadata service.
+const ALIBABA_METADATA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 200);
+/// AWS's metadata service over IPv6.
+const AWS_METADATA_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
+
+/// Whether `ip` is internal (this host, link-local, a cloud metadata service), and which kind;
+/// IPv4 addresses written as IPv6 (mapped, compatible or NAT64) count as themselves.
+pub fn internal_kind(ip: IpAddr) -> Option<Internal> {
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_loopback() || v4.octets()[0] == 0 {
+                Some(Internal::Loopback)
+            } else if v4.is_link_local() || v4 == ALIBABA_METADATA {
+                Some(Internal::LinkLocal)
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if v6.is_loopback() || v6.is_unspecified() {
+                return Some(Internal::Loopback);
+            }
+            if (s[0] & 0xffc0) == 0xfe80 || v6 == AWS_METADATA_V6 {
+                return Some(Internal::LinkLocal);
+            }
+            let embedded = if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [.., a, b, c, d] = v6.octets();
+                Some(std::net::Ipv4Addr::new(a, b, c, d))
+            } else {
+                v6.to_ipv4()
+            };
+            embedded.and_then(|v4| internal_kind(IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// Loopback, unspecified, link-local or cloud metadata (see [`internal_kind`]).
+pub fn is_internal(ip: IpAddr) -> bool {
+    internal_kind(ip).is_some()
+}
 
 /// A node fetches for a peer only what that peer could fetch itself: never link-local or cloud
 /// metadata addresses, loopback only for a peer on this host, and within the operator's
@@ -266,19 +309,16 @@ impl OriginGuard {
         }
         let ip = ip.to_canonical();
         let refuse = |why| Err(GuardError::Address { addr: ip, why });
-        let link_local = match ip {
-            IpAddr::V4(v4) => v4.is_link_local(),
-            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        };
-        if link_local || METADATA_ADDRS.contains(&ip) {
-            return refuse("link-local or cloud metadata address");
+        match internal_kind(ip) {
+            Some(Internal::LinkLocal) => return refuse("link-local or cloud metadata address"),
+            // 0.0.0.0 and :: reach this host's own services too.
+            Some(Internal::Loopback) if who != Requester::PeerOnLoopback => {
+                return refuse("this host's loopback, and the peer is on another host");
+            }
+            _ => {}
         }
         if ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
             return refuse("multicast or broadcast address");
-        }
-        // 0.0.0.0 and :: reach this host's own services.
-        if (ip.is_loopback() || ip.is_unspecified()) && who != Requester::PeerOnLoopback {
-            return refuse("this host's loopback, and the peer is on another host");
         }
         if self.deny.iter().any(|p| p.matches_ip(ip)) {
             return refuse("denied by [origin] deny");
@@ -397,8 +437,19 @@ mod tests {
         ] {
             assert!(g.check_url(&url(u), Requester::Peer).is_ok(), "{u}");
         }
-        let mapped: IpAddr = "::ffff:169.254.169.254".parse().unwrap();
-        assert!(g.check_ip(mapped, Requester::PeerOnLoopback).is_err());
+        for ip in [
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "::169.254.169.254",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(g.check_ip(ip, Requester::PeerOnLoopback).is_err(), "{ip}");
+        }
+        for ip in ["0.1.2.3", "64:ff9b::7f00:1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(g.check_ip(ip, Requester::Peer).is_err(), "{ip}");
+            assert!(g.check_ip(ip, Requester::PeerOnLoopback).is_ok(), "{ip}");
+        }
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //!   it must open connections faster than an honest peer answers its challenge (one round trip);
 //! - requests: a connection may idle `idle_timeout` until a request's first byte, and the rest of
 //!   the request must follow within `handshake_timeout`;
-//! - uploads: `max_concurrent` in total, `max_per_peer` per peer, `max_per_piece` per piece; beyond
-//!   any of them the request is answered "busy". A piece is written in chunks of
+//! - uploads: `max_concurrent` in total, `max_per_peer` per peer, `max_per_piece` per piece and one
+//!   per piece and peer; beyond any of them the request is answered "busy" (so a peer that never
+//!   reads can hold at most one of a piece's `max_per_piece` slots, and only until `write_timeout`). A piece is written in chunks of
 //!   [`transfer::WRITE_CHUNK`] bytes and each must drain within `write_timeout`: a requester that
 //!   stops reading loses its upload slot and its connection.
 
@@ -198,6 +199,8 @@ pub struct DataServer {
     uploading: Counts<(TaskKey, u32)>,
     /// Uploads in progress per requester, capped at `per_peer`.
     peer_uploads: Counts<PeerId>,
+    /// Uploads in progress per (task, piece, requester), capped at 1.
+    peer_pieces: Counts<(TaskKey, u32, PeerId)>,
     /// Authenticated connections per requester, capped at `conns_per_peer`.
     peer_connections: Counts<PeerId>,
     per_piece: usize,
@@ -233,6 +236,7 @@ impl DataServer {
             }),
             uploading: Counts::new(),
             peer_uploads: Counts::new(),
+            peer_pieces: Counts::new(),
             peer_connections: Counts::new(),
             per_piece: upload.max_per_piece.max(1),
             per_peer: upload.max_per_peer.max(1),
@@ -339,9 +343,12 @@ impl DataServer {
                 self.respond(&mut stream, PieceStatus::NotFound).await?;
                 continue;
             };
-            let (Ok(_permit), Some(_peer_slot), Some(_piece_slot)) = (
+            let (Ok(_permit), Some(_peer_slot), Some(_own_slot), Some(_piece_slot)) = (
                 self.permits.clone().try_acquire_owned(),
                 self.peer_uploads.take(peer, self.per_peer),
+                // One upload of a piece per peer: with `max_per_piece` ≥ 2, a peer that asks
+                // for pieces and never reads them cannot hold every slot of any piece.
+                self.peer_pieces.take((task, index, peer), 1),
                 self.uploading.take((task, index), self.per_piece),
             ) else {
                 self.respond(&mut stream, PieceStatus::Busy).await?;

@@ -508,7 +508,9 @@ async fn a_peer_holding_unread_requests_does_not_stall_another_peers_download() 
             .await
             .context("the hogs stopped before connecting")?;
     }
-    let limit = undisturbed.mul_f64(1.5) + Duration::from_secs(2);
+    // The bar is 1.5 × undisturbed; 250 ms absorb scheduling noise on a loaded host
+    // (with one slot per piece the hog used to add a full write_timeout: ~1 s here).
+    let limit = undisturbed.mul_f64(1.5) + Duration::from_millis(250);
     let victim = new_peer();
     let disturbed = tokio::time::timeout(
         limit + Duration::from_secs(30),

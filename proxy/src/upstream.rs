@@ -8,7 +8,7 @@
 //! Registries that send blobs to HTTPS object storage keep working.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
@@ -18,35 +18,7 @@ use crate::config::MirrorConfig;
 /// Redirects followed for one request before giving up.
 pub(crate) const MAX_REDIRECTS: usize = 10;
 
-/// Alibaba Cloud's metadata service.
-const ALIBABA_METADATA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
-/// AWS's metadata service over IPv6.
-const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
-
-/// Loopback, unspecified ("this host"), link-local (which holds 169.254.169.254) and cloud
-/// metadata addresses, including IPv4 ones written as IPv6 (mapped, compatible or NAT64).
-pub(crate) fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            v4.is_loopback() || v4.is_link_local() || v4.octets()[0] == 0 || v4 == ALIBABA_METADATA
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
-            let embedded_v4 = if nat64 {
-                let [.., a, b, c, d] = v6.octets();
-                Some(Ipv4Addr::new(a, b, c, d))
-            } else {
-                v6.to_ipv4()
-            };
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (s[0] & 0xffc0) == 0xfe80
-                || v6 == AWS_METADATA_V6
-                || embedded_v4.is_some_and(|v4| is_internal(IpAddr::V4(v4)))
-        }
-    }
-}
+pub(crate) use df_node::origin::is_internal;
 
 /// Why a registry's redirect was not followed.
 #[derive(Debug, thiserror::Error)]
