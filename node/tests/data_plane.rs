@@ -373,7 +373,12 @@ async fn open_small(addr: SocketAddr, peer: &PeerId, grant: &Grant) -> Result<Op
 async fn a_stalled_write_frees_its_slot_within_write_timeout() -> Result<()> {
     let write_timeout = Duration::from_secs(1);
     let len = 4 << 20;
-    let server = start_server(1, len, |u| u.write_timeout = write_timeout).await?;
+    // One slot per piece, so that the stalled upload holds the piece's only slot.
+    let server = start_server(1, len, |u| {
+        u.write_timeout = write_timeout;
+        u.max_per_piece = 1;
+    })
+    .await?;
     let task_key = server.task.to_bytes();
     let hog = new_peer();
     let mut stalled = open_small(server.addr, &hog, &server.tokens.grant_for(&hog))
