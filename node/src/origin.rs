@@ -127,6 +127,10 @@ pub enum Requester {
     PeerOnLoopback,
     /// A peer on another host.
     Peer,
+    /// The registry mirror, for a blob of a registry the operator configured: the registry itself
+    /// is reached as configured, its redirects (registries send blobs to object storage) only to
+    /// `https` hosts the guard allows for a remote peer, or back to the registry itself.
+    Registry,
 }
 
 impl Requester {
@@ -304,7 +308,7 @@ impl OriginGuard {
 
     /// May `ip` be connected to on behalf of `who`?
     pub fn check_ip(&self, ip: IpAddr, who: Requester) -> Result<(), GuardError> {
-        if who == Requester::Local {
+        if matches!(who, Requester::Local | Requester::Registry) {
             return Ok(());
         }
         let ip = ip.to_canonical();
@@ -334,7 +338,7 @@ impl OriginGuard {
 
     /// Checks a URL's host (before resolution; IP literals are checked as addresses).
     pub fn check_url(&self, url: &Url, who: Requester) -> Result<(), GuardError> {
-        if who == Requester::Local {
+        if matches!(who, Requester::Local | Requester::Registry) {
             return Ok(());
         }
         let host = match url.host() {
@@ -369,6 +373,34 @@ impl OriginGuard {
             return refuse("not in [origin] allow");
         }
         Ok(())
+    }
+
+    /// May a fetch for `who` that started at `first` follow a redirect to `target`?
+    pub fn check_redirect(
+        &self,
+        first: &Url,
+        target: &Url,
+        who: Requester,
+    ) -> Result<(), GuardError> {
+        match who {
+            Requester::Local => Ok(()),
+            Requester::Registry => {
+                let same_origin = first.scheme() == target.scheme()
+                    && first.host() == target.host()
+                    && first.port_or_known_default() == target.port_or_known_default();
+                if same_origin {
+                    return Ok(());
+                }
+                if target.scheme() != "https" {
+                    return Err(GuardError::Host {
+                        host: target.host_str().unwrap_or_default().to_owned(),
+                        why: "a registry's redirect is followed only to https",
+                    });
+                }
+                self.check_url(target, Requester::Peer)
+            }
+            Requester::Peer | Requester::PeerOnLoopback => self.check_url(target, who),
+        }
     }
 
     fn check_literal(&self, ip: IpAddr, who: Requester) -> Result<(), GuardError> {
@@ -450,6 +482,24 @@ mod tests {
             assert!(g.check_ip(ip, Requester::Peer).is_err(), "{ip}");
             assert!(g.check_ip(ip, Requester::PeerOnLoopback).is_ok(), "{ip}");
         }
+    }
+
+    #[test]
+    fn a_registrys_redirects_go_to_https_hosts_that_pass_the_guard_or_back_to_it() {
+        let g = OriginGuard::default();
+        let first = url("http://127.0.0.1:5000/v2/r/blobs/sha256:aa");
+        let ok = |t: &str| {
+            g.check_redirect(&first, &url(t), Requester::Registry)
+                .is_ok()
+        };
+        assert!(g.check_url(&first, Requester::Registry).is_ok());
+        assert!(ok("http://127.0.0.1:5000/v2/r/blobs/uploads/x"));
+        assert!(ok("https://bucket.s3.example/blob?sig=x"));
+        assert!(!ok("http://bucket.s3.example/blob"));
+        assert!(!ok("https://169.254.169.254/latest/meta-data/"));
+        assert!(!ok("https://127.0.0.1:6000/secret"));
+        assert!(!ok("https://localhost/secret"));
+        assert!(!ok("http://127.0.0.1:6000/secret"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
+use df_node::origin::Requester;
 use df_node::{ContentError, DownloadRequest, TaskError};
 use df_protocols::task::ContentDigest;
 use futures::StreamExt;
@@ -794,6 +795,8 @@ async fn blob(
             .map(|a| vec![("Authorization".to_owned(), a.to_owned())])
             .unwrap_or_default(),
         digest: Some(digest.clone()),
+        // A configured registry: its redirects go only to https hosts the origin guard allows.
+        requester: Requester::Registry,
         ..DownloadRequest::default()
     };
     let range = req

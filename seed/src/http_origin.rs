@@ -52,6 +52,7 @@ pub struct HttpOrigin {
     local: reqwest::Client,
     peer_on_loopback: reqwest::Client,
     peer: reqwest::Client,
+    registry: reqwest::Client,
     guard: Arc<OriginGuard>,
     retries: u32,
 }
@@ -99,31 +100,33 @@ impl HttpOrigin {
                 .user_agent(concat!("df/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(cfg.connect_timeout)
                 .read_timeout(cfg.read_timeout);
-            if requester != Requester::Local {
-                let g = guard.clone();
-                b = b
-                    .dns_resolver(Arc::new(GuardedResolver {
-                        guard: guard.clone(),
-                        requester,
-                    }))
-                    .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                        if attempt.previous().len() >= MAX_REDIRECTS {
-                            return attempt.error("too many redirects");
-                        }
-                        match g.check_url(attempt.url(), requester) {
-                            Ok(()) => attempt.follow(),
-                            Err(e) => attempt.error(e),
-                        }
-                    }));
-            } else {
-                b = b.redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS));
+            if matches!(requester, Requester::Peer | Requester::PeerOnLoopback) {
+                b = b.dns_resolver(Arc::new(GuardedResolver {
+                    guard: guard.clone(),
+                    requester,
+                }));
             }
+            let g = guard.clone();
+            b = b.redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    return attempt.error("too many redirects");
+                }
+                let checked = match attempt.previous().first() {
+                    Some(first) => g.check_redirect(first, attempt.url(), requester),
+                    None => g.check_url(attempt.url(), requester),
+                };
+                match checked {
+                    Ok(()) => attempt.follow(),
+                    Err(e) => attempt.error(e),
+                }
+            }));
             Ok(b.build()?)
         };
         Ok(HttpOrigin {
             local: client(Requester::Local)?,
             peer_on_loopback: client(Requester::PeerOnLoopback)?,
             peer: client(Requester::Peer)?,
+            registry: client(Requester::Registry)?,
             guard,
             retries: cfg.retries,
         })
@@ -158,6 +161,7 @@ impl HttpOrigin {
             Requester::Local => &self.local,
             Requester::PeerOnLoopback => &self.peer_on_loopback,
             Requester::Peer => &self.peer,
+            Requester::Registry => &self.registry,
         };
         Ok(client.get(spec.url.clone()).headers(headers))
     }

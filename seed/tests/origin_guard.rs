@@ -143,3 +143,67 @@ async fn allow_and_deny_lists_narrow_peer_fetches_only() {
         .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_registrys_blob_redirect_reaches_only_https_or_the_registry_itself() {
+    let (secret, secret_hits) = server(String::new()).await;
+    let (registry, _) = server(format!("http://127.0.0.1:{secret}/secret")).await;
+    let o = origin();
+    // The mirror's registry is reached as configured (here on loopback)...
+    let direct = format!("http://127.0.0.1:{registry}/secret");
+    assert!(
+        o.open(&spec(&direct, Requester::Registry), 0..6)
+            .await
+            .is_ok()
+    );
+    // ...but its redirect to another plain-http service on this host is not followed.
+    let r = o
+        .open(
+            &spec(
+                &format!("http://127.0.0.1:{registry}/redirect"),
+                Requester::Registry,
+            ),
+            0..6,
+        )
+        .await;
+    assert!(
+        refused(r),
+        "the registry's redirect to a local service was followed"
+    );
+    assert_eq!(secret_hits.load(Ordering::SeqCst), 0);
+    // The same registry redirecting to one of its own paths is followed.
+    let same = server_redirecting_to_itself().await;
+    let r = o
+        .open(
+            &spec(
+                &format!("http://127.0.0.1:{same}/redirect"),
+                Requester::Registry,
+            ),
+            0..6,
+        )
+        .await;
+    assert!(r.is_ok(), "a registry's redirect to itself was refused");
+}
+
+/// A server whose `/redirect` sends the client to its own `/secret`.
+async fn server_redirecting_to_itself() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let resp = if buf[..n].starts_with(b"GET /redirect") {
+                    format!(
+                        "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/secret\r\nContent-Length: 0\r\n\r\n"
+                    )
+                } else {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret".to_owned()
+                };
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
