@@ -24,20 +24,7 @@ impl TestNode {
         bootstrap: Vec<Multiaddr>,
         tweak: impl FnOnce(&mut NodeConfig),
     ) -> Result<TestNode> {
-        let dir = tempfile::tempdir()?;
-        let mut cfg = NodeConfig::local(dir.path(), role);
-        cfg.bootstrap = bootstrap;
-        cfg.network.swarm_key = Some(swarm_key_file()?);
-        // Tests detect stalls quickly.
-        cfg.download.stall_timeout = Duration::from_secs(2);
-        tweak(&mut cfg);
-        let node = df_seed::start(cfg).await.context("starting node")?;
-        let api = ApiClient::new(node.api_addr());
-        Ok(TestNode {
-            node,
-            api,
-            _dir: dir,
-        })
+        Self::launch(role, bootstrap, None, tweak).await
     }
 
     /// Like [`TestNode::start`], with `origin` instead of HTTP for back-to-source.
@@ -47,12 +34,26 @@ impl TestNode {
         origin: Arc<dyn Origin>,
         tweak: impl FnOnce(&mut NodeConfig),
     ) -> Result<TestNode> {
+        Self::launch(role, bootstrap, Some(origin), tweak).await
+    }
+
+    async fn launch(
+        role: Role,
+        bootstrap: Vec<Multiaddr>,
+        origin: Option<Arc<dyn Origin>>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> Result<TestNode> {
         let dir = tempfile::tempdir()?;
         let mut cfg = NodeConfig::local(dir.path(), role);
         cfg.bootstrap = bootstrap;
         cfg.network.swarm_key = Some(swarm_key_file()?);
+        // Tests detect stalls quickly.
         cfg.download.stall_timeout = Duration::from_secs(2);
         tweak(&mut cfg);
+        let origin = match origin {
+            Some(o) => o,
+            None => Arc::new(df_seed::HttpOrigin::new(&cfg.origin)?),
+        };
         let node = Node::start(cfg, origin).await.context("starting node")?;
         let api = ApiClient::new(node.api_addr());
         Ok(TestNode {
