@@ -31,6 +31,7 @@ impl Backend {
     async fn shutdown(self) {
         if let Some((node, dir)) = self.embedded {
             node.shutdown().await;
+            node.release_for_exit().await;
             drop(dir);
         }
     }

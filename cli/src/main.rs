@@ -113,6 +113,7 @@ async fn serve(role: Role, args: ServeArgs) -> Result<()> {
         m.shutdown().await;
     }
     node.shutdown().await;
+    node.release_for_exit().await;
     Ok(())
 }
 

@@ -425,6 +425,13 @@ impl Node {
         }
     }
 
+    /// After [`Node::shutdown`], just before the process exits: stops the store's background
+    /// threads, so none runs while the process tears down.
+    pub async fn release_for_exit(&self) {
+        let store = self.inner.ctx.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.stop_background_work()).await;
+    }
+
     /// Waits until `n` peers are connected and identified; false after `timeout`.
     pub async fn wait_for_peers(&self, n: usize, timeout: std::time::Duration) -> bool {
         self.inner.ctx.net.state().wait_identified(n, timeout).await

@@ -278,6 +278,13 @@ impl PieceStore {
         Ok(bf)
     }
 
+    /// Stops RocksDB's background threads (flushes, compactions) and waits for them. Call just
+    /// before the process exits: a background thread still running while the C++ runtime tears
+    /// down can abort the process.
+    pub fn stop_background_work(&self) {
+        self.db.cancel_all_background_work(true);
+    }
+
     /// Marks a task not complete (it keeps what it holds), so the next download fetches what is
     /// missing. Returns whether it was marked complete.
     pub fn reopen(&self, task: &TaskKey) -> Result<bool, StoreError> {
