@@ -18,8 +18,8 @@
 //! complete whose pieces are not all held (a crash before that flush, a damaged store), so it is
 //! fetched again instead of failing every later download.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use df_protocols::PeerId;
@@ -88,7 +88,23 @@ pub fn now_unix() -> u64 {
 /// Handle to the store; cheap to clone. All methods block: call them from `spawn_blocking`.
 #[derive(Clone)]
 pub struct PieceStore {
-    db: Arc<DB>,
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    /// The open database; replaced by [`PieceStore::recover`] after a full disk (`None` only
+    /// when reopening it failed).
+    db: RwLock<Option<Arc<DB>>>,
+    /// Times the database was reopened: a writer that failed on a full disk reopens it only if
+    /// nobody did since its write began.
+    generation: std::sync::atomic::AtomicU64,
+    dir: PathBuf,
+    cfg: StorageConfig,
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
+    db.cf_handle(name)
+        .ok_or_else(|| StoreError::Corrupt(format!("column family {name} missing")))
 }
 
 fn task_prefix(task: &TaskKey) -> Vec<u8> {
@@ -113,6 +129,18 @@ fn index_of(key: &[u8], prefix_len: usize) -> Option<u32> {
 impl PieceStore {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path, cfg: &StorageConfig) -> Result<PieceStore, StoreError> {
+        let db = Self::open_db(dir, cfg)?;
+        Ok(PieceStore {
+            inner: Arc::new(StoreInner {
+                db: RwLock::new(Some(Arc::new(db))),
+                generation: std::sync::atomic::AtomicU64::new(0),
+                dir: dir.to_path_buf(),
+                cfg: cfg.clone(),
+            }),
+        })
+    }
+
+    fn open_db(dir: &Path, cfg: &StorageConfig) -> Result<DB, StoreError> {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -149,28 +177,94 @@ impl PieceStore {
             ColumnFamilyDescriptor::new(CF_PIECES, pieces),
             ColumnFamilyDescriptor::new(CF_HAVE, small),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        Ok(PieceStore { db: Arc::new(db) })
+        Ok(DB::open_cf_descriptors(&db_opts, dir, cfs)?)
     }
 
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| StoreError::Corrupt(format!("column family {name} missing")))
+    /// The open database (a reference; the store may replace it in [`PieceStore::recover`]).
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        self.inner
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Io("the piece store could not be reopened".into()))
+    }
+
+    /// Brings the store back after a full disk: RocksDB stops all writes after a failed flush
+    /// ("no space") and stays read-only until reopened. Closes and reopens the database (pieces
+    /// of unfinished tasks still in memory are lost, and their `have` markers with them, so
+    /// nothing claims them). Call once space may have been freed, e.g. after evicting.
+    pub fn recover(&self) -> Result<(), StoreError> {
+        self.recover_since(self.generation())
+    }
+
+    fn generation(&self) -> u64 {
+        self.inner
+            .generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Reopens the database unless that happened since `generation`.
+    fn recover_since(&self, generation: u64) -> Result<(), StoreError> {
+        let mut slot = self.inner.db.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation() != generation {
+            return Ok(());
+        }
+        if let Some(old) = slot.take() {
+            // Operations still using the old handle finish first, so that it really closes.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if Arc::strong_count(&old) > 1 {
+                *slot = Some(old);
+                return Err(StoreError::Io("piece store busy; not reopened".into()));
+            }
+            old.cancel_all_background_work(true);
+            drop(old);
+        }
+        *slot = Some(Arc::new(Self::open_db(&self.inner.dir, &self.inner.cfg)?));
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!("piece store reopened after a full disk");
+        Ok(())
+    }
+
+    /// Runs a write; after a full disk (which leaves RocksDB refusing every write until it is
+    /// reopened) reopens the store and tries once more, so one full-disk event does not fail
+    /// every later write once space is back.
+    fn write_recovering(
+        &self,
+        write: impl Fn(&DB) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let generation = self.generation();
+        let first = {
+            let db = self.db()?;
+            write(&db)
+        };
+        match first {
+            Err(StoreError::NoSpace) => {
+                if let Err(e) = self.recover_since(generation) {
+                    tracing::warn!(error = %e, "reopening the piece store failed");
+                    return Err(StoreError::NoSpace);
+                }
+                let db = self.db()?;
+                write(&db)
+            }
+            other => other,
+        }
     }
 
     pub fn put_task(&self, rec: &TaskRecord) -> Result<(), StoreError> {
         let v = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.db
-            .put_cf(self.cf(CF_TASKS)?, task_prefix(&rec.header.header.task), v)?;
-        Ok(())
+        let key = task_prefix(&rec.header.header.task);
+        self.write_recovering(|db| Ok(db.put_cf(cf(db, CF_TASKS)?, &key, &v)?))
     }
 
     pub fn task(&self, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_TASKS)?, task_prefix(task))?
-        {
+        let db = self.db()?;
+        match db.get_pinned_cf(cf(&db, CF_TASKS)?, task_prefix(task))? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
@@ -180,8 +274,9 @@ impl PieceStore {
 
     /// Every task record (unparseable ones are skipped and logged).
     pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let db = self.db()?;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_TASKS)?, IteratorMode::Start) {
+        for item in db.iterator_cf(cf(&db, CF_TASKS)?, IteratorMode::Start) {
             let (k, v) = item?;
             match serde_json::from_slice::<TaskRecord>(&v) {
                 Ok(rec) => out.push(rec),
@@ -199,26 +294,32 @@ impl PieceStore {
         producer: PeerId,
         hashes: &[SignedPieceHash],
     ) -> Result<(), StoreError> {
-        let cf = self.cf(CF_HASHES)?;
-        let mut batch = WriteBatch::default();
+        let mut values = Vec::with_capacity(hashes.len());
         for h in hashes {
             let v = serde_json::to_vec(&StoredHash {
                 producer,
                 hash: h.clone(),
             })
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            batch.put_cf(cf, piece_key(task, h.index), v);
+            values.push((piece_key(task, h.index), v));
         }
-        self.db.write(batch)?;
-        Ok(())
+        self.write_recovering(|db| {
+            let hashes_cf = cf(db, CF_HASHES)?;
+            let mut batch = WriteBatch::default();
+            for (k, v) in &values {
+                batch.put_cf(hashes_cf, k, v);
+            }
+            Ok(db.write(batch)?)
+        })
     }
 
     /// All stored piece hashes of a task, grouped by producer.
     pub fn hashes(&self, task: &TaskKey) -> Result<Vec<PieceHashBatch>, StoreError> {
+        let db = self.db()?;
         let prefix = task_prefix(task);
         let mut out: Vec<PieceHashBatch> = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(CF_HASHES)?,
+        let iter = db.iterator_cf(
+            cf(&db, CF_HASHES)?,
             IteratorMode::From(&prefix, Direction::Forward),
         );
         for item in iter {
@@ -242,28 +343,30 @@ impl PieceStore {
     /// Stores a piece (already verified by the caller) and marks it held.
     pub fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError> {
         let key = piece_key(task, index);
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_PIECES)?, &key, data);
-        batch.put_cf(self.cf(CF_HAVE)?, &key, []);
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        self.write_recovering(|db| {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(cf(db, CF_PIECES)?, &key, data);
+            batch.put_cf(cf(db, CF_HAVE)?, &key, []);
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            Ok(db.write_opt(batch, &wo)?)
+        })
     }
 
     pub fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_PIECES)?, piece_key(task, index))?
+        let db = self.db()?;
+        Ok(db
+            .get_pinned_cf(cf(&db, CF_PIECES)?, piece_key(task, index))?
             .map(|v| v.to_vec()))
     }
 
     /// Which of a task's `count` pieces are stored.
     pub fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError> {
+        let db = self.db()?;
         let prefix = task_prefix(task);
         let mut bf = Bitfield::new(count);
-        let iter = self.db.iterator_cf(
-            self.cf(CF_HAVE)?,
+        let iter = db.iterator_cf(
+            cf(&db, CF_HAVE)?,
             IteratorMode::From(&prefix, Direction::Forward),
         );
         for item in iter {
@@ -282,7 +385,10 @@ impl PieceStore {
     /// before the process exits: a background thread still running while the C++ runtime tears
     /// down can abort the process.
     pub fn stop_background_work(&self) {
-        self.db.cancel_all_background_work(true);
+        let Ok(db) = self.db() else {
+            return Default::default();
+        };
+        db.cancel_all_background_work(true);
     }
 
     /// Marks a task not complete (it keeps what it holds), so the next download fetches what is
@@ -317,11 +423,12 @@ impl PieceStore {
 
     /// Forgets a piece (its `have` marker and bytes), e.g. after finding it missing or corrupt.
     pub fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError> {
+        let db = self.db()?;
         let key = piece_key(task, index);
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_HAVE)?, &key);
-        batch.delete_cf(self.cf(CF_PIECES)?, &key);
-        self.db.write(batch)?;
+        batch.delete_cf(cf(&db, CF_HAVE)?, &key);
+        batch.delete_cf(cf(&db, CF_PIECES)?, &key);
+        db.write(batch)?;
         Ok(())
     }
 
@@ -330,39 +437,41 @@ impl PieceStore {
         let start = task_prefix(task);
         let mut end = start.clone();
         end.extend([0xff; 5]);
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_TASKS)?, &start);
-        for name in [CF_HASHES, CF_PIECES, CF_HAVE] {
-            batch.delete_range_cf(self.cf(name)?, &start, &end);
-        }
-        self.db.write(batch)?;
+        self.write_recovering(|db| {
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(cf(db, CF_TASKS)?, &start);
+            for name in [CF_HASHES, CF_PIECES, CF_HAVE] {
+                batch.delete_range_cf(cf(db, name)?, &start, &end);
+            }
+            Ok(db.write(batch)?)
+        })?;
         // Drop the range's SST entries now, so blob files holding only this task's pieces become
         // unreferenced and are deleted.
-        self.db
-            .compact_range_cf(self.cf(CF_PIECES)?, Some(&start), Some(&end));
+        let db = self.db()?;
+        db.compact_range_cf(cf(&db, CF_PIECES)?, Some(&start), Some(&end));
         Ok(())
     }
 
     /// Bytes on disk used by the store's SST and blob files.
     pub fn disk_usage(&self) -> u64 {
+        let Ok(db) = self.db() else {
+            return Default::default();
+        };
         [CF_TASKS, CF_HASHES, CF_PIECES, CF_HAVE]
             .iter()
             .filter_map(|n| {
-                let cf = self.db.cf_handle(n)?;
-                let sst = self
-                    .db
+                let cf = db.cf_handle(n)?;
+                let sst = db
                     .property_int_value_cf(cf, "rocksdb.total-sst-files-size")
                     .ok()
                     .flatten()
                     .unwrap_or(0);
-                let blob = self
-                    .db
+                let blob = db
                     .property_int_value_cf(cf, "rocksdb.total-blob-file-size")
                     .ok()
                     .flatten()
                     .unwrap_or(0);
-                let mem = self
-                    .db
+                let mem = db
                     .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
                     .ok()
                     .flatten()
@@ -374,12 +483,12 @@ impl PieceStore {
 
     /// Flushes memtables (pieces are written without WAL): call on shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
         let cfs: Vec<&rocksdb::ColumnFamily> = [CF_TASKS, CF_HASHES, CF_PIECES, CF_HAVE]
             .iter()
-            .filter_map(|n| self.db.cf_handle(n))
+            .filter_map(|n| db.cf_handle(n))
             .collect();
-        self.db
-            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+        db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
         Ok(())
     }
 }

@@ -309,6 +309,16 @@ impl Runner {
         }
         tracing::warn!(task = %self.key, error = %e, "task failed");
         self.ctx.metrics.task_failed();
+        if matches!(e, TaskError::NoSpace { .. }) {
+            // What this task holds is what filled the disk: free it, so that the store (which
+            // reopens itself on the next write) has room for the next download.
+            let (store, key) = (self.ctx.store.clone(), self.key);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.delete_task(&key) {
+                    tracing::warn!(task = %key, error = %e, "freeing a task that filled the disk failed");
+                }
+            });
+        }
         self.phase = Phase::Failed(e);
         self.publish_progress();
     }
