@@ -218,7 +218,9 @@ async fn containerd_and_skopeo_pull_through_two_mirrors_and_each_layer_leaves_th
         None,
     )
     .await?;
-    let swarm = Swarm::start(1, 2, |_| {}).await?;
+    // The default stall timeout: the harness's 2 s can, on a loaded 2-core host, declare the seed
+    // gone mid-pull and have a node fetch a layer from the registry a second time.
+    let swarm = Swarm::start(1, 2, |c| c.download.stall_timeout = Duration::from_secs(5)).await?;
     let reg_url: url::Url = reg.url.parse()?;
     let host = reg.host.clone();
     let ma = mirror_on(&swarm.nodes[0], |c| {
