@@ -84,6 +84,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(role: Role, args: ServeArgs) -> Result<()> {
+    // What the node writes (the RocksDB store, its keys and tokens) is for this user alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let file = match &args.config {
         Some(p) => {
             Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)

@@ -240,3 +240,42 @@ async fn after_the_store_fills_the_disk_later_downloads_still_work() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nodes_data_directory_is_private_to_its_user() {
+    let origin = TestOrigin::start().await.unwrap();
+    origin.put("/p", content(MIB, 92));
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    blocking({
+        let (data, api, url, f) = (
+            dir.path().join("d"),
+            api.clone(),
+            origin.url("/p"),
+            out.path().join("p"),
+        );
+        move || {
+            let _node = start_node(&data, &api);
+            assert!(get(&url, &f, &api).status.success());
+        }
+    })
+    .await;
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.path().join("d")];
+    let mut seen = 0;
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o077,
+            0,
+            "{} is readable by others",
+            p.display()
+        );
+        seen += 1;
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(seen > 5, "only {seen} entries checked");
+}
