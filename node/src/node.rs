@@ -101,14 +101,20 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, NodeError> {
     }
 }
 
-/// Creates `dir` (and parents) and makes it private to this user (0700): it holds the identity
-/// and swarm keys, the API socket and token, and the cache.
+/// Creates `dir` (and parents) private to this user (0700): it holds the identity and swarm keys,
+/// the API socket and token, and the cache. An existing directory is left as the operator made it
+/// (it may be shared, e.g. `.`), with a warning when others can read it.
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let existed = dir.exists();
     std::fs::create_dir_all(dir)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        if !existed {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        } else if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), "the data directory is open to other users (it holds keys): chmod 700 it");
+        }
     }
     Ok(())
 }
