@@ -184,63 +184,6 @@ async fn kill_9_after_completion_keeps_the_task_usable() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Mounts a tmpfs of `mib` MiB (needs root; CI runs as root); unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(mib: u32) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mounting a tmpfs failed: this test needs root");
-        Tmpfs(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn after_the_store_fills_the_disk_later_downloads_still_work() {
-    let origin = TestOrigin::start().await.unwrap();
-    origin.put("/huge", content(64 * MIB, 90));
-    let small = content(MIB + 7, 91);
-    origin.put("/small", small.clone());
-    let disk = Tmpfs::mount(40);
-    let out = tempfile::tempdir().unwrap();
-    let api = format!("127.0.0.1:{}", free_port());
-    let (huge_url, small_url) = (origin.url("/huge"), origin.url("/small"));
-    let (first, second) = blocking({
-        let (dir, api, out) = (disk.0.path().join("d"), api.clone(), out.path().to_owned());
-        move || {
-            let _node = start_node(&dir, &api);
-            // More than the disk holds: the store runs out of space (whatever df get reports).
-            let _ = get(&huge_url, &out.join("huge"), &api);
-            let first = get(&small_url, &out.join("s1"), &api);
-            let second = get(&format!("{small_url}?again=1"), &out.join("s2"), &api);
-            (first, second)
-        }
-    })
-    .await;
-    for (o, name) in [(&first, "s1"), (&second, "s2")] {
-        assert!(
-            o.status.success(),
-            "a download after the disk filled failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert_eq!(
-            sha256_hex(&std::fs::read(out.path().join(name)).unwrap()),
-            sha256_hex(&small)
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nodes_data_directory_is_private_to_its_user() {
     let origin = TestOrigin::start().await.unwrap();
