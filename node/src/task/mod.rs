@@ -401,7 +401,9 @@ impl TaskRegistry {
         let inner = self.inner.lock().ok()?;
         let e = inner.entries.get(key)?;
         let tx = e.tx.as_ref()?;
-        if tx.is_closed() {
+        // A runner that has failed is on its way out: a new request must not join it (it would
+        // inherit the failure), but start a fresh one.
+        if tx.is_closed() || matches!(e.progress.borrow().phase, Phase::Failed(_)) {
             return None;
         }
         Some(RunnerHandle {
