@@ -365,11 +365,7 @@ impl OriginGuard {
         if self.deny.iter().any(|p| p.matches_name(&host)) {
             return refuse("denied by [origin] deny");
         }
-        let named = self
-            .allow
-            .iter()
-            .any(|p| !matches!(p, HostPattern::Net(..)));
-        if named && !self.allow.iter().any(|p| p.matches_name(&host)) {
+        if self.allows_names() && !self.allow.iter().any(|p| p.matches_name(&host)) {
             return refuse("not in [origin] allow");
         }
         Ok(())
@@ -403,13 +399,17 @@ impl OriginGuard {
         }
     }
 
+    /// Whether `allow` names hosts (not only address ranges): then only those hosts, and
+    /// addresses in its ranges, may be fetched for peers.
+    fn allows_names(&self) -> bool {
+        self.allow
+            .iter()
+            .any(|p| !matches!(p, HostPattern::Net(..)))
+    }
+
     fn check_literal(&self, ip: IpAddr, who: Requester) -> Result<(), GuardError> {
         self.check_ip(ip, who)?;
-        let named = self
-            .allow
-            .iter()
-            .any(|p| !matches!(p, HostPattern::Net(..)));
-        if named && !self.allow.iter().any(|p| p.matches_ip(ip)) {
+        if self.allows_names() && !self.allow.iter().any(|p| p.matches_ip(ip)) {
             return Err(GuardError::Address {
                 addr: ip,
                 why: "not in [origin] allow",

@@ -128,12 +128,7 @@ impl ApiClient {
     ) -> Result<T, ApiError> {
         let resp = self.send(method, path, body, &[]).await?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ApiError::Protocol(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(resp).await?;
         if !status.is_success() {
             return Err(error_from(status, &bytes));
         }
@@ -162,12 +157,7 @@ impl ApiClient {
         if status == StatusCode::NO_CONTENT {
             return Ok(true);
         }
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ApiError::Protocol(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(resp).await?;
         match error_from(status, &bytes) {
             ApiError::Task(TaskError::NotFound { .. }) => Ok(false),
             e => Err(e),
@@ -277,4 +267,13 @@ fn error_from(status: StatusCode, body: &[u8]) -> ApiError {
         status,
         body: String::from_utf8_lossy(body).chars().take(500).collect(),
     }
+}
+/// The whole body of a (small, JSON) API answer.
+async fn body_bytes(resp: http::Response<Incoming>) -> Result<Bytes, ApiError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ApiError::Protocol(e.to_string()))?
+        .to_bytes())
 }
