@@ -418,6 +418,12 @@ pub struct StorageConfig {
     /// Default: `24h` (`0s` on seeds is common).
     #[serde(with = "humantime_serde")]
     pub task_ttl: Duration,
+    /// When the filesystem holding the data directory is fuller than this (percent of its
+    /// size, whoever filled it), least recently used finished tasks are evicted until it is down
+    /// to `disk_low_watermark` or nothing evictable is left. `0` turns it off. Default: `90`.
+    pub disk_high_watermark: f64,
+    /// Where eviction for disk space stops, in percent of the filesystem. Default: `70`.
+    pub disk_low_watermark: f64,
 }
 
 impl Default for StorageConfig {
@@ -426,7 +432,27 @@ impl Default for StorageConfig {
             memtable_budget: ByteSize::mib(32),
             quota: ByteSize::b(0),
             task_ttl: Duration::from_secs(24 * 3600),
+            disk_high_watermark: 90.0,
+            disk_low_watermark: 70.0,
         }
+    }
+}
+
+impl StorageConfig {
+    /// Checks the watermarks: `0 <= low <= high <= 100`.
+    pub fn validate(&self) -> Result<(), String> {
+        let (hi, lo) = (self.disk_high_watermark, self.disk_low_watermark);
+        if !(0.0..=100.0).contains(&hi) || !(0.0..=100.0).contains(&lo) {
+            return Err(format!(
+                "storage.disk_high_watermark ({hi}) and disk_low_watermark ({lo}) are percentages, 0 to 100"
+            ));
+        }
+        if hi > 0.0 && lo > hi {
+            return Err(format!(
+                "storage.disk_low_watermark ({lo}) is above disk_high_watermark ({hi})"
+            ));
+        }
+        Ok(())
     }
 }
 

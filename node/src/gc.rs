@@ -1,16 +1,21 @@
 //! Cache eviction: tasks not used for `storage.task_ttl` are deleted, and when the store exceeds
 //! `storage.quota` the least recently used tasks are deleted until it is under 90 % of the quota.
+//! Independently of the quota, when the filesystem holding the data directory is fuller than
+//! `storage.disk_high_watermark` percent (by anyone's files), least recently used tasks are
+//! deleted until about `disk_low_watermark` percent, so a node never fills its host's disk.
 //! Partial and failed tasks (no live runner, not complete) expire the same way, so interrupted
 //! downloads can resume within the TTL but do not hold disk forever. Tasks with a live runner
 //! (downloading, producing) are never evicted.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use df_protocols::task::TaskKey;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::StorageConfig;
 use crate::node::Node;
 use crate::store::now_unix;
 
@@ -57,30 +62,97 @@ fn candidates(node: &Node) -> Vec<(TaskKey, u64, u64)> {
     out
 }
 
+/// How full the filesystem holding `dir` is: (bytes used, bytes usable by this process in all).
+fn filesystem_use(dir: &Path) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let frag = st.fragment_size();
+    let used = (st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * frag;
+    let avail = st.blocks_available() as u64 * frag;
+    Some((used, used + avail))
+}
+
+/// What one pass must free, from the cache's size and the filesystem's fill.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pressure {
+    /// Evict until the cache is at most this big (`u64::MAX`: no limit).
+    cache_target: u64,
+    /// Bytes to free for the filesystem's low watermark (0: none).
+    disk_to_free: u64,
+}
+
+fn pressure(cfg: &StorageConfig, cache: u64, fs: Option<(u64, u64)>) -> Pressure {
+    let quota = cfg.quota.as_u64();
+    let cache_target = if quota > 0 && cache > quota {
+        quota / 10 * 9
+    } else {
+        u64::MAX
+    };
+    let disk_to_free = match fs {
+        Some((used, total)) if cfg.disk_high_watermark > 0.0 && total > 0 => {
+            let share = used as f64 / total as f64 * 100.0;
+            if share > cfg.disk_high_watermark {
+                let low = (total as f64 * cfg.disk_low_watermark / 100.0) as u64;
+                used.saturating_sub(low)
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
+    Pressure {
+        cache_target,
+        disk_to_free,
+    }
+}
+
+/// Picks what to evict from `candidates` (least recently used first): expired tasks, then as
+/// many more as the quota and the disk watermark need.
+fn plan(
+    cfg: &StorageConfig,
+    candidates: Vec<(TaskKey, u64, u64)>,
+    now: u64,
+    cache: u64,
+    fs: Option<(u64, u64)>,
+) -> Vec<(TaskKey, u64)> {
+    let p = pressure(cfg, cache, fs);
+    let ttl = cfg.task_ttl.as_secs();
+    let (mut cache, mut freed) = (cache, 0u64);
+    let mut out = Vec::new();
+    for (key, used, len) in candidates {
+        let expired = ttl > 0 && now.saturating_sub(used) > ttl;
+        let for_space = cache > p.cache_target || freed < p.disk_to_free;
+        if expired || for_space {
+            cache = cache.saturating_sub(len);
+            freed = freed.saturating_add(len);
+            out.push((key, len));
+        }
+    }
+    out
+}
+
 /// Runs one eviction pass; returns the evicted tasks.
 pub async fn collect(node: &Node) -> Vec<TaskKey> {
     let cfg = node.config().storage.clone();
+    let dir = node.config().data_dir.clone();
     let n = node.clone();
-    let list = tokio::task::spawn_blocking(move || (candidates(&n), n.store().disk_usage()))
-        .await
-        .unwrap_or_default();
-    let (list, mut usage) = list;
-    let now = now_unix();
-    let ttl = cfg.task_ttl.as_secs();
-    let quota = cfg.quota.as_u64();
-    let over_quota = quota > 0 && usage > quota;
-    let target = quota / 10 * 9;
+    let (list, cache, fs) = tokio::task::spawn_blocking(move || {
+        (candidates(&n), n.store().disk_usage(), filesystem_use(&dir))
+    })
+    .await
+    .unwrap_or_default();
+    let p = pressure(&cfg, cache, fs);
+    if p.disk_to_free > 0 {
+        tracing::warn!(
+            to_free = p.disk_to_free,
+            high_watermark = cfg.disk_high_watermark,
+            "the data directory's filesystem is above its high watermark: evicting cached tasks"
+        );
+    }
     let mut evicted = Vec::new();
-    for (key, used, len) in list {
-        let expired = ttl > 0 && now.saturating_sub(used) > ttl;
-        let for_space = over_quota && usage > target;
-        if !(expired || for_space) {
-            continue;
-        }
+    for (key, len) in plan(&cfg, list, now_unix(), cache, fs) {
         match node.delete_task(&key).await {
             Ok(_) => {
-                tracing::info!(task = %key, expired, "evicted task from the cache");
-                usage = usage.saturating_sub(len);
+                tracing::info!(task = %key, bytes = len, "evicted task from the cache");
                 evicted.push(key);
             }
             Err(e) => tracing::warn!(task = %key, error = %e, "eviction failed"),
@@ -96,5 +168,96 @@ pub(crate) async fn run(node: Node, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => { collect(&node).await; }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytesize::ByteSize;
+    use std::time::Duration;
+
+    fn key(i: u8) -> TaskKey {
+        let d: df_protocols::task::ContentDigest = format!("sha256:{}", hex::encode([i; 32]))
+            .parse()
+            .expect("a digest");
+        TaskKey::for_digest(&d)
+    }
+
+    fn cands() -> Vec<(TaskKey, u64, u64)> {
+        // Least recently used first (at t = 1000: 300 s, 200 s, 100 s ago); 10, 20, 30 bytes.
+        vec![(key(1), 700, 10), (key(2), 800, 20), (key(3), 900, 30)]
+    }
+
+    fn cfg() -> StorageConfig {
+        StorageConfig {
+            task_ttl: Duration::ZERO,
+            ..StorageConfig::default()
+        }
+    }
+
+    #[test]
+    fn nothing_is_evicted_below_every_limit() {
+        assert!(plan(&cfg(), cands(), 1000, 60, Some((50, 100))).is_empty());
+        assert!(plan(&cfg(), cands(), 1000, 60, None).is_empty());
+    }
+
+    #[test]
+    fn above_the_high_watermark_lru_tasks_go_until_the_low_one() {
+        // 95 of 100 bytes used; low watermark 70 %: 25 bytes to free -> the first two (10 + 20).
+        let out = plan(&cfg(), cands(), 1000, 60, Some((95, 100)));
+        assert_eq!(out, vec![(key(1), 10), (key(2), 20)]);
+        // At exactly the high watermark nothing happens.
+        assert!(plan(&cfg(), cands(), 1000, 60, Some((90, 100))).is_empty());
+        // Turned off.
+        let off = StorageConfig {
+            disk_high_watermark: 0.0,
+            ..cfg()
+        };
+        assert!(plan(&off, cands(), 1000, 60, Some((99, 100))).is_empty());
+    }
+
+    #[test]
+    fn over_quota_evicts_down_to_ninety_percent_of_it() {
+        let c = StorageConfig {
+            quota: ByteSize::b(50),
+            ..cfg()
+        };
+        // 60 bytes cached, quota 50 -> target 45: evicting 10 (-> 50) is not enough, 20 more is.
+        let out = plan(&c, cands(), 1000, 60, Some((10, 100)));
+        assert_eq!(out, vec![(key(1), 10), (key(2), 20)]);
+    }
+
+    #[test]
+    fn expired_tasks_go_whatever_the_space() {
+        let c = StorageConfig {
+            task_ttl: Duration::from_secs(150),
+            ..cfg()
+        };
+        // Used 300 s, 200 s and 100 s ago: the two older than 150 s expire.
+        let out = plan(&c, cands(), 1000, 60, Some((10, 100)));
+        assert_eq!(out, vec![(key(1), 10), (key(2), 20)]);
+    }
+
+    #[test]
+    fn watermarks_are_checked() {
+        let bad = StorageConfig {
+            disk_high_watermark: 60.0,
+            disk_low_watermark: 80.0,
+            ..cfg()
+        };
+        assert!(bad.validate().is_err());
+        let bad = StorageConfig {
+            disk_high_watermark: 120.0,
+            ..cfg()
+        };
+        assert!(bad.validate().is_err());
+        assert!(cfg().validate().is_ok());
+    }
+
+    #[test]
+    fn the_filesystem_is_measured() {
+        let (used, total) = filesystem_use(Path::new("/")).expect("statvfs /");
+        assert!(total > 0 && used <= total);
     }
 }

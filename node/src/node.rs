@@ -33,6 +33,8 @@ use crate::trust::{SwarmAccess, TrustPolicy};
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -135,6 +137,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl Node {
     /// Starts a node: opens the store, starts listening (libp2p, data plane, API) and joins the swarm.
     pub async fn start(config: NodeConfig, origin: Arc<dyn Origin>) -> Result<Node, NodeError> {
+        config.storage.validate().map_err(NodeError::Config)?;
         let dir = &config.data_dir;
         create_private_dir(dir).map_err(|e| NodeError::DataDir {
             path: dir.display().to_string(),

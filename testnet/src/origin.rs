@@ -28,6 +28,11 @@ struct State {
     /// Bytes per second per response; 0 = unlimited.
     rate: u64,
     required_header: Option<(String, String)>,
+    /// No ETag or Last-Modified in answers.
+    no_validators: bool,
+    /// (path, after this many requests for it, new content).
+    replace: Option<(String, u64, Bytes)>,
+    served: HashMap<String, u64>,
 }
 
 /// A running test origin; stops when dropped.
@@ -134,6 +139,20 @@ impl TestOrigin {
         self.sent.load(Ordering::Relaxed)
     }
 
+    /// Answers without ETag and Last-Modified (so range requests cannot name a version).
+    pub fn drop_validators(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.no_validators = true;
+        }
+    }
+
+    /// Replaces `path`'s content once `after` requests for it have been answered.
+    pub fn replace_after(&self, path: &str, after: u64, data: impl Into<Bytes>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.replace = Some((path.to_owned(), after, data.into()));
+        }
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -153,16 +172,29 @@ fn handle(
 ) -> Response<Body> {
     requests.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
-    let (data, status, no_ranges, rate, required) = {
-        let Ok(s) = state.lock() else {
+    let (data, status, no_ranges, rate, required, no_validators) = {
+        let Ok(mut s) = state.lock() else {
             return simple(StatusCode::INTERNAL_SERVER_ERROR);
         };
+        let n = {
+            let n = s.served.entry(path.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if let Some((p, after, _)) = &s.replace
+            && *p == path
+            && n > *after
+            && let Some((p, _, data)) = s.replace.take()
+        {
+            s.files.insert(p, data);
+        }
         (
             s.files.get(&path).cloned(),
             s.statuses.get(&path).copied(),
             s.no_ranges,
             s.rate,
             s.required_header.clone(),
+            s.no_validators,
         )
     };
     if let Some(st) = status {
@@ -238,11 +270,13 @@ fn handle(
         }
     };
     set(header::CONTENT_LENGTH, (end - start).to_string());
-    set(header::ETAG, etag);
-    set(
-        header::LAST_MODIFIED,
-        "Wed, 21 Oct 2015 07:28:00 GMT".into(),
-    );
+    if !no_validators {
+        set(header::ETAG, etag);
+        set(
+            header::LAST_MODIFIED,
+            "Wed, 21 Oct 2015 07:28:00 GMT".into(),
+        );
+    }
     if !no_ranges {
         set(header::ACCEPT_RANGES, "bytes".into());
     }

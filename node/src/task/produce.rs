@@ -61,6 +61,10 @@ pub(crate) struct ProductionJob {
     pub tx: mpsc::UnboundedSender<RunnerMsg>,
 }
 
+/// How many of the content's first bytes are fetched again at the end of a ranged production
+/// from an origin without validators.
+const HEAD_CHECK_BYTES: usize = 64 << 10;
+
 async fn collect(
     mut body: ByteStream,
     len: usize,
@@ -195,9 +199,49 @@ impl ProductionJob {
         self.store_piece(index, data.freeze()).await
     }
 
+    /// Whether the origin named a version (a strong ETag or a Last-Modified) that every range
+    /// request is checked against (`If-Range`).
+    fn has_validators(&self) -> bool {
+        self.validators
+            .etag
+            .as_ref()
+            .is_some_and(|e| !e.starts_with("W/"))
+            || self.validators.last_modified.is_some()
+    }
+
+    /// Fetches the content's first bytes again and compares them with the stored piece 0: an
+    /// origin without validators whose file was replaced (same length) would otherwise give a
+    /// task made of two versions. Skipped when this node does not hold piece 0.
+    async fn head_unchanged(&self) -> Result<(), ProduceError> {
+        let store = self.ctx.store.clone();
+        let key = self.key;
+        let stored = tokio::task::spawn_blocking(move || store.piece(&key, 0))
+            .await
+            .map_err(|e| ProduceError::Store(e.to_string()))??;
+        let Some(stored) = stored else {
+            return Ok(());
+        };
+        let n = stored.len().min(HEAD_CHECK_BYTES);
+        if n == 0 {
+            return Ok(());
+        }
+        let now = self.fetch_range_with_retries(0, n as u64).await?;
+        self.ctx.metrics.add_from_origin(now.len() as u64);
+        if now[..] != stored[..n] {
+            return Err(OriginError::Changed(
+                "origin content changed during the download (its first bytes differ now, and it \
+                 sends no ETag or Last-Modified to tell versions apart)"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     async fn run_ranged(&mut self, first: FirstBody) {
         let mut first = Some(first);
         let pieces = std::mem::take(&mut self.pieces);
+        let total = pieces.len();
         let this = &*self;
         let jobs = pieces.into_iter().map(|index| {
             let first = if first.as_ref().is_some_and(|f| f.index == index) {
@@ -209,7 +253,20 @@ impl ProductionJob {
         });
         let mut results =
             stream::iter(jobs).buffer_unordered(self.ctx.config.origin.concurrency.max(1));
-        while let Some((index, result)) = results.next().await {
+        let mut done = 0;
+        while let Some((index, mut result)) = results.next().await {
+            done += 1;
+            if done == total
+                && result.is_ok()
+                && this.layout.piece_count() > 1
+                && !this.has_validators()
+            {
+                // Before the last piece completes the task: nothing tells whether the origin
+                // changed while the pieces were fetched, but its first bytes must still match.
+                if let Err(e) = this.head_unchanged().await {
+                    result = Err(e);
+                }
+            }
             let failed = result.is_err();
             self.report(index, result);
             if failed {

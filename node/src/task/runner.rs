@@ -60,6 +60,10 @@ const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_DIRECT_PROBES: usize = 64;
 /// How long a candidate producer may take to accept a task (it opens the origin first).
 const ELECT_ASK_TIMEOUT: Duration = Duration::from_secs(20);
+/// A candidate whose request fails within `ELECT_RETRY_IF_FASTER` is asked up to this many times.
+const ELECT_ASK_ATTEMPTS: u32 = 3;
+const ELECT_RETRY_IF_FASTER: Duration = Duration::from_secs(2);
+const ELECT_RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// After a stall, how long probes get to answer before the producer question is decided.
 const STALL_SETTLE: Duration = Duration::from_secs(1);
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
@@ -309,13 +313,17 @@ impl Runner {
         }
         tracing::warn!(task = %self.key, error = %e, "task failed");
         self.ctx.metrics.task_failed();
-        if matches!(e, TaskError::NoSpace { .. }) {
-            // What this task holds is what filled the disk: free it, so that the store (which
-            // reopens itself on the next write) has room for the next download.
+        if matches!(
+            e,
+            TaskError::NoSpace { .. } | TaskError::ContentChanged { .. }
+        ) {
+            // What this task holds is what filled the disk, or pieces of an origin version that
+            // is gone: free it, so that the store (which reopens itself on the next write) has
+            // room for the next download and the next request starts from the origin afresh.
             let (store, key) = (self.ctx.store.clone(), self.key);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.delete_task(&key) {
-                    tracing::warn!(task = %key, error = %e, "freeing a task that filled the disk failed");
+                    tracing::warn!(task = %key, error = %e, "freeing a failed task's data failed");
                 }
             });
         }
@@ -1786,14 +1794,32 @@ async fn run_election(
         let net = net.clone();
         let start = start.clone();
         async move {
-            tokio::time::timeout(ELECT_ASK_TIMEOUT, net.request(peer, start))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(NetworkError::Request {
-                        peer,
-                        reason: "no answer in time".into(),
-                    })
-                })
+            let mut attempt = 0;
+            loop {
+                let began = tokio::time::Instant::now();
+                let r = tokio::time::timeout(ELECT_ASK_TIMEOUT, net.request(peer, start.clone()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(NetworkError::Request {
+                            peer,
+                            reason: "no answer in time".into(),
+                        })
+                    });
+                // A request that failed at once (its connection was replaced or closed under
+                // it, e.g. while both sides dialed each other) is asked again; a peer that did
+                // not answer in time is not.
+                attempt += 1;
+                match r {
+                    Err(e)
+                        if attempt < ELECT_ASK_ATTEMPTS
+                            && began.elapsed() < ELECT_RETRY_IF_FASTER =>
+                    {
+                        tracing::debug!(%peer, error = %e, "asking again");
+                        tokio::time::sleep(ELECT_RETRY_PAUSE).await;
+                    }
+                    r => return r,
+                }
+            }
         }
     };
     // Only peers we are connected to can take the task (the DHT remembers departed ones).
@@ -1807,6 +1833,8 @@ async fn run_election(
         .filter(|s| *s != me && candidates.admits(s) && connected.contains(s))
         .collect();
     distance_order(&key, &mut seeds);
+    let seeds_asked = seeds.len();
+    let mut seed_refusal: Option<String> = None;
     if role == Role::Seed && !candidates.exclude.contains(&me) {
         // A seed is responsible for what it is asked to download itself.
         return Election::Local;
@@ -1828,10 +1856,16 @@ async fn run_election(
                     return Election::Failed(err);
                 }
                 Some(err) => last_error = Some(err),
-                None => {}
+                None => {
+                    tracing::info!(%key, seed = %s, reason = %e.message, "seed declined the task");
+                    seed_refusal = Some(e.message);
+                }
             },
             Ok(_) => {}
-            Err(e) => tracing::debug!(%key, seed = %s, error = %e, "seed did not take the task"),
+            Err(e) => {
+                tracing::info!(%key, seed = %s, error = %e, "seed did not take the task");
+                seed_refusal = Some(e.to_string());
+            }
         }
     }
 
@@ -1881,10 +1915,16 @@ async fn run_election(
         }
     }
     Election::Failed(last_error.unwrap_or_else(|| {
+        let why = match (seeds_asked, seed_refusal) {
+            (0, _) => "no trusted seed is connected".to_owned(),
+            (n, Some(r)) => format!("{n} seed(s) asked; the last answered: {r}"),
+            (n, None) => format!("{n} seed(s) asked"),
+        };
         TaskError::NoSource {
-            message:
-                "no seed or peer has this content or could fetch it, and back-to-source is disabled"
-                    .into(),
+            message: format!(
+                "no seed or peer has this content or could fetch it, and back-to-source is \
+                 disabled ({why})"
+            ),
         }
     }))
 }
