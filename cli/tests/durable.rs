@@ -32,6 +32,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The node's standard error goes to `<dir>.log` (appended), shown when a check fails.
+fn node_log(dir: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
 fn start_node(dir: &Path, api: &str) -> Daemon {
     let child = Command::new(DF)
         .args(["node", "--data-dir", dir.to_str().unwrap()])
@@ -44,7 +54,7 @@ fn start_node(dir: &Path, api: &str) -> Daemon {
         .args(["--api", api])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(node_log(dir))
         .spawn()
         .unwrap();
     let d = Daemon(child);
@@ -303,7 +313,8 @@ async fn sigterm_exits_cleanly_after_and_during_a_download() {
         };
         assert!(
             status.success(),
-            "{phase} a download, df node exited with {status:?} on SIGTERM"
+            "{phase} a download, df node exited with {status:?} on SIGTERM; its log:\n{}",
+            std::fs::read_to_string(dir.path().with_extension("log")).unwrap_or_default()
         );
     }
 }

@@ -434,11 +434,11 @@ impl Node {
         }
     }
 
-    /// After [`Node::shutdown`], just before the process exits: stops the store's background
-    /// threads, so none runs while the process tears down.
+    /// After [`Node::shutdown`], just before the process exits: closes the store, so no thread
+    /// is inside RocksDB while the process tears down. The node is unusable afterwards.
     pub async fn release_for_exit(&self) {
         let store = self.inner.ctx.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.stop_background_work()).await;
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
 
     /// Waits until `n` peers are connected and identified; false after `timeout`.

@@ -98,6 +98,8 @@ struct StoreInner {
     /// Times the database was reopened: a writer that failed on a full disk reopens it only if
     /// nobody did since its write began.
     generation: std::sync::atomic::AtomicU64,
+    /// Set by [`PieceStore::close`]: nothing opens or uses the database again.
+    closed: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     cfg: StorageConfig,
 }
@@ -134,6 +136,7 @@ impl PieceStore {
             inner: Arc::new(StoreInner {
                 db: RwLock::new(Some(Arc::new(db))),
                 generation: std::sync::atomic::AtomicU64::new(0),
+                closed: std::sync::atomic::AtomicBool::new(false),
                 dir: dir.to_path_buf(),
                 cfg: cfg.clone(),
             }),
@@ -182,6 +185,9 @@ impl PieceStore {
 
     /// The open database (a reference; the store may replace it in [`PieceStore::recover`]).
     fn db(&self) -> Result<Arc<DB>, StoreError> {
+        if self.inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io("the piece store is closed".into()));
+        }
         self.inner
             .db
             .read()
@@ -207,6 +213,9 @@ impl PieceStore {
     /// Reopens the database unless that happened since `generation`.
     fn recover_since(&self, generation: u64) -> Result<(), StoreError> {
         let mut slot = self.inner.db.write().unwrap_or_else(|p| p.into_inner());
+        if self.inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io("the piece store is closed".into()));
+        }
         if self.generation() != generation {
             return Ok(());
         }
@@ -384,11 +393,27 @@ impl PieceStore {
     /// Stops RocksDB's background threads (flushes, compactions) and waits for them. Call just
     /// before the process exits: a background thread still running while the C++ runtime tears
     /// down can abort the process.
-    pub fn stop_background_work(&self) {
-        let Ok(db) = self.db() else {
-            return Default::default();
+    /// Closes the database for good before the process exits: waits (up to 10 s) for operations
+    /// in flight, stops RocksDB's background threads and closes it, so no thread is inside
+    /// RocksDB while the process tears down (that aborted it: "pthread lock: Invalid argument").
+    /// Every later operation fails with "closed".
+    pub fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut slot = self.inner.db.write().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = slot.take() else {
+            return;
         };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&db) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         db.cancel_all_background_work(true);
+        if Arc::strong_count(&db) > 1 {
+            tracing::warn!("piece store still in use at exit; leaving it open");
+            *slot = Some(db);
+        }
     }
 
     /// Marks a task not complete (it keeps what it holds), so the next download fetches what is
@@ -514,6 +539,26 @@ mod tests {
         }
         .sign(key)
         .unwrap()
+    }
+
+    #[test]
+    fn a_closed_store_refuses_everything_and_is_not_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let key = Keypair::generate_ed25519();
+        let h = header(&key, "http://h/c");
+        let t = h.header.task;
+        store.put_piece(&t, 0, b"abcd").unwrap();
+        let other = store.clone();
+        store.close();
+        let e = other.piece(&t, 0).unwrap_err();
+        assert!(e.to_string().contains("closed"), "{e}");
+        assert!(other.put_piece(&t, 1, b"efgh").is_err());
+        assert!(other.recover().is_err());
+        assert!(other.piece(&t, 0).is_err());
+        // The database really is closed: another handle can open the same directory.
+        let again = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        assert_eq!(again.piece(&t, 0).unwrap().as_deref(), Some(&b"abcd"[..]));
     }
 
     #[test]
