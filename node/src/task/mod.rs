@@ -373,7 +373,26 @@ struct Entry {
     finished_at: Option<Instant>,
     /// The peer whose `start_task` started this runner (none: this node's own download).
     started_by: Option<PeerId>,
-    pending_gossip: Arc<AtomicUsize>,
+    shared: Arc<RunnerShared>,
+}
+
+/// What a runner shares with the rest of the node without a message.
+#[derive(Debug)]
+pub(crate) struct RunnerShared {
+    /// Gossip messages sent to it and not handled yet (bounded by [`MAX_PENDING_GOSSIP`]).
+    pub pending_gossip: AtomicUsize,
+    /// The piece a local reader (an API content stream) waits for next; `u32::MAX`: none. The
+    /// picker fetches the pieces from there on in order when that costs the swarm nothing.
+    pub reader_at: std::sync::atomic::AtomicU32,
+}
+
+impl Default for RunnerShared {
+    fn default() -> Self {
+        RunnerShared {
+            pending_gossip: AtomicUsize::new(0),
+            reader_at: std::sync::atomic::AtomicU32::new(u32::MAX),
+        }
+    }
 }
 
 /// The node's tasks: live runners and recently finished ones.
@@ -391,8 +410,7 @@ struct RegistryInner {
 /// A live runner's mailbox.
 pub(crate) struct RunnerHandle {
     pub tx: mpsc::UnboundedSender<RunnerMsg>,
-    /// Gossip messages sent to it and not handled yet (bounded by [`MAX_PENDING_GOSSIP`]).
-    pub pending_gossip: Arc<AtomicUsize>,
+    pub shared: Arc<RunnerShared>,
 }
 
 impl TaskRegistry {
@@ -408,8 +426,14 @@ impl TaskRegistry {
         }
         Some(RunnerHandle {
             tx: tx.clone(),
-            pending_gossip: e.pending_gossip.clone(),
+            shared: e.shared.clone(),
         })
+    }
+
+    /// What the runner of `key` (live or recently finished) shares.
+    pub(crate) fn shared(&self, key: &TaskKey) -> Option<Arc<RunnerShared>> {
+        let inner = self.inner.lock().ok()?;
+        inner.entries.get(key).map(|e| e.shared.clone())
     }
 
     /// The latest progress of a live or recently finished task.
@@ -477,7 +501,7 @@ impl TaskRegistry {
         let id = inner.next_id;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ptx, prx) = watch::channel(Progress::starting());
-        let pending_gossip = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(RunnerShared::default());
         inner.entries.insert(
             key,
             Entry {
@@ -486,20 +510,12 @@ impl TaskRegistry {
                 progress: prx.clone(),
                 finished_at: None,
                 started_by: peer,
-                pending_gossip: pending_gossip.clone(),
+                shared: shared.clone(),
             },
         );
-        let runner = runner::Runner::new(
-            ctx.clone(),
-            key,
-            id,
-            rx,
-            tx.clone(),
-            ptx,
-            pending_gossip.clone(),
-        );
+        let runner = runner::Runner::new(ctx.clone(), key, id, rx, tx.clone(), ptx, shared.clone());
         tokio::spawn(runner.run());
-        Some(RunnerHandle { tx, pending_gossip })
+        Some(RunnerHandle { tx, shared })
     }
 
     /// Called by a runner as it exits; returns whether it was still the registered one.
@@ -531,7 +547,7 @@ impl TaskRegistry {
                     progress: rx.clone(),
                     finished_at: Some(Instant::now()),
                     started_by: None,
-                    pending_gossip: Arc::default(),
+                    shared: Arc::default(),
                 },
             );
         }

@@ -5,6 +5,11 @@
 //! * Sources: peers before seeds/producers (the seed's uplink is the scarce one), then the least
 //!   loaded relative to its measured throughput, random tie-break; at most `per_source` requests
 //!   each, and at most `per_seed` from a seed while peers are sources too.
+//! * In-order window: while a local reader streams the content, the first pickable of the
+//!   [`IN_ORDER_WINDOW`] pieces from the one it waits for goes first, when that costs the swarm
+//!   nothing: a peer (not a seed) holds it, or every source is a seed (one hop: nobody to trade
+//!   with). Download and streaming then overlap instead of the stream waiting for piece 0 while
+//!   random pieces arrive.
 //! * Endgame: once every missing piece has been requested, a piece in flight from one source is
 //!   requested from a second one; the first answer wins. (Not earlier: while the producer is still
 //!   publishing hashes, duplicates would only waste the seed's uplink.)
@@ -51,7 +56,12 @@ pub(crate) struct PickInput<'a> {
     pub per_seed: usize,
     /// Every missing piece is already requested: duplicates are allowed.
     pub endgame: bool,
+    /// The piece a local reader waits for, if one streams the content.
+    pub reader_at: Option<u32>,
 }
+
+/// Pieces ahead of a local reader fetched in order.
+pub(crate) const IN_ORDER_WINDOW: u32 = 8;
 
 /// Requests each kind of source may have in flight now.
 #[derive(Clone, Copy)]
@@ -87,6 +97,25 @@ impl Caps {
 pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, PeerId)> {
     let caps = Caps::new(input);
     let n = input.have.len();
+    if let Some(at) = input.reader_at {
+        let only_seeds = input.sources.iter().all(|s| s.is_seed);
+        for i in at..at.saturating_add(IN_ORDER_WINDOW).min(n) {
+            if input.have.get(i) || !input.hash_known.get(i) || input.excluded.get(i) {
+                continue;
+            }
+            let busy = (input.inflight)(i);
+            if !busy.is_empty() {
+                continue;
+            }
+            let from_peer = input.sources.iter().any(|s| !s.is_seed && s.have.get(i));
+            if !(only_seeds || from_peer) {
+                continue;
+            }
+            if let Some(source) = pick_source(input, caps, i, &busy, rng) {
+                return Some((i, source));
+            }
+        }
+    }
     let mut best: Vec<u32> = Vec::new();
     let mut best_count = usize::MAX;
     let mut endgame: Vec<u32> = Vec::new();
@@ -185,6 +214,7 @@ mod tests {
         excluded: Bitfield,
         inflight: HashMap<u32, Vec<PeerId>>,
         endgame: bool,
+        reader_at: Option<u32>,
     }
 
     impl Fixture {
@@ -195,6 +225,7 @@ mod tests {
                 excluded: Bitfield::new(n),
                 inflight: HashMap::new(),
                 endgame: true,
+                reader_at: None,
             }
         }
 
@@ -210,6 +241,7 @@ mod tests {
                 per_source: 2,
                 per_seed: 1,
                 endgame: self.endgame,
+                reader_at: self.reader_at,
             };
             pick(&input, &mut rand::rngs::StdRng::seed_from_u64(seed))
         }
@@ -377,5 +409,45 @@ mod tests {
         q.inflight = 1;
         let (_, who) = f.pick(&[s, q], 9).unwrap();
         assert_eq!(who, fast);
+    }
+
+    #[test]
+    fn a_reader_gets_its_next_pieces_in_order_from_a_lone_seed() {
+        let mut f = Fixture::new(20);
+        let seed = PeerId::random();
+        let all = Bitfield::full(20);
+        f.reader_at = Some(3);
+        f.have = bf(20, &[0, 1, 2, 4]);
+        f.inflight.insert(3, vec![seed]);
+        // 3 is in flight and 4 held: 5 is next, whatever the random seed.
+        for r in 0..20 {
+            let s = [src(seed, &all, true)];
+            assert_eq!(f.pick(&s, r), Some((5, seed)));
+        }
+        // Without a reader the pick is random among equally rare pieces.
+        f.reader_at = None;
+        let s = [src(seed, &all, true)];
+        let picks: std::collections::HashSet<u32> =
+            (0..40).filter_map(|r| f.pick(&s, r)).map(|p| p.0).collect();
+        assert!(picks.len() > 3, "{picks:?}");
+    }
+
+    #[test]
+    fn a_reader_does_not_pull_seed_pieces_out_of_rarity_order_in_a_swarm() {
+        let mut f = Fixture::new(20);
+        let (seed, peer) = (PeerId::random(), PeerId::random());
+        let all = Bitfield::full(20);
+        let peer_has = bf(20, &[9]);
+        f.reader_at = Some(0);
+        // Pieces 0..8 only the seed has: in a swarm they stay rarest-first (random) ...
+        let s = [src(seed, &all, true), src(peer, &peer_has, false)];
+        let picks: std::collections::HashSet<u32> =
+            (0..40).filter_map(|r| f.pick(&s, r)).map(|p| p.0).collect();
+        assert!(picks.len() > 3, "{picks:?}");
+        // ... but a piece in the window that a peer holds is taken first, from the peer.
+        f.reader_at = Some(5);
+        for r in 0..20 {
+            assert_eq!(f.pick(&s, r), Some((9, peer)));
+        }
     }
 }

@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -116,7 +116,7 @@ struct HashEntry {
 
 pub(crate) struct Runner {
     /// Gossip messages queued in the mailbox (the dispatcher ignores more than a bound).
-    pending_gossip: Arc<AtomicUsize>,
+    shared: Arc<super::RunnerShared>,
     ctx: Arc<TaskContext>,
     key: TaskKey,
     id: u64,
@@ -178,10 +178,10 @@ impl Runner {
         rx: mpsc::UnboundedReceiver<RunnerMsg>,
         tx: mpsc::UnboundedSender<RunnerMsg>,
         progress: watch::Sender<Progress>,
-        pending_gossip: Arc<AtomicUsize>,
+        shared: Arc<super::RunnerShared>,
     ) -> Runner {
         Runner {
-            pending_gossip,
+            shared,
             ctx,
             key,
             id,
@@ -395,7 +395,7 @@ impl Runner {
                 message_id,
                 message,
             } => {
-                self.pending_gossip.fetch_sub(1, Ordering::Relaxed);
+                self.shared.pending_gossip.fetch_sub(1, Ordering::Relaxed);
                 let verdict = self.on_gossip(source, message).await;
                 self.ctx
                     .net
@@ -1237,6 +1237,7 @@ impl Runner {
         let per_seed = self.ctx.config.download.max_inflight_per_seed.max(1);
         let empty = Bitfield::new(self.piece_count());
         let n = self.piece_count();
+        let reader_at = Some(self.shared.reader_at.load(Ordering::Relaxed)).filter(|&i| i < n);
         loop {
             let endgame = self.hash_known.is_complete()
                 && (0..n).all(|i| self.have.get(i) || self.inflight.contains_key(&i));
@@ -1275,6 +1276,7 @@ impl Runner {
                 per_source,
                 per_seed,
                 endgame,
+                reader_at,
             };
             let Some((index, peer)) = picker::pick(&input, &mut self.rng) else {
                 break;
