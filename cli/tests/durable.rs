@@ -119,7 +119,7 @@ fn sigkill(mut node: Daemon) {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_after_completion_keeps_the_task_usable() {
     let origin = TestOrigin::start().await.unwrap();
-    // Small enough to sit in RocksDB's memtable (pieces skip the write-ahead log).
+    // Small: their pieces' `have` markers may still sit in RocksDB's memtable (they skip the WAL).
     let (a, b) = (content(5 * MIB + 11, 77), content(3 * MIB + 5, 78));
     origin.put("/done", a.clone());
     origin.put("/now", b.clone());
