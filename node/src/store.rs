@@ -639,6 +639,39 @@ mod tests {
     }
 
     #[test]
+    fn piece_files_are_whole_under_concurrent_writers_and_go_with_their_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let key = Keypair::generate_ed25519();
+        let h = header(&key, "http://h/files");
+        let t = h.header.task;
+        // Eight writers of the same piece (endgame duplicates), each with its own bytes.
+        let versions: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 1 << 20]).collect();
+        std::thread::scope(|sc| {
+            for v in &versions {
+                let store = store.clone();
+                sc.spawn(move || {
+                    for _ in 0..5 {
+                        store.put_piece(&t, 3, v).unwrap();
+                    }
+                });
+            }
+        });
+        let got = store.piece(&t, 3).unwrap().unwrap();
+        assert!(versions.contains(&got), "a piece file mixes writers' bytes");
+        assert!(store.bitfield(&t, 4).unwrap().get(3));
+        // No temporary file is left; the usage counts the piece.
+        let files: Vec<_> = std::fs::read_dir(store.task_dir(&t)).unwrap().collect();
+        assert_eq!(files.len(), 1);
+        assert!(store.disk_usage() >= 1 << 20);
+        store.flush().unwrap();
+        store.delete_task(&t).unwrap();
+        assert!(!store.task_dir(&t).exists());
+        assert_eq!(store.piece(&t, 3).unwrap(), None);
+        assert!(!store.bitfield(&t, 4).unwrap().get(3));
+    }
+
+    #[test]
     fn a_closed_store_refuses_everything_and_is_not_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
