@@ -12,7 +12,8 @@ use df_testnet::{Swarm, TestNode, TestOrigin, content, sha256_hex};
 use futures::future::join_all;
 
 const MIB: usize = 1 << 20;
-const PIECE: usize = 4 * MIB;
+/// The piece length df picks for the files these tests use (under 500 MiB).
+const PIECE: usize = MIB;
 
 fn init_logs() {
     let _ = tracing_subscriber::fmt()
