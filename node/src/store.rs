@@ -107,10 +107,43 @@ struct StoreInner {
     cfg: StorageConfig,
     /// Where piece files live: `<dir>/content`.
     content: PathBuf,
+    /// Bytes in piece files, kept as they are written and removed (read off the disk at open), so
+    /// that [`PieceStore::disk_usage`] does not walk the directory.
+    file_bytes: std::sync::atomic::AtomicU64,
     /// Numbers the temporary files pieces are written to.
     part_counter: std::sync::atomic::AtomicU64,
     /// Piece files (and their directories) written since the last [`PieceStore::flush`].
     unsynced: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+}
+
+/// Sums the piece files under `content`, removing `.part` files a crash left behind.
+fn scan_content(content: &Path) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(content).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(task.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if f.file_name().to_string_lossy().ends_with(".part") {
+                let _ = std::fs::remove_file(f.path());
+            } else if let Ok(m) = f.metadata() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// Bytes in the files of one directory.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 fn io_error(e: std::io::Error) -> StoreError {
@@ -151,6 +184,7 @@ impl PieceStore {
         let db = Self::open_db(dir, cfg)?;
         let content = dir.join("content");
         std::fs::create_dir_all(&content).map_err(io_error)?;
+        let file_bytes = scan_content(&content);
         Ok(PieceStore {
             inner: Arc::new(StoreInner {
                 db: RwLock::new(Some(Arc::new(db))),
@@ -159,6 +193,7 @@ impl PieceStore {
                 dir: dir.to_path_buf(),
                 cfg: cfg.clone(),
                 content,
+                file_bytes: std::sync::atomic::AtomicU64::new(file_bytes),
                 part_counter: Default::default(),
                 unsynced: Default::default(),
             }),
@@ -371,6 +406,13 @@ impl PieceStore {
         Ok(out)
     }
 
+    fn add_file_bytes(&self, added: u64, removed: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self.inner.file_bytes.fetch_update(Relaxed, Relaxed, |v| {
+            Some(v.saturating_add(added).saturating_sub(removed))
+        });
+    }
+
     fn task_dir(&self, task: &TaskKey) -> PathBuf {
         self.inner.content.join(task.to_string())
     }
@@ -394,10 +436,13 @@ impl PieceStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let part = dir.join(format!("{index}.{n}.part"));
         std::fs::create_dir_all(&dir).map_err(io_error)?;
+        let replaced = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         if let Err(e) = std::fs::write(&part, data).and_then(|()| std::fs::rename(&part, &path)) {
             let _ = std::fs::remove_file(&part);
             return Err(io_error(e));
         }
+        // (Two writers of one piece at once may both count it: an overcount until the task goes.)
+        self.add_file_bytes(data.len() as u64, replaced);
         if let Ok(mut u) = self.inner.unsynced.lock() {
             u.insert(path);
             u.insert(dir);
@@ -505,9 +550,14 @@ impl PieceStore {
         batch.delete_cf(cf(&db, CF_HAVE)?, &key);
         batch.delete_cf(cf(&db, CF_PIECES)?, &key);
         db.write(batch)?;
-        match std::fs::remove_file(self.piece_path(task, index)) {
+        let path = self.piece_path(task, index);
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(e)),
-            _ => Ok(()),
+            _ => {
+                self.add_file_bytes(0, len);
+                Ok(())
+            }
         }
     }
 
@@ -528,9 +578,10 @@ impl PieceStore {
         if let Ok(mut u) = self.inner.unsynced.lock() {
             u.retain(|p| !p.starts_with(&dir));
         }
+        let len = dir_bytes(&dir);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(e)),
-            _ => {}
+            _ => self.add_file_bytes(0, len),
         }
         // Drop the range's SST entries now, so blob files holding only this task's pieces (in
         // stores written before piece files) become unreferenced and are deleted.
@@ -544,20 +595,9 @@ impl PieceStore {
         let Ok(db) = self.db() else {
             return Default::default();
         };
-        let files: u64 = std::fs::read_dir(&self.inner.content)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|task| {
-                std::fs::read_dir(task.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-            })
-            .filter_map(|f| f.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        files
+        self.inner
+            .file_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
             + [CF_TASKS, CF_HASHES, CF_PIECES, CF_HAVE]
                 .iter()
                 .filter_map(|n| {
@@ -664,8 +704,22 @@ mod tests {
         let files: Vec<_> = std::fs::read_dir(store.task_dir(&t)).unwrap().collect();
         assert_eq!(files.len(), 1);
         assert!(store.disk_usage() >= 1 << 20);
+        // The count survives a restart (read off the disk), and goes with the task.
+        store.put_piece(&t, 0, &[7; 1000]).unwrap();
         store.flush().unwrap();
+        let files = |s: &PieceStore| {
+            s.inner
+                .file_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        assert!(files(&store) >= (1 << 20) + 1000);
+        store.close();
+        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        assert_eq!(files(&store), (1 << 20) + 1000);
+        store.drop_piece(&t, 0).unwrap();
+        assert_eq!(files(&store), 1 << 20);
         store.delete_task(&t).unwrap();
+        assert_eq!(files(&store), 0);
         assert!(!store.task_dir(&t).exists());
         assert_eq!(store.piece(&t, 3).unwrap(), None);
         assert!(!store.bitfield(&t, 4).unwrap().get(3));
