@@ -115,7 +115,8 @@ struct HashEntry {
 }
 
 pub(crate) struct Runner {
-    /// Gossip messages queued in the mailbox (the dispatcher ignores more than a bound).
+    /// What the node sees of this runner without a message: its gossip backlog (the dispatcher
+    /// ignores more than a bound) and where a local reader is.
     shared: Arc<super::RunnerShared>,
     ctx: Arc<TaskContext>,
     key: TaskKey,
