@@ -102,6 +102,13 @@ impl libp2p::request_response::Codec for ControlCodec {
     }
 }
 
+/// The counting test allocator shared with protocols/tests/decoders.rs (declared here, at file
+/// level, so that the path is relative to this file's directory).
+#[cfg(test)]
+#[allow(unsafe_code)]
+#[path = "../../../protocols/tests/support/counting.rs"]
+mod counting;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,76 +125,7 @@ mod tests {
     #[global_allocator]
     static ALLOCATOR: counting::Counting = counting::Counting;
 
-    #[allow(unsafe_code)]
-    mod counting {
-        use std::alloc::{GlobalAlloc, Layout, System};
-        use std::cell::Cell;
-
-        pub(super) struct Counting;
-
-        thread_local! {
-            static LIVE: Cell<usize> = const { Cell::new(0) };
-            static PEAK: Cell<usize> = const { Cell::new(0) };
-        }
-
-        fn grew(n: usize) {
-            let _ = LIVE.try_with(|live| {
-                let now = live.get().saturating_add(n);
-                live.set(now);
-                let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
-            });
-        }
-
-        fn shrank(n: usize) {
-            let _ = LIVE.try_with(|live| live.set(live.get().saturating_sub(n)));
-        }
-
-        // SAFETY: every call is forwarded unchanged to the system allocator; the bookkeeping only
-        // touches const-initialised thread-locals, which never allocate.
-        unsafe impl GlobalAlloc for Counting {
-            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-                // SAFETY: forwarded with the caller's guarantees.
-                let p = unsafe { System.alloc(layout) };
-                if !p.is_null() {
-                    grew(layout.size());
-                }
-                p
-            }
-
-            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-                // SAFETY: forwarded with the caller's guarantees.
-                let p = unsafe { System.alloc_zeroed(layout) };
-                if !p.is_null() {
-                    grew(layout.size());
-                }
-                p
-            }
-
-            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-                // SAFETY: forwarded with the caller's guarantees.
-                unsafe { System.dealloc(ptr, layout) };
-                shrank(layout.size());
-            }
-
-            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-                // SAFETY: forwarded with the caller's guarantees.
-                let p = unsafe { System.realloc(ptr, layout, new_size) };
-                if !p.is_null() {
-                    shrank(layout.size());
-                    grew(new_size);
-                }
-                p
-            }
-        }
-
-        /// Runs `f`; returns its result and the most bytes it had allocated at once on this thread.
-        pub(super) fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
-            let base = LIVE.with(Cell::get);
-            PEAK.with(|peak| peak.set(base));
-            let r = f();
-            (r, PEAK.with(Cell::get).saturating_sub(base))
-        }
-    }
+    use super::counting;
 
     /// Allowance for small allocations beside the body (the chunk list, an error).
     const SLACK: usize = 4 << 10;
