@@ -9,7 +9,8 @@
 //! Setup: nginx serves the file; seed A fetches it once (`df get` through A); then, per run, a fresh
 //! node B with `back_to_source = false` joins A and `df get -o FILE --api B` downloads it — every
 //! byte crosses the A→B data plane, is hashed and stored by B, and is written to FILE by the CLI.
-//! The baseline is `curl -o FILE` from nginx (sendfile), on the same disk.
+//! The baseline is `curl -o FILE` from nginx (sendfile), on the same disk, followed by `sync FILE`
+//! (df fsyncs its output before renaming it into place, so both sync); the ratio is df / that.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -215,16 +216,22 @@ fn main() {
     let url = format!("http://127.0.0.1:{port}/file.bin");
     println!("one-hop benchmark: {size_mib} MiB, {runs} runs, medians");
 
-    // Baseline: curl from nginx to a file on the same disk.
+    // Baseline: curl from nginx to a file on the same disk, then `sync FILE`: `df get -o` fsyncs
+    // its output before renaming it into place, so both make the file durable (fsync parity).
+    // curl without the sync is printed too.
     let out = w.join("curl.out");
-    let curl: Vec<f64> = (0..runs)
+    let (curl, curl_nosync): (Vec<f64>, Vec<f64>) = (0..runs)
         .map(|_| {
-            let d = timed(Command::new("curl").args(["-s", "-o", out.to_str().unwrap(), &url]));
+            let t = Instant::now();
+            let fetched =
+                timed(Command::new("curl").args(["-s", "-o", out.to_str().unwrap(), &url]));
+            timed(Command::new("sync").arg(&out));
+            let d = t.elapsed();
             let _ = std::fs::remove_file(&out);
-            mbps(size, d)
+            (mbps(size, d), mbps(size, fetched))
         })
-        .collect();
-    let curl = median(curl);
+        .unzip();
+    let (curl, curl_nosync) = (median(curl), median(curl_nosync));
 
     // Seed A holds the file.
     let api_a = format!("127.0.0.1:{}", free_port());
@@ -296,8 +303,9 @@ fn main() {
     let df = median(df);
     let rss_a = peak_rss(a.0.id());
     let rss_b = median(rss_b);
-    println!("curl  <- nginx (to file): {curl:8.0} MB/s");
-    println!("df B  <- df A  (to file): {df:8.0} MB/s");
+    println!("curl  <- nginx (to file, no sync): {curl_nosync:8.0} MB/s");
+    println!("curl  <- nginx (to file, + sync) : {curl:8.0} MB/s");
+    println!("df B  <- df A  (to file, fsynced): {df:8.0} MB/s");
     println!("one-hop ratio df / curl : {:8.2}", df / curl);
     println!("peak RSS, receiving node B: {:6.0} MiB", rss_b / 1048576.0);
     println!(

@@ -344,6 +344,11 @@ pub struct UploadConfig {
     /// Close a data-plane connection idle for this long. Default: `60s`.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Super-seeding, on a seed (other roles ignore it): while the seed holds a piece of a task
+    /// that it has not sent to anybody yet, a request for a piece it is sending or sent less than
+    /// a second ago is answered "busy", so its uplink carries each piece once before any twice and
+    /// peers trade the rest. Default: `true`.
+    pub super_seed: bool,
 }
 
 impl Default for UploadConfig {
@@ -358,6 +363,7 @@ impl Default for UploadConfig {
             handshake_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            super_seed: true,
         }
     }
 }

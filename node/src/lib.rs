@@ -7,6 +7,7 @@
 //! | [`task`] | per-task runners: discovery, producer election, piece scheduling, verification, production |
 //! | [`transfer`] | the data plane: piece server and client over TCP |
 //! | [`store`] | the RocksDB piece store |
+//! | [`superseed`] | a seed sends each piece once before any twice |
 //! | [`origin`] | the back-to-source trait (the HTTP implementation is in `df-seed`) |
 //! | [`api`] | the local HTTP API server and its client |
 //! | [`content`] | a task's content as an in-order byte stream while it downloads |
@@ -24,6 +25,7 @@ pub mod network;
 pub mod node;
 pub mod origin;
 pub mod store;
+pub mod superseed;
 pub mod task;
 pub mod transfer;
 pub mod trust;

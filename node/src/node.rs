@@ -27,7 +27,7 @@ use crate::network::{self, NetworkEvent, NetworkSettings};
 use crate::origin::{Origin, Requester};
 use crate::store::{PieceStore, StoreError};
 use crate::task::{DownloadRequest, Progress, RunnerMsg, TaskContext, TaskError, TaskRegistry};
-use crate::transfer::{DataClient, DataServer, TokenIssuer};
+use crate::transfer::{DataClient, DataServer, ServeMode, TokenIssuer};
 use crate::trust::{SwarmAccess, TrustPolicy};
 
 /// Errors starting a node.
@@ -204,7 +204,10 @@ impl Node {
             &config.upload,
             metrics,
             activity,
-            config.faults.corrupt_uploads,
+            ServeMode {
+                super_seed: config.role == Role::Seed && config.upload.super_seed,
+                corrupt: config.faults.corrupt_uploads,
+            },
         );
         tracker.spawn(server.run(shutdown.clone()));
         if config.role == Role::Seed {

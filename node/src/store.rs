@@ -489,6 +489,24 @@ impl PieceStore {
         Ok(bf)
     }
 
+    /// How many pieces of a task are stored.
+    pub fn held_count(&self, task: &TaskKey) -> Result<usize, StoreError> {
+        let db = self.db()?;
+        let prefix = task_prefix(task);
+        let mut n = 0;
+        for item in db.iterator_cf(
+            cf(&db, CF_HAVE)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Closes the database for good before the process exits: waits (up to 10 s) for operations
     /// in flight, stops RocksDB's background threads and closes it, so no thread is inside
     /// RocksDB while the process tears down (that aborted it: "pthread lock: Invalid argument").
@@ -783,6 +801,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![1]
         );
+        assert_eq!(store.held_count(&ta).unwrap(), 2);
+        assert_eq!(store.held_count(&tb).unwrap(), 1);
 
         let sh = SignedPieceHash::sign(&ta, 0, PieceHash::of(b"abcd"), &key).unwrap();
         store
@@ -798,6 +818,7 @@ mod tests {
         assert!(store.task(&ta).unwrap().is_none());
         assert!(store.piece(&ta, 0).unwrap().is_none());
         assert_eq!(store.bitfield(&ta, 3).unwrap().count(), 0);
+        assert_eq!(store.held_count(&ta).unwrap(), 0);
         assert_eq!(store.piece(&tb, 1).unwrap().unwrap(), b"zzzz");
     }
 

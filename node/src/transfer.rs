@@ -42,6 +42,7 @@ use crate::config::UploadConfig;
 use crate::gc::Activity;
 use crate::metrics::Metrics;
 use crate::store::{PieceStore, now_unix};
+use crate::superseed::{SuperSeed, Verdict};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -185,6 +186,15 @@ impl Drop for HandshakeTicket {
     }
 }
 
+/// How a [`DataServer`] behaves beyond its limits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeMode {
+    /// Super-seeding (see [`crate::superseed`]): for a seed with `upload.super_seed`.
+    pub super_seed: bool,
+    /// Fault injection for tests: flip the first byte of every piece served.
+    pub corrupt: bool,
+}
+
 /// Serves pieces from the store.
 pub struct DataServer {
     listener: TcpListener,
@@ -212,6 +222,8 @@ pub struct DataServer {
     metrics: Arc<Metrics>,
     activity: Arc<Activity>,
     corrupt: bool,
+    /// On a seed with `upload.super_seed`: each piece leaves once before any leaves twice.
+    super_seed: Option<SuperSeed>,
 }
 
 impl DataServer {
@@ -222,7 +234,7 @@ impl DataServer {
         upload: &UploadConfig,
         metrics: Arc<Metrics>,
         activity: Arc<Activity>,
-        corrupt: bool,
+        mode: ServeMode,
     ) -> DataServer {
         DataServer {
             listener,
@@ -246,7 +258,8 @@ impl DataServer {
             write_timeout: upload.write_timeout,
             metrics,
             activity,
-            corrupt,
+            corrupt: mode.corrupt,
+            super_seed: mode.super_seed.then(SuperSeed::default),
         }
     }
 
@@ -354,12 +367,35 @@ impl DataServer {
                 self.respond(&mut stream, PieceStatus::Busy).await?;
                 continue;
             };
+            // Super-seeding: a piece that just left (or is leaving) waits while a fresh one is held.
+            let sent_already = match &self.super_seed {
+                Some(s) => match s.check(&task, index, std::time::Instant::now()) {
+                    Verdict::Serve => None,
+                    Verdict::ServeIfNoneFresh { sent } => Some(sent),
+                },
+                None => None,
+            };
             let store = self.store.clone();
-            let piece = tokio::task::spawn_blocking(move || store.piece(&task, index))
-                .await
-                .map_err(|e| ServeError::Io(std::io::Error::other(e)))?;
+            let piece = tokio::task::spawn_blocking(move || {
+                if let Some(sent) = sent_already
+                    && store.held_count(&task)? > sent
+                {
+                    return Ok(Err(PieceStatus::Busy));
+                }
+                store.piece(&task, index).map(Ok)
+            })
+            .await
+            .map_err(|e| ServeError::Io(std::io::Error::other(e)))?;
             match piece {
-                Ok(Some(mut data)) => {
+                Ok(Err(status)) => {
+                    tracing::trace!(%peer, %task, index, "super-seeding: a fresher piece goes first");
+                    self.respond(&mut stream, status).await?;
+                }
+                Ok(Ok(Some(mut data))) => {
+                    let sending = self
+                        .super_seed
+                        .as_ref()
+                        .map(|s| s.start(task, index, std::time::Instant::now()));
                     if self.corrupt && !data.is_empty() {
                         data[0] ^= 0xff;
                     }
@@ -372,11 +408,14 @@ impl DataServer {
                     for chunk in data.chunks(transfer::WRITE_CHUNK) {
                         self.write(&mut stream, chunk).await?;
                     }
+                    if let Some(sending) = sending {
+                        sending.done();
+                    }
                     self.metrics.add_uploaded(data.len() as u64);
                     self.activity.touch(&task);
                     tracing::trace!(%peer, %task, index, "served piece");
                 }
-                Ok(None) => self.respond(&mut stream, PieceStatus::NotFound).await?,
+                Ok(Ok(None)) => self.respond(&mut stream, PieceStatus::NotFound).await?,
                 Err(e) => {
                     tracing::warn!(%task, index, error = %e, "reading piece failed");
                     self.respond(&mut stream, PieceStatus::Error).await?;

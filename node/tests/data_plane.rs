@@ -12,7 +12,7 @@ use df_node::config::{StorageConfig, UploadConfig};
 use df_node::gc::Activity;
 use df_node::metrics::Metrics;
 use df_node::store::{PieceStore, now_unix};
-use df_node::transfer::{DataClient, DataServer, FetchError, TokenIssuer};
+use df_node::transfer::{DataClient, DataServer, FetchError, ServeMode, TokenIssuer};
 use df_protocols::task::{TaskKey, parse_url};
 use df_protocols::transfer::{
     self, CHALLENGE_LEN, Grant, HandshakeStatus, PieceStatus, RESPONSE_HEADER_LEN,
@@ -73,7 +73,10 @@ async fn start_server(
         &upload,
         Arc::new(Metrics::default()),
         Arc::new(Activity::default()),
-        false,
+        ServeMode {
+            super_seed: upload.super_seed,
+            corrupt: false,
+        },
     );
     let addr = server.local_addr()?;
     let shutdown = CancellationToken::new();
@@ -535,5 +538,60 @@ async fn a_peer_holding_unread_requests_does_not_stall_another_peers_download() 
         disturbed <= limit,
         "disturbed download took {disturbed:?}, undisturbed {undisturbed:?} (limit {limit:?})"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_super_seed_sends_each_piece_once_before_any_twice() -> Result<()> {
+    let server = start_server(3, 64 * 1024, |u| u.super_seed = true).await?;
+    let (a, b) = (new_peer(), new_peer());
+    let (client_a, client_b) = (DataClient::new(a), DataClient::new(b));
+    let (grant_a, grant_b) = (server.tokens.grant_for(&a), server.tokens.grant_for(&b));
+    let len = server.piece_len as u32;
+    let fetch = |client: &DataClient, grant: Grant, index: u32| {
+        let client = client.clone();
+        let (addr, task) = (server.addr, server.task);
+        async move {
+            client
+                .fetch(addr, &grant, &task, index, len, PIECE_TIMEOUT)
+                .await
+        }
+    };
+    assert!(fetch(&client_a, grant_a, 0).await.is_ok());
+    // Piece 0 just left; pieces 1 and 2 have not: b is sent to a fresh one.
+    assert!(matches!(
+        fetch(&client_b, grant_b, 0).await,
+        Err(FetchError::Busy)
+    ));
+    assert_eq!(
+        fetch(&client_b, grant_b, 1).await?,
+        piece_bytes(1, 64 * 1024)
+    );
+    assert_eq!(
+        fetch(&client_a, grant_a, 2).await?,
+        piece_bytes(2, 64 * 1024)
+    );
+    // Every piece has left once: a second copy of any of them is served at once.
+    assert_eq!(
+        fetch(&client_b, grant_b, 0).await?,
+        piece_bytes(0, 64 * 1024)
+    );
+    assert_eq!(
+        fetch(&client_a, grant_a, 1).await?,
+        piece_bytes(1, 64 * 1024)
+    );
+
+    // Without super-seeding a second copy goes out at once.
+    let plain = start_server(3, 1024, |u| u.super_seed = false).await?;
+    let c = DataClient::new(b);
+    let g = plain.tokens.grant_for(&b);
+    let g2 = plain.tokens.grant_for(&a);
+    let c2 = DataClient::new(a);
+    for (client, grant) in [(&c2, g2), (&c, g)] {
+        let got = client
+            .fetch(plain.addr, &grant, &plain.task, 0, 1024, PIECE_TIMEOUT)
+            .await?;
+        assert_eq!(got, piece_bytes(0, 1024));
+    }
     Ok(())
 }

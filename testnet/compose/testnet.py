@@ -457,6 +457,11 @@ def bench(a):
         if m == "df":
             start, r = method_df(a, peers, run_id, want)
             timeline = piece_timeline(seeds + peers, start)
+            # How many copies of the file the seeds' uplinks carried (pieces peers got from a seed).
+            pieces = 1 + max((i for c in peers for _t, i, _s in timeline.get(c, [])), default=-1)
+            from_seed = sum(1 for c in peers for _t, _i, src in timeline.get(c, []) if "_seed_" in src)
+            if pieces:
+                r["seed_copies"] = round(from_seed / pieces, 3)
         elif m == "http":
             start, r = method_http(a, peers, run_id, want)
         elif m == "bittorrent":
@@ -490,6 +495,9 @@ def report_md(r):
         lines.append(f"| {name} | {m['ok']} | {m['p50_s']} | {m['max_s']} | {ratio(m['p50_s'])} | "
                      f"{ratio(m['max_s'])} | {m['origin_bytes'] / r['size_bytes']:.3f} |")
     lines.append("")
+    df = r["methods"].get("df", {})
+    if "seed_copies" in df:
+        lines.append(f"df: the seeds' uplinks sent {df['seed_copies']} x S (pieces peers got from a seed).")
     lines.append("Times run from the common start to the end of each peer's download; hashing the "
                  "output (to check it) is not timed.")
     if "bittorrent" in r["methods"]:
