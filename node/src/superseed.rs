@@ -12,7 +12,7 @@
 //! request is served; a first send still running after [`STALLED_SEND`] (a slow or stuck
 //! receiver) no longer blocks a second one; and a send that fails makes the piece fresh again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,8 @@ struct PieceSends {
 
 #[derive(Default)]
 struct TaskSends {
-    pieces: HashMap<u32, PieceSends>,
     /// Pieces sent in full at least once, or being sent now.
-    sent: HashSet<u32>,
+    pieces: HashMap<u32, PieceSends>,
     last: Option<Instant>,
 }
 
@@ -76,7 +75,9 @@ impl SuperSeed {
             _ => false,
         };
         if blocking {
-            Verdict::ServeIfNoneFresh { sent: t.sent.len() }
+            Verdict::ServeIfNoneFresh {
+                sent: t.pieces.len(),
+            }
         } else {
             Verdict::Serve
         }
@@ -98,7 +99,6 @@ impl SuperSeed {
         }
         let t = tasks.entry(task).or_default();
         t.last = Some(now);
-        t.sent.insert(index);
         let p = t.pieces.entry(index).or_default();
         p.first_started.get_or_insert(now);
         p.active += 1;
@@ -124,7 +124,6 @@ impl SuperSeed {
         } else if p.active == 0 && p.done_at.is_none() {
             // Nobody received it: it is fresh again.
             t.pieces.remove(&index);
-            t.sent.remove(&index);
         }
     }
 }

@@ -563,23 +563,20 @@ async fn a_super_seed_sends_each_piece_once_before_any_twice() -> Result<()> {
         fetch(&client_b, grant_b, 0).await,
         Err(FetchError::Busy)
     ));
-    assert_eq!(
-        fetch(&client_b, grant_b, 1).await?,
-        piece_bytes(1, 64 * 1024)
-    );
-    assert_eq!(
-        fetch(&client_a, grant_a, 2).await?,
-        piece_bytes(2, 64 * 1024)
-    );
-    // Every piece has left once: a second copy of any of them is served at once.
-    assert_eq!(
-        fetch(&client_b, grant_b, 0).await?,
-        piece_bytes(0, 64 * 1024)
-    );
-    assert_eq!(
-        fetch(&client_a, grant_a, 1).await?,
-        piece_bytes(1, 64 * 1024)
-    );
+    // b gets a fresh piece, a the last fresh one; then every piece has left once, and a second
+    // copy of any of them is served at once.
+    for (client, grant, index) in [
+        (&client_b, grant_b, 1),
+        (&client_a, grant_a, 2),
+        (&client_b, grant_b, 0),
+        (&client_a, grant_a, 1),
+    ] {
+        assert_eq!(
+            fetch(client, grant, index).await?,
+            piece_bytes(index, server.piece_len),
+            "piece {index}"
+        );
+    }
 
     // Without super-seeding a second copy goes out at once.
     let plain = start_server(3, 1024, |u| u.super_seed = false).await?;
