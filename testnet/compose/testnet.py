@@ -197,6 +197,49 @@ def uptime():
 DONE = "echo DF_DONE $(cut -d' ' -f1 /proc/uptime)"
 
 
+def cpu_seconds(names):
+    """CPU seconds each container has used so far (cgroup v1 cpuacct or v2 cpu.stat, read on the
+    host); containers whose cgroup is not found are left out."""
+    out = {}
+    for c in names:
+        cid = sh(["docker", "inspect", "-f", "{{.Id}}", c], check=False).strip()
+        for path, scale in ((f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage", 1e-9),
+                            (f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat", 1e-6),
+                            (f"/sys/fs/cgroup/docker/{cid}/cpu.stat", 1e-6)):
+            try:
+                text = Path(path).read_text()
+            except OSError:
+                continue
+            if path.endswith("cpu.stat"):
+                usage = next((int(line.split()[1]) for line in text.splitlines()
+                              if line.startswith("usage_usec ")), None)
+            else:
+                usage = int(text.strip())
+            if usage is not None:
+                out[c] = usage * scale
+            break
+    return out
+
+
+def host_cpu():
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
+
+
+def cpu_use(before, after, host0, host1, names):
+    """What a method cost in CPU: seconds per role and the machine's busy share while it ran."""
+    used = {c: after[c] - before[c] for c in names if c in before and c in after}
+    roles = {}
+    for c, s in used.items():
+        role = next((r for r in ("seed", "peer", "origin", "tracker", "registry") if f"_{r}_" in c), "other")
+        roles[role] = round(roles.get(role, 0.0) + s, 2)
+    busy, total = host1[0] - host0[0], host1[1] - host0[1]
+    return {"cpu_s_by_role": roles, "host_busy": round(busy / total, 3) if total else None}
+
+
 def done_at(out):
     for line in out.splitlines():
         if line.startswith("DF_DONE "):
@@ -452,8 +495,10 @@ def bench(a):
                         "peer_down": a.peer_down or a.rate, "seed": a.seed_rate or a.rate},
               "methods": {}}
     timeline = {}
+    everyone = seeds + peers + [origin]
     for m in a.methods.split(","):
         log(f"method {m}: {n} peers fetch {size / 2**20:.0f} MiB at once")
+        cpu0, host0 = cpu_seconds(everyone), host_cpu()
         if m == "df":
             start, r = method_df(a, peers, run_id, want)
             timeline = piece_timeline(seeds + peers, start)
@@ -468,8 +513,10 @@ def bench(a):
             start, r = method_bittorrent(a, peers, run_id, want, origin)
         else:
             raise SystemExit(f"unknown method {m}")
+        r.update(cpu_use(cpu0, cpu_seconds(everyone), host0, host_cpu(), everyone))
         report["methods"][m] = r
-        log(f"  ok={r['ok']} p50={r['p50_s']} max={r['max_s']} origin_bytes={r['origin_bytes']}")
+        log(f"  ok={r['ok']} p50={r['p50_s']} max={r['max_s']} origin_bytes={r['origin_bytes']} "
+            f"cpu={r['cpu_s_by_role']} host_busy={r['host_busy']}")
     report["plots"] = plots(report, timeline, peers)
     (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (OUT / "report.md").write_text(report_md(report))
@@ -487,19 +534,24 @@ def report_md(r):
              "",
              f"Rates: {r['rates']}. T* = {ts if ts else 'n/a (unshaped)'} s.",
              "",
-             "| method | ok | p50 (s) | max (s) | p50 / T* | max / T* | origin bytes / S |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | ok | p50 (s) | max (s) | p50 / T* | max / T* | origin bytes / S | CPU s (seeds, peers) | host busy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
+        cpu = m.get("cpu_s_by_role", {})
+
         def ratio(x):
             return f"{x / ts:.2f}" if (ts and x is not None) else "n/a"
         lines.append(f"| {name} | {m['ok']} | {m['p50_s']} | {m['max_s']} | {ratio(m['p50_s'])} | "
-                     f"{ratio(m['max_s'])} | {m['origin_bytes'] / r['size_bytes']:.3f} |")
+                     f"{ratio(m['max_s'])} | {m['origin_bytes'] / r['size_bytes']:.3f} | "
+                     f"{cpu.get('seed', 'n/a')}, {cpu.get('peer', 'n/a')} | {m.get('host_busy', 'n/a')} |")
     lines.append("")
     df = r["methods"].get("df", {})
     if "seed_copies" in df:
         lines.append(f"df: the seeds' uplinks sent {df['seed_copies']} x S (pieces peers got from a seed).")
     lines.append("Times run from the common start to the end of each peer's download; hashing the "
-                 "output (to check it) is not timed.")
+                 "output (to check it) is not timed. CPU s: CPU seconds the containers of each role "
+                 "used while the method ran (hashing the outputs included); host busy: the machine's "
+                 "non-idle share of all its cores meanwhile.")
     if "bittorrent" in r["methods"]:
         lines.append("BitTorrent's origin bytes are the seeder's wire bytes (TCP/IP headers included).")
     for p in r.get("plots", []):
