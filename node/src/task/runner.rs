@@ -57,7 +57,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// How often a peer (not a seed) gossips the pieces it gained. Every copy of a gossip message is
 /// decoded and its signature verified by each mesh neighbour before deduplication: in an
 /// 8-peer bench, 100 ms haves from every peer cost a node 30 % of its CPU (perf). Seeds keep the
-/// tick (their fresh pieces start the swarm); a peer's first and last haves go out at once.
+/// tick (their fresh pieces start the swarm); so do a peer's first and last haves and a piece no
+/// other peer is known to hold (the rest of the swarm can get it only from this peer).
 const PEER_HAVE_INTERVAL: Duration = Duration::from_millis(400);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -165,6 +166,9 @@ pub(crate) struct Runner {
     pending_have: Vec<u32>,
     /// When this node last gossiped a have (peers batch theirs, see `PEER_HAVE_INTERVAL`).
     last_have_sent: Option<Instant>,
+    /// A pending have is of a piece no other peer (seeds aside) is known to hold: it goes out at
+    /// the next tick.
+    have_urgent: bool,
     unpersisted: Vec<(PeerId, SignedPieceHash)>,
     unannounced: Vec<SignedPieceHash>,
     providing: bool,
@@ -227,6 +231,7 @@ impl Runner {
             live_producers: HashMap::new(),
             pending_have: Vec::new(),
             last_have_sent: None,
+            have_urgent: false,
             unpersisted: Vec::new(),
             unannounced: Vec::new(),
             providing: false,
@@ -1368,6 +1373,9 @@ impl Runner {
                 }
                 self.from_peers += u64::from(len);
                 self.ctx.metrics.add_from_peers(u64::from(len));
+                if !self.held_by_other_peer(index, &peer) {
+                    self.have_urgent = true;
+                }
                 self.ctx.metrics.piece_verified();
                 tracing::debug!(target: "df_piece", task = %self.key, index, len, from = %peer, "piece");
                 self.piece_held(index);
@@ -1615,6 +1623,7 @@ impl Runner {
         }
         if !self.pending_have.is_empty() && (all || self.have_due()) {
             self.last_have_sent = Some(Instant::now());
+            self.have_urgent = false;
             if !self.providing {
                 self.providing = true;
                 let _ = self.ctx.net.start_providing(self.key.to_bytes()).await;
@@ -1637,11 +1646,19 @@ impl Runner {
     /// is complete (or failing/exiting), else after `PEER_HAVE_INTERVAL`.
     fn have_due(&self) -> bool {
         self.ctx.config.role == Role::Seed
+            || self.have_urgent
             || !matches!(self.phase, Phase::Running)
             || self.have.is_complete()
             || self
                 .last_have_sent
                 .is_none_or(|t| t.elapsed() >= PEER_HAVE_INTERVAL)
+    }
+
+    /// Whether a source other than `from`, and not a seed, is known to hold piece `index`.
+    fn held_by_other_peer(&self, index: u32, from: &PeerId) -> bool {
+        self.sources
+            .iter()
+            .any(|(p, s)| p != from && !s.is_seed && s.have.get(index))
     }
 
     fn take_unpersisted(&mut self) -> Vec<PieceHashBatch> {
