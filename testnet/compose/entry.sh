@@ -34,6 +34,8 @@ case "$role" in
       --data-listen 0.0.0.0:4002 --mirror-listen 0.0.0.0:5001 \
       --mirror-upstream http://registry:5000 "$@"
     [ -n "$BOOTSTRAP" ] && set -- "$@" --bootstrap "$BOOTSTRAP"
+    # testnet/run --node-config FILE: one config file for every seed and peer.
+    [ -n "$DF_NODE_CONFIG" ] && set -- "$@" --config "$DF_NODE_CONFIG"
     exec /usr/bin/df "$kind" "$@" ;;
   *) exec "$role" "$@" ;;
 esac

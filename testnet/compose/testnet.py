@@ -3,12 +3,13 @@
 
 Scenarios:
   up      start origin, registry, tracker, seeds and peers (shaped), wait until the swarm is joined
-  bench   distribute one file to every peer three ways in one run: df, plain HTTP, BitTorrent (aria2c)
+  bench   distribute one file to every peer three ways in one run: df, plain HTTP, BitTorrent (aria2c);
+          `--methods ...,mesh` adds what the shaped links carry all-to-all (the ceiling of any swarm)
   chaos   a df distribution while a seed stops, 30 % of peers are killed and one peer is cut off
   image   every peer pulls one multi-layer image at once, through its mirror and directly
   down    stop and remove everything
 
-Reports go to testnet/out/: report.json, report.md, cdf.png, timeline.png (bench); chaos.json/.md;
+Reports go to testnet/out/: report.json, report.md, timeline.json, cdf.png, timeline.png (bench); chaos.json/.md;
 image.json/.md.
 """
 
@@ -76,6 +77,8 @@ def compose_env(a):
         PEER_DOWN=a.peer_down or a.rate or "",
         SEED_BOOTSTRAP="/dns4/seed/tcp/4001" if a.seeds > 1 else "",
         PEER_BOOTSTRAP="/dns4/seed/tcp/4001",
+        # A TOML config every seed and peer reads (`--node-config`), copied into the shared /out.
+        DF_NODE_CONFIG="/out/node.toml" if getattr(a, "node_config", None) else "",
     )
     return env
 
@@ -124,6 +127,10 @@ def up(a):
     OUT.mkdir(parents=True, exist_ok=True)
     write_swarm_key()
     WWW.mkdir(parents=True, exist_ok=True)
+    node_config = OUT / "node.toml"
+    node_config.unlink(missing_ok=True)
+    if getattr(a, "node_config", None):
+        shutil.copyfile(a.node_config, node_config)
     if a.seeds < 1:
         raise SystemExit("the testnet's peers join through a seed: use --seeds 1 or more")
     log(f"starting {a.seeds} seed(s), {a.peers} peers; rates: origin {a.origin_rate or a.rate or 'unshaped'}, "
@@ -328,6 +335,49 @@ def method_http(a, peers, run_id, want):
     return start, summarize(res, want, origin_body_bytes(f"http={run_id}"))
 
 
+MESH_PORT = 8080
+# "[8]" so that pkill -f does not match the shell running it.
+MESH_KILL = "pkill -f 'httpd -p [8]080'"
+
+
+def method_mesh(a, peers, size):
+    """What the shaped network carries when every peer downloads at once from the others: each
+    peer serves size/k bytes of random data over plain HTTP (busybox httpd) and fetches that from
+    each of the next k peers at once (k = min(4, peers - 1)). No origin, no hashing, no P2P logic:
+    the ceiling a swarm can reach on these links and this machine."""
+    n = len(peers)
+    k = min(4, n - 1)
+    if k < 1:
+        raise SystemExit("the mesh baseline needs at least 2 peers")
+    part = size // k
+    want = f"MESH_BYTES {part * k}"
+
+    def serve(c):
+        dexec(c, f"{MESH_KILL}; rm -rf /tmp/mesh; mkdir -p /tmp/mesh && "
+                 f"head -c {part} /dev/urandom > /tmp/mesh/part && "
+                 f"busybox httpd -p {MESH_PORT} -h /tmp/mesh", check=True)
+
+    ts = [threading.Thread(target=serve, args=(c,)) for c in peers]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+    def fetch(c):
+        i = peers.index(c)
+        gets = " ".join(f"curl -sSf -o /tmp/mesh.{j} http://{peers[(i + j) % n]}:{MESH_PORT}/part &"
+                        for j in range(1, k + 1))
+        return (f"rm -f /tmp/mesh.*; {gets} wait; {DONE}; echo MESH_BYTES $(cat /tmp/mesh.* | wc -c); "
+                f"rm -f /tmp/mesh.*")
+
+    try:
+        start, res = run_parallel(peers, fetch, a.timeout + 30)
+    finally:
+        for c in peers:
+            dexec(c, f"{MESH_KILL}; rm -rf /tmp/mesh", check=False)
+    return start, summarize(res, want, 0)
+
+
 def method_bittorrent(a, peers, run_id, want, origin):
     torrent = WWW / "file.torrent"
     torrent.unlink(missing_ok=True)
@@ -507,8 +557,14 @@ def bench(a):
             from_seed = sum(1 for c in peers for _t, _i, src in timeline.get(c, []) if "_seed_" in src)
             if pieces:
                 r["seed_copies"] = round(from_seed / pieces, 3)
+            # When the last byte left the origin: what the peers' tail is measured from.
+            fetched = [t for c in seeds + peers for t, _i, src in timeline.get(c, []) if src == "origin"]
+            if fetched:
+                r["origin_done_s"] = round(max(fetched), 3)
         elif m == "http":
             start, r = method_http(a, peers, run_id, want)
+        elif m == "mesh":
+            start, r = method_mesh(a, peers, size)
         elif m == "bittorrent":
             start, r = method_bittorrent(a, peers, run_id, want, origin)
         else:
@@ -517,6 +573,8 @@ def bench(a):
         report["methods"][m] = r
         log(f"  ok={r['ok']} p50={r['p50_s']} max={r['max_s']} origin_bytes={r['origin_bytes']} "
             f"cpu={r['cpu_s_by_role']} host_busy={r['host_busy']}")
+    if timeline:
+        (OUT / "timeline.json").write_text(json.dumps(timeline) + "\n")
     report["plots"] = plots(report, timeline, peers)
     (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (OUT / "report.md").write_text(report_md(report))
@@ -548,6 +606,9 @@ def report_md(r):
     df = r["methods"].get("df", {})
     if "seed_copies" in df:
         lines.append(f"df: the seeds' uplinks sent {df['seed_copies']} x S (pieces peers got from a seed).")
+    if "origin_done_s" in df:
+        lines.append(f"df: the origin's last piece was stored at {df['origin_done_s']} s; the last peer "
+                     f"finished {df['max_s'] - df['origin_done_s']:.2f} s later.")
     lines.append("Times run from the common start to the end of each peer's download; hashing the "
                  "output (to check it) is not timed. CPU s: CPU seconds the containers of each role "
                  "used while the method ran (hashing the outputs included); host busy: the machine's "
@@ -637,6 +698,8 @@ def main():
     p.add_argument("--methods", default="df,http,bittorrent")
     p.add_argument("--timeout", type=int, default=1800, help="per-download timeout, seconds")
     p.add_argument("--keep", action="store_true", help="leave the testnet running afterwards")
+    p.add_argument("--node-config", default=None, metavar="FILE",
+                   help="a df config file (TOML) for every seed and peer, e.g. to try [download] limits")
     p.add_argument("--image-layers", default="64,32,16,4", help="image scenario: layer sizes in MiB")
     a = p.parse_args()
     for r in (a.rate, a.origin_rate, a.seed_rate, a.peer_up, a.peer_down):
