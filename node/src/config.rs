@@ -155,6 +155,8 @@ pub struct NodeConfig {
     pub origin: OriginConfig,
     pub storage: StorageConfig,
     pub trust: TrustConfig,
+    /// Host-wide byte rates for uploads, downloads and origin fetches (default: no limits).
+    pub limits: crate::limits::LimitsConfig,
     /// Deliberate misbehaviour for tests of the swarm's defences. Never read from a file.
     #[serde(skip)]
     pub faults: FaultInjection,
@@ -183,6 +185,7 @@ impl Default for NodeConfig {
             origin: OriginConfig::default(),
             storage: StorageConfig::default(),
             trust: TrustConfig::default(),
+            limits: crate::limits::LimitsConfig::default(),
             faults: FaultInjection::default(),
         }
     }
@@ -285,6 +288,11 @@ pub struct DownloadConfig {
     /// Give up on one piece request after this long and ask elsewhere. Default: `30s`.
     #[serde(with = "humantime_serde")]
     pub piece_timeout: Duration,
+    /// Give up on a piece request when the source sends nothing for this long: no answer to the
+    /// request, or no byte of the piece while it is half sent (a peer that stops mid-piece). The
+    /// source counts a failure and pauses, and the piece is asked of another. Default: `5s`.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
     /// With pieces still missing and no progress for this long, check the producer is alive and
     /// otherwise ask the next responsible peer to fetch the missing pieces. Default: `5s`.
     #[serde(with = "humantime_serde")]
@@ -303,6 +311,7 @@ impl Default for DownloadConfig {
             max_inflight_per_source: 4,
             max_inflight_per_seed: 1,
             piece_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(5),
             max_source_failures: 3,
             back_to_source: true,
@@ -479,6 +488,9 @@ pub struct TrustConfig {
 pub struct FaultInjection {
     /// Flip a byte in every piece this node uploads.
     pub corrupt_uploads: bool,
+    /// Send only this many bytes of every piece this node uploads, then hold the connection open
+    /// without writing (a peer that stops mid-piece).
+    pub stall_uploads_after: Option<usize>,
 }
 
 #[cfg(test)]

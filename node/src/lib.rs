@@ -14,12 +14,14 @@
 //! | [`config`] | [`NodeConfig`] and its documented defaults |
 //! | [`metrics`] | counters for `/v1/status` and `/metrics` |
 //! | [`gc`] | cache eviction by TTL and quota |
+//! | [`limits`] | host-wide token buckets for upload, download and origin bytes |
 //! | [`trust`] | the swarm key (who may connect) and the trust policy (who may produce tasks) |
 
 pub mod api;
 pub mod config;
 pub mod content;
 pub mod gc;
+pub mod limits;
 pub mod metrics;
 pub mod network;
 pub mod node;

@@ -14,6 +14,7 @@ pub struct Metrics {
     pieces_verified: AtomicU64,
     pieces_corrupt: AtomicU64,
     sources_banned: AtomicU64,
+    requests_stalled: AtomicU64,
     tasks_completed: AtomicU64,
     tasks_failed: AtomicU64,
 }
@@ -51,6 +52,9 @@ impl Metrics {
     }
     pub fn source_banned(&self) {
         self.sources_banned.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn request_stalled(&self) {
+        self.requests_stalled.fetch_add(1, Ordering::Relaxed);
     }
     pub fn task_completed(&self) {
         self.tasks_completed.fetch_add(1, Ordering::Relaxed);
@@ -103,6 +107,11 @@ impl Metrics {
             "df_sources_banned_total",
             "Sources dropped from a task for sending bad data.",
             &self.sources_banned,
+        );
+        counter(
+            "df_piece_requests_stalled_total",
+            "Piece requests given up on because the source sent nothing for download.read_timeout.",
+            &self.requests_stalled,
         );
         counter(
             "df_tasks_completed_total",

@@ -182,13 +182,17 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         let tokens = TokenIssuer::random();
         let activity = Arc::new(crate::gc::Activity::default());
+        let limits = crate::limits::Limiters::new(&config.limits);
         let ctx = Arc::new(TaskContext {
             config: config.clone(),
             keypair,
             peer_id,
             net: net.clone(),
             store: store.clone(),
-            data: DataClient::new(peer_id),
+            data: DataClient::new(peer_id)
+                .with_read_timeout(config.download.read_timeout)
+                .with_limit(limits.download.clone()),
+            origin_limit: limits.origin.clone(),
             origin,
             metrics: metrics.clone(),
             activity: activity.clone(),
@@ -206,7 +210,9 @@ impl Node {
             activity,
             ServeMode {
                 super_seed: config.role == Role::Seed && config.upload.super_seed,
+                upload_limit: limits.upload.clone(),
                 corrupt: config.faults.corrupt_uploads,
+                stall_after: config.faults.stall_uploads_after,
             },
         );
         tracker.spawn(server.run(shutdown.clone()));

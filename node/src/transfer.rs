@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::UploadConfig;
 use crate::gc::Activity;
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::store::{PieceStore, now_unix};
 use crate::superseed::{SuperSeed, Verdict};
@@ -187,12 +188,16 @@ impl Drop for HandshakeTicket {
 }
 
 /// How a [`DataServer`] behaves beyond its limits.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ServeMode {
     /// Super-seeding (see [`crate::superseed`]): for a seed with `upload.super_seed`.
     pub super_seed: bool,
+    /// The node's upload bucket (`limits.upload_rate`), shared by every connection.
+    pub upload_limit: Limiter,
     /// Fault injection for tests: flip the first byte of every piece served.
     pub corrupt: bool,
+    /// Fault injection for tests: send this many bytes of a piece, then stop writing.
+    pub stall_after: Option<usize>,
 }
 
 /// Serves pieces from the store.
@@ -222,6 +227,8 @@ pub struct DataServer {
     metrics: Arc<Metrics>,
     activity: Arc<Activity>,
     corrupt: bool,
+    stall_after: Option<usize>,
+    upload_limit: Limiter,
     /// On a seed with `upload.super_seed`: each piece leaves once before any leaves twice.
     super_seed: Option<SuperSeed>,
 }
@@ -259,6 +266,8 @@ impl DataServer {
             metrics,
             activity,
             corrupt: mode.corrupt,
+            stall_after: mode.stall_after,
+            upload_limit: mode.upload_limit,
             super_seed: mode.super_seed.then(SuperSeed::default),
         }
     }
@@ -405,8 +414,18 @@ impl DataServer {
                         &transfer::encode_response_header(PieceStatus::Ok, len),
                     )
                     .await?;
-                    for chunk in data.chunks(transfer::WRITE_CHUNK) {
+                    let body = match self.stall_after {
+                        Some(n) => &data[..n.min(data.len())],
+                        None => &data[..],
+                    };
+                    for chunk in body.chunks(self.upload_limit.step(transfer::WRITE_CHUNK)) {
+                        self.upload_limit.take(chunk.len()).await;
                         self.write(&mut stream, chunk).await?;
+                    }
+                    if self.stall_after.is_some() {
+                        tracing::debug!(%peer, %task, index, "fault injection: upload stalls");
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return Ok(());
                     }
                     if let Some(sending) = sending {
                         sending.done();
@@ -487,6 +506,8 @@ pub enum FetchError {
     Io(#[from] std::io::Error),
     #[error("timed out")]
     Timeout,
+    #[error("the source sent nothing for {0:?}")]
+    Stalled(Duration),
 }
 
 /// Fetches pieces, reusing connections per address.
@@ -494,13 +515,43 @@ pub enum FetchError {
 pub struct DataClient {
     local_peer: Vec<u8>,
     idle: Arc<Mutex<HashMap<SocketAddr, Vec<TcpStream>>>>,
+    /// A source silent this long while a request is open is given up on (`download.read_timeout`).
+    read_timeout: Duration,
+    /// The node's download bucket (`limits.download_rate`).
+    limit: Limiter,
 }
 
 impl DataClient {
+    /// A client with `download.read_timeout`'s default and no rate limit.
     pub fn new(local_peer: PeerId) -> DataClient {
         DataClient {
             local_peer: local_peer.to_bytes(),
             idle: Arc::default(),
+            read_timeout: crate::config::DownloadConfig::default().read_timeout,
+            limit: Limiter::default(),
+        }
+    }
+
+    /// Gives up on a request when the source sends nothing for `d`.
+    pub fn with_read_timeout(mut self, d: Duration) -> DataClient {
+        self.read_timeout = d;
+        self
+    }
+
+    /// Draws every byte received from `limit`.
+    pub fn with_limit(mut self, limit: Limiter) -> DataClient {
+        self.limit = limit;
+        self
+    }
+
+    /// Runs `io` unless the source stays silent for the read timeout.
+    async fn within<T>(
+        &self,
+        io: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, FetchError> {
+        match tokio::time::timeout(self.read_timeout, io).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(FetchError::Stalled(self.read_timeout)),
         }
     }
 
@@ -526,21 +577,18 @@ impl DataClient {
 
     /// Opens a connection to `addr` and runs the `DFX2` handshake with `grant`.
     async fn connect(&self, addr: SocketAddr, grant: &Grant) -> Result<TcpStream, FetchError> {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .map_err(|e| FetchError::Connect(addr, e))?;
+        let mut s = match tokio::time::timeout(self.read_timeout, TcpStream::connect(addr)).await {
+            Ok(r) => r.map_err(|e| FetchError::Connect(addr, e))?,
+            Err(_) => return Err(FetchError::Stalled(self.read_timeout)),
+        };
         let _ = s.set_nodelay(true);
         let mut challenge = [0u8; CHALLENGE_LEN];
-        s.read_exact(&mut challenge).await?;
+        self.within(s.read_exact(&mut challenge)).await?;
         let nonce = transfer::decode_challenge(&challenge)?;
-        s.write_all(&transfer::encode_handshake(
-            &self.local_peer,
-            grant,
-            &nonce,
-        )?)
-        .await?;
+        let hello = transfer::encode_handshake(&self.local_peer, grant, &nonce)?;
+        self.within(s.write_all(&hello)).await?;
         let mut status = [0u8; 1];
-        s.read_exact(&mut status).await?;
+        self.within(s.read_exact(&mut status)).await?;
         match HandshakeStatus::from_byte(status[0])? {
             HandshakeStatus::Accepted => Ok(s),
             HandshakeStatus::Denied => Err(FetchError::Denied(addr)),
@@ -581,10 +629,10 @@ impl DataClient {
         index: u32,
         expected_len: u32,
     ) -> Result<Bytes, FetchError> {
-        s.write_all(&transfer::encode_request(&task.to_bytes(), index)?)
-            .await?;
+        let request = transfer::encode_request(&task.to_bytes(), index)?;
+        self.within(s.write_all(&request)).await?;
         let mut head = [0u8; RESPONSE_HEADER_LEN];
-        s.read_exact(&mut head).await?;
+        self.within(s.read_exact(&mut head)).await?;
         let (status, len) = transfer::decode_response_header(&head)?;
         match status {
             PieceStatus::Ok => {}
@@ -605,12 +653,14 @@ impl DataClient {
         }
         let len = len as usize;
         let mut buf = BytesMut::with_capacity(len);
+        let step = self.limit.step(len);
         while buf.len() < len {
-            let want = len - buf.len();
-            let n = s.read_buf(&mut (&mut buf).limit(want)).await?;
+            let want = (len - buf.len()).min(step);
+            let n = self.within(s.read_buf(&mut (&mut buf).limit(want))).await?;
             if n == 0 {
                 return Err(FetchError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
+            self.limit.take(n).await;
         }
         self.put_idle(addr, s);
         Ok(buf.freeze())

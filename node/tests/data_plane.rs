@@ -75,7 +75,7 @@ async fn start_server(
         Arc::new(Activity::default()),
         ServeMode {
             super_seed: upload.super_seed,
-            corrupt: false,
+            ..ServeMode::default()
         },
     );
     let addr = server.local_addr()?;

@@ -53,10 +53,21 @@ pub struct TaskInfo {
     pub sources: usize,
     /// Peers dropped from this task for sending corrupt pieces.
     pub banned_peers: Vec<String>,
+    /// Verified bytes this node received from each peer or seed, most first.
+    #[serde(default)]
+    pub received_from: Vec<SourceBytes>,
     /// Whether this node is fetching the origin for this task now.
     pub producing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+}
+
+/// Bytes of a task received from one source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceBytes {
+    /// The source's peer ID.
+    pub peer: String,
+    pub bytes: u64,
 }
 
 impl TaskInfo {
@@ -81,6 +92,14 @@ impl TaskInfo {
             from_origin: p.from_origin,
             sources: p.sources,
             banned_peers: p.banned.iter().map(ToString::to_string).collect(),
+            received_from: p
+                .received_from
+                .iter()
+                .map(|(peer, bytes)| SourceBytes {
+                    peer: peer.to_string(),
+                    bytes: *bytes,
+                })
+                .collect(),
             producing: p.producing,
             error,
         }

@@ -252,6 +252,8 @@ pub struct Progress {
     pub sources: usize,
     pub banned: Vec<PeerId>,
     pub producing: bool,
+    /// Verified bytes received from each source (peer or seed) so far, most first.
+    pub received_from: Vec<(PeerId, u64)>,
 }
 
 impl Progress {
@@ -265,6 +267,7 @@ impl Progress {
             sources: 0,
             banned: Vec::new(),
             producing: false,
+            received_from: Vec::new(),
         }
     }
 
@@ -355,6 +358,8 @@ pub(crate) struct TaskContext {
     pub store: PieceStore,
     pub data: DataClient,
     pub origin: Arc<dyn Origin>,
+    /// The node's origin bucket (`limits.origin_rate`).
+    pub origin_limit: crate::limits::Limiter,
     pub metrics: Arc<Metrics>,
     pub activity: Arc<crate::gc::Activity>,
     pub registry: TaskRegistry,

@@ -69,6 +69,7 @@ async fn collect(
     mut body: ByteStream,
     len: usize,
     read_timeout: Duration,
+    limit: &crate::limits::Limiter,
 ) -> Result<BytesMut, OriginError> {
     let mut buf = BytesMut::with_capacity(len);
     loop {
@@ -83,6 +84,7 @@ async fn collect(
                     )));
                 }
                 buf.extend_from_slice(&chunk);
+                limit.take(chunk.len()).await;
             }
             Some(Err(e)) => return Err(e),
             None => break,
@@ -148,7 +150,13 @@ impl ProductionJob {
                         &self.validators,
                     )
                     .await?;
-                collect(body, (end - start) as usize, cfg.read_timeout).await
+                collect(
+                    body,
+                    (end - start) as usize,
+                    cfg.read_timeout,
+                    &self.ctx.origin_limit,
+                )
+                .await
             }
             .await;
             match res {
@@ -173,7 +181,14 @@ impl ProductionJob {
         let mut head = BytesMut::new();
         if let Some(first) = first {
             let first_len = first.len.min(range.end - range.start) as usize;
-            match collect(first.body, first_len, self.ctx.config.origin.read_timeout).await {
+            match collect(
+                first.body,
+                first_len,
+                self.ctx.config.origin.read_timeout,
+                &self.ctx.origin_limit,
+            )
+            .await
+            {
                 Ok(b) => {
                     self.ctx.metrics.add_from_origin(b.len() as u64);
                     head = b;
@@ -340,6 +355,7 @@ impl ProductionJob {
                         offset += c.len() as u64;
                         self.ctx.metrics.add_from_origin(c.len() as u64);
                         buf.extend_from_slice(&c[skip..]);
+                        self.ctx.origin_limit.take(c.len()).await;
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => {

@@ -176,6 +176,8 @@ pub(crate) struct Runner {
     stall_since: Option<Instant>,
     from_peers: u64,
     from_origin: u64,
+    /// Verified bytes received per source (kept after the source is dropped).
+    received_from: HashMap<PeerId, u64>,
     digest_checking: bool,
     /// Times the content failed its digest and the task started over without its producer.
     restarts: u32,
@@ -239,6 +241,7 @@ impl Runner {
             stall_since: None,
             from_peers: 0,
             from_origin: 0,
+            received_from: HashMap::new(),
             digest_checking: false,
             restarts: 0,
             rng: StdRng::from_os_rng(),
@@ -317,6 +320,12 @@ impl Runner {
             sources: self.sources.len(),
             banned: self.banned.iter().copied().collect(),
             producing: self.producing.is_some() || self.opening,
+            received_from: {
+                let mut v: Vec<(PeerId, u64)> =
+                    self.received_from.iter().map(|(p, b)| (*p, *b)).collect();
+                v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                v
+            },
         };
         self.progress.send_replace(p);
     }
@@ -1372,6 +1381,7 @@ impl Runner {
                     }
                 }
                 self.from_peers += u64::from(len);
+                *self.received_from.entry(peer).or_default() += u64::from(len);
                 self.ctx.metrics.add_from_peers(u64::from(len));
                 if !self.held_by_other_peer(index, &peer) {
                     self.have_urgent = true;
@@ -1391,6 +1401,9 @@ impl Runner {
                 let Some(s) = self.sources.get_mut(&peer) else {
                     return;
                 };
+                if matches!(e, FetchError::Stalled(_)) {
+                    self.ctx.metrics.request_stalled();
+                }
                 match e {
                     FetchError::NotFound => s.have.clear(index),
                     // Busy with this piece: ask for others meanwhile (and for this one elsewhere).
