@@ -19,8 +19,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
-use crate::node::Node;
-use crate::task::{Phase, Progress, TaskError};
+use crate::task::{Phase, Progress, TaskContext, TaskError};
 
 /// Why content cannot be served.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -91,67 +90,66 @@ pub fn parse_range(value: Option<&str>, len: u64) -> Result<Option<Range<u64>>, 
     Ok(Some(range))
 }
 
-impl Node {
-    /// Waits for the task's header, then streams `range` of its content (given as an HTTP `Range`
-    /// header value; `None` for the whole content) as its pieces arrive. The task itself must have
-    /// been started (see [`Node::download`]) or be complete in the store; dropping the stream
-    /// does not stop it.
-    pub async fn content(
-        &self,
-        key: &TaskKey,
-        range: Option<&str>,
-    ) -> Result<Content, ContentError> {
-        let mut progress = self.progress(key).await.ok_or(ContentError::UnknownTask)?;
-        let header = loop {
-            let p = progress.borrow().clone();
-            if let Phase::Failed(e) = p.phase {
-                return Err(e.into());
-            }
-            if let Some(h) = p.header {
-                break h;
-            }
-            if progress.changed().await.is_err() {
-                return Err(TaskError::internal("task stopped before it started").into());
-            }
-        };
-        let len = header.header.content_length;
-        let (partial, range) = match parse_range(range, len) {
-            Ok(None) => (false, 0..len),
-            Ok(Some(r)) => (true, r),
-            Err(Unsatisfiable) => {
-                return Err(ContentError::RangeNotSatisfiable {
-                    content_length: len,
-                });
-            }
-        };
-        let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
-        let reader = self.ctx().registry.shared(key);
-        let stream = piece_stream(StreamState {
-            reader,
-            node: self.clone(),
-            key: *key,
-            progress,
-            layout: header.header.layout(),
-            offset: range.start,
-            end: range.end,
-            gate_last,
-            done: false,
-        })
-        .boxed();
-        Ok(Content {
-            header,
-            content_length: len,
-            range,
-            partial,
-            stream,
-        })
-    }
+/// Waits for the task's header, then streams `range` of its content (given as an HTTP `Range`
+/// header value; `None` for the whole content) as its pieces arrive. The task itself must have
+/// been started or be complete in the store; dropping the stream does not stop it.
+pub(crate) async fn open(
+    ctx: &Arc<TaskContext>,
+    key: &TaskKey,
+    range: Option<&str>,
+) -> Result<Content, ContentError> {
+    let mut progress = crate::task::progress(ctx, key)
+        .await
+        .ok_or(ContentError::UnknownTask)?;
+    let header = loop {
+        let p = progress.borrow().clone();
+        if let Phase::Failed(e) = p.phase {
+            return Err(e.into());
+        }
+        if let Some(h) = p.header {
+            break h;
+        }
+        if progress.changed().await.is_err() {
+            return Err(TaskError::internal("task stopped before it started").into());
+        }
+    };
+    let len = header.header.content_length;
+    let (partial, range) = match parse_range(range, len) {
+        Ok(None) => (false, 0..len),
+        Ok(Some(r)) => (true, r),
+        Err(Unsatisfiable) => {
+            return Err(ContentError::RangeNotSatisfiable {
+                content_length: len,
+            });
+        }
+    };
+    let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
+    let reader = ctx.registry.shared(key);
+    let stream = piece_stream(StreamState {
+        reader,
+        ctx: ctx.clone(),
+        key: *key,
+        progress,
+        layout: header.header.layout(),
+        offset: range.start,
+        end: range.end,
+        gate_last,
+        done: false,
+    })
+    .boxed();
+    Ok(Content {
+        header,
+        content_length: len,
+        range,
+        partial,
+        stream,
+    })
 }
 
 struct StreamState {
     /// Where this stream is, told to the task's runner (see [`crate::task::RunnerShared`]).
     reader: Option<Arc<crate::task::RunnerShared>>,
-    node: Node,
+    ctx: Arc<TaskContext>,
     key: TaskKey,
     progress: watch::Receiver<Progress>,
     layout: PieceLayout,
@@ -220,7 +218,7 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
         st.done = true;
         return Some((Err(e), st));
     }
-    let store = st.node.store().clone();
+    let store = st.ctx.store.clone();
     let key = st.key;
     let fail = |mut st: StreamState, msg: String| {
         st.done = true;
@@ -231,13 +229,13 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
         Ok(Ok(None)) => {
             // A complete task lost a piece (damaged store): reopen it so the next download
             // fetches what is missing instead of failing here forever.
-            let store = st.node.store().clone();
+            let store = st.ctx.store.clone();
             let reopened = tokio::task::spawn_blocking(move || {
                 store.drop_piece(&key, index)?;
                 store.reopen(&key)
             })
             .await;
-            st.node.forget_finished(&key);
+            crate::task::forget_finished(&st.ctx, &key);
             tracing::warn!(task = %key, index, ?reopened, "piece missing from the store; task reopened");
             return fail(
                 st,

@@ -7,45 +7,21 @@
 //! downloads can resume within the TTL but do not hold disk forever. Tasks with a live runner
 //! (downloading, producing) are never evicted.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use df_protocols::task::TaskKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StorageConfig;
-use crate::node::Node;
 use crate::store::now_unix;
+use crate::task::TaskContext;
 
 const INTERVAL: Duration = Duration::from_secs(30);
 
-/// When tasks were last served to peers (seconds since the epoch), kept in memory.
-#[derive(Default)]
-pub struct Activity {
-    served: Mutex<HashMap<TaskKey, u64>>,
-}
-
-impl Activity {
-    pub fn touch(&self, key: &TaskKey) {
-        if let Ok(mut m) = self.served.lock() {
-            m.insert(*key, now_unix());
-        }
-    }
-
-    fn last(&self, key: &TaskKey) -> u64 {
-        self.served
-            .lock()
-            .ok()
-            .and_then(|m| m.get(key).copied())
-            .unwrap_or(0)
-    }
-}
-
 /// Eviction candidates, least recently used first: (key, last use, content length).
-fn candidates(node: &Node) -> Vec<(TaskKey, u64, u64)> {
-    let ctx = node.ctx();
+fn candidates(ctx: &TaskContext) -> Vec<(TaskKey, u64, u64)> {
     let Ok(records) = ctx.store.tasks() else {
         return Vec::new();
     };
@@ -131,12 +107,12 @@ fn plan(
 }
 
 /// Runs one eviction pass; returns the evicted tasks.
-pub async fn collect(node: &Node) -> Vec<TaskKey> {
-    let cfg = node.config().storage.clone();
-    let dir = node.config().data_dir.clone();
-    let n = node.clone();
+pub(crate) async fn collect(ctx: &Arc<TaskContext>) -> Vec<TaskKey> {
+    let cfg = ctx.config.storage.clone();
+    let dir = ctx.config.data_dir.clone();
+    let c = ctx.clone();
     let (list, cache, fs) = tokio::task::spawn_blocking(move || {
-        (candidates(&n), n.store().disk_usage(), filesystem_use(&dir))
+        (candidates(&c), c.store.disk_usage(), filesystem_use(&dir))
     })
     .await
     .unwrap_or_default();
@@ -150,7 +126,7 @@ pub async fn collect(node: &Node) -> Vec<TaskKey> {
     }
     let mut evicted = Vec::new();
     for (key, len) in plan(&cfg, list, now_unix(), cache, fs) {
-        match node.delete_task(&key).await {
+        match crate::task::delete_task(ctx, &key).await {
             Ok(_) => {
                 tracing::info!(task = %key, bytes = len, "evicted task from the cache");
                 evicted.push(key);
@@ -161,12 +137,12 @@ pub async fn collect(node: &Node) -> Vec<TaskKey> {
     evicted
 }
 
-pub(crate) async fn run(node: Node, shutdown: CancellationToken) {
+pub(crate) async fn run(ctx: Arc<TaskContext>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(INTERVAL);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => { collect(&node).await; }
+            _ = tick.tick() => { collect(&ctx).await; }
         }
     }
 }

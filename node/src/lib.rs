@@ -13,10 +13,12 @@
 //! | [`content`] | a task's content as an in-order byte stream while it downloads |
 //! | [`config`] | [`NodeConfig`] and its documented defaults |
 //! | [`metrics`] | counters for `/v1/status` and `/metrics` |
-//! | [`gc`] | cache eviction by TTL and quota |
+//! | [`gc`] | cache eviction by TTL, quota and disk watermarks |
+//! | [`activity`] | when peers last used each task (read by [`gc`]) |
 //! | [`limits`] | host-wide token buckets for upload, download and origin bytes |
 //! | [`trust`] | the swarm key (who may connect) and the trust policy (who may produce tasks) |
 
+pub mod activity;
 pub mod api;
 pub mod config;
 pub mod content;
@@ -32,9 +34,10 @@ pub mod task;
 pub mod transfer;
 pub mod trust;
 
+pub use api::NodeStatus;
 pub use config::{ApiAddr, NodeConfig, Role};
 pub use content::{Content, ContentError};
 pub use libp2p::{Multiaddr, PeerId};
-pub use node::{Node, NodeError, NodeStatus};
+pub use node::{Node, NodeError};
 pub use origin::{Origin, OriginError, OriginResponse, OriginSpec};
 pub use task::{DownloadRequest, Phase, Progress, TaskError};

@@ -14,15 +14,15 @@ use df_protocols::task::TaskKey;
 use libp2p::gossipsub::MessageAcceptance;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api;
+use crate::api::{self, NodeStatus};
 use crate::config::{ApiAddr, NodeConfig, Role};
-use crate::metrics::{ByteCounters, Gauges, Metrics};
+use crate::content::{Content, ContentError};
+use crate::metrics::{Gauges, Metrics};
 use crate::network::{self, NetworkEvent, NetworkSettings};
 use crate::origin::{Origin, Requester};
 use crate::store::{PieceStore, StoreError};
@@ -53,19 +53,6 @@ pub enum NodeError {
         addr: String,
         source: std::io::Error,
     },
-}
-
-/// `GET /v1/status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub peer_id: String,
-    pub role: Role,
-    pub listen_addrs: Vec<String>,
-    pub data_addr: String,
-    pub connected_peers: usize,
-    pub known_seeds: usize,
-    pub active_tasks: usize,
-    pub bytes: ByteCounters,
 }
 
 struct NodeInner {
@@ -181,7 +168,7 @@ impl Node {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let tokens = TokenIssuer::random();
-        let activity = Arc::new(crate::gc::Activity::default());
+        let activity = Arc::new(crate::activity::Activity::default());
         let limits = crate::limits::Limiters::new(&config.limits);
         let ctx = Arc::new(TaskContext {
             config: config.clone(),
@@ -240,11 +227,11 @@ impl Node {
         tracker.spawn(dispatch(node.clone(), events, shutdown.clone()));
         tracker.spawn(api::server::serve(
             api_listener,
-            node.clone(),
+            Arc::new(node.clone()),
             shutdown.clone(),
         ));
         if config.storage.task_ttl.as_secs() > 0 || config.storage.quota.as_u64() > 0 {
-            tracker.spawn(crate::gc::run(node.clone(), shutdown));
+            tracker.spawn(crate::gc::run(node.inner.ctx.clone(), shutdown));
         }
         // Announce what the store already holds (provider records do not survive a restart),
         // after reopening tasks marked complete whose pieces did not all survive.
@@ -335,100 +322,40 @@ impl Node {
         })
     }
 
-    pub(crate) fn store(&self) -> &PieceStore {
-        &self.inner.ctx.store
-    }
-
     /// Starts (or joins) the download of a task; returns once its header is known, or the error
     /// that prevents it (origin status, no source, …).
     pub async fn download(
         &self,
         req: DownloadRequest,
     ) -> Result<(TaskKey, SignedHeader), TaskError> {
-        let key = req.task_key()?;
-        let ctx = &self.inner.ctx;
-        let store = ctx.store.clone();
-        let rec = tokio::task::spawn_blocking(move || store.task(&key))
-            .await
-            .map_err(|e| TaskError::internal(e.to_string()))??;
-        if let Some(rec) = rec
-            && rec.complete
-        {
-            if ctx.registry.live(&key).is_none() {
-                ctx.registry
-                    .remember(key, Progress::complete(rec.header.clone()));
-            }
-            return Ok((key, rec.header));
-        }
-        let runner = ctx
-            .registry
-            .get_or_start(ctx, key)
-            .ok_or_else(|| TaskError::internal("task registry unavailable"))?;
-        let (tx, rx) = oneshot::channel();
-        runner
-            .tx
-            .send(RunnerMsg::Download { req, reply: tx })
-            .map_err(|_| TaskError::internal("task runner stopped"))?;
-        let header = rx
-            .await
-            .map_err(|_| TaskError::internal("task runner stopped"))??;
-        Ok((key, header))
+        crate::task::download(&self.inner.ctx, req).await
     }
 
     /// The progress of a live or recently finished task (complete tasks in the store included).
     pub async fn progress(&self, key: &TaskKey) -> Option<watch::Receiver<Progress>> {
-        let ctx = &self.inner.ctx;
-        if let Some(p) = ctx.registry.progress(key) {
-            return Some(p);
-        }
-        let store = ctx.store.clone();
-        let k = *key;
-        let rec = tokio::task::spawn_blocking(move || store.task(&k))
-            .await
-            .ok()?
-            .ok()
-            .flatten()?;
-        rec.complete
-            .then(|| ctx.registry.remember(*key, Progress::complete(rec.header)))
+        crate::task::progress(&self.inner.ctx, key).await
     }
 
     /// Every task the node knows now (live and recently finished).
     pub fn tasks(&self) -> Vec<(TaskKey, Progress)> {
-        self.inner
-            .ctx
-            .registry
-            .list()
-            .into_iter()
-            .map(|(k, p, _)| (k, p))
-            .collect()
-    }
-
-    /// Forgets a finished task's remembered progress (not its stored data), so the next
-    /// download reads the store again.
-    pub(crate) fn forget_finished(&self, key: &TaskKey) {
-        if self.inner.ctx.registry.live(key).is_none() {
-            self.inner.ctx.registry.forget(key);
-        }
+        crate::task::tasks(&self.inner.ctx)
     }
 
     /// Removes a finished task from the store (it must not be running).
     pub async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError> {
-        let ctx = &self.inner.ctx;
-        if ctx.registry.live(key).is_some() {
-            return Err(TaskError::bad_request("task is in progress"));
-        }
-        let store = ctx.store.clone();
-        let k = *key;
-        let existed = tokio::task::spawn_blocking(move || {
-            let existed = store.task(&k)?.is_some();
-            store.delete_task(&k)?;
-            Ok::<_, StoreError>(existed)
-        })
-        .await
-        .map_err(|e| TaskError::internal(e.to_string()))??;
-        ctx.registry.forget(key);
-        let _ = ctx.net.stop_providing(key.to_bytes()).await;
-        Ok(existed)
+        crate::task::delete_task(&self.inner.ctx, key).await
+    }
+
+    /// Waits for the task's header, then streams `range` of its content (given as an HTTP `Range`
+    /// header value; `None` for the whole content) as its pieces arrive. The task itself must have
+    /// been started (see [`Node::download`]) or be complete in the store; dropping the stream
+    /// does not stop it.
+    pub async fn content(
+        &self,
+        key: &TaskKey,
+        range: Option<&str>,
+    ) -> Result<Content, ContentError> {
+        crate::content::open(&self.inner.ctx, key, range).await
     }
 
     /// Stops everything and flushes the store.
@@ -623,5 +550,37 @@ async fn dispatch(
             }
             NetworkEvent::PeerConnected(_) => {}
         }
+    }
+}
+
+/// The API serves what the node implements here ([`api::NodeApi`]); it does not import the node.
+#[async_trait::async_trait]
+impl api::NodeApi for Node {
+    fn status(&self) -> NodeStatus {
+        Node::status(self)
+    }
+
+    fn metrics_text(&self) -> String {
+        Node::metrics_text(self)
+    }
+
+    fn tasks(&self) -> Vec<(TaskKey, Progress)> {
+        Node::tasks(self)
+    }
+
+    async fn progress(&self, key: &TaskKey) -> Option<watch::Receiver<Progress>> {
+        Node::progress(self, key).await
+    }
+
+    async fn download(&self, req: DownloadRequest) -> Result<TaskKey, TaskError> {
+        Node::download(self, req).await.map(|(key, _)| key)
+    }
+
+    async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError> {
+        Node::delete_task(self, key).await
+    }
+
+    async fn content(&self, key: &TaskKey, range: Option<&str>) -> Result<Content, ContentError> {
+        Node::content(self, key, range).await
     }
 }

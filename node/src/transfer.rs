@@ -38,8 +38,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::Activity;
 use crate::config::UploadConfig;
-use crate::gc::Activity;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::store::{PieceStore, now_unix};

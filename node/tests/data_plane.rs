@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use df_node::PeerId;
+use df_node::activity::Activity;
 use df_node::config::{StorageConfig, UploadConfig};
-use df_node::gc::Activity;
 use df_node::metrics::Metrics;
 use df_node::store::{PieceStore, now_unix};
 use df_node::transfer::{DataClient, DataServer, FetchError, ServeMode, TokenIssuer};

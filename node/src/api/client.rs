@@ -11,9 +11,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::token::ApiToken;
-use super::{ErrorBody, Refusal, RefusalBody, TaskInfo};
+use super::{ErrorBody, NodeStatus, Refusal, RefusalBody, TaskInfo};
 use crate::config::ApiAddr;
-use crate::node::NodeStatus;
 use crate::task::{DownloadRequest, TaskError};
 
 /// Errors talking to the local API.

@@ -4,7 +4,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /healthz` | `200 ok` once the node serves |
-//! | `GET /v1/status` | [`NodeStatus`](crate::node::NodeStatus) JSON |
+//! | `GET /v1/status` | [`NodeStatus`] JSON |
 //! | `GET /metrics` | Prometheus text |
 //! | `POST /v1/tasks` | body: [`DownloadRequest`](crate::task::DownloadRequest) JSON; starts or joins the task and answers [`TaskInfo`] once its length is known, or `{"error": {"code": …}}` |
 //! | `GET /v1/tasks` | every live and recently finished task, [`TaskInfo`] each |
@@ -23,11 +23,48 @@ pub mod client;
 pub mod server;
 pub mod token;
 
+use df_protocols::task::TaskKey;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::task::{Phase, Progress, TaskError};
-use df_protocols::task::TaskKey;
+use crate::config::Role;
+use crate::content::{Content, ContentError};
+use crate::metrics::ByteCounters;
+use crate::task::{DownloadRequest, Phase, Progress, TaskError};
+
+/// What the API serves. The node implements it; the server sees only this trait (as the registry
+/// mirror sees its blob source), so a test can serve the API from a fake.
+#[async_trait::async_trait]
+pub trait NodeApi: Send + Sync + 'static {
+    /// `GET /v1/status`.
+    fn status(&self) -> NodeStatus;
+    /// `GET /metrics`: Prometheus text.
+    fn metrics_text(&self) -> String;
+    /// Every live and recently finished task.
+    fn tasks(&self) -> Vec<(TaskKey, Progress)>;
+    /// A task's progress, if the node knows it (running, recently finished or complete in the store).
+    async fn progress(&self, key: &TaskKey) -> Option<watch::Receiver<Progress>>;
+    /// Starts or joins a download; returns once its header is known.
+    async fn download(&self, req: DownloadRequest) -> Result<TaskKey, TaskError>;
+    /// Evicts a finished task; `false` if there was none.
+    async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError>;
+    /// A byte range of a task's content (an HTTP `Range` value; `None`: all of it), in order.
+    async fn content(&self, key: &TaskKey, range: Option<&str>) -> Result<Content, ContentError>;
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub peer_id: String,
+    pub role: Role,
+    pub listen_addrs: Vec<String>,
+    pub data_addr: String,
+    pub connected_peers: usize,
+    pub known_seeds: usize,
+    pub active_tasks: usize,
+    pub bytes: ByteCounters,
+}
 
 /// A task as the API reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

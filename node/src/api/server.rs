@@ -19,10 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::access::Access;
 use super::token::{ApiToken, TOKEN_FILE, TokenVerifier};
-use super::{ErrorBody, Refusal, RefusalBody, TaskInfo};
+use super::{ErrorBody, NodeApi, Refusal, RefusalBody, TaskInfo};
 use crate::config::{ApiAddr, NodeConfig};
 use crate::content::ContentError;
-use crate::node::Node;
 use crate::task::{DownloadRequest, TaskError};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -116,7 +115,11 @@ async fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 /// Serves the API until `shutdown`: at most `max_connections` connections at once (more are
 /// answered 503 and closed), each closed when a request's headers take longer than
 /// `header_read_timeout`.
-pub(crate) async fn serve(listener: ApiListener, node: Node, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    listener: ApiListener,
+    node: Arc<dyn NodeApi>,
+    shutdown: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(listener.max_connections));
     let read_timeout = listener.header_read_timeout;
     loop {
@@ -280,7 +283,11 @@ fn not_found(what: &str) -> Response<Body> {
     })
 }
 
-async fn route(node: Node, req: Request<Incoming>, read_timeout: Duration) -> Response<Body> {
+async fn route(
+    node: Arc<dyn NodeApi>,
+    req: Request<Incoming>,
+    read_timeout: Duration,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
@@ -328,7 +335,11 @@ async fn route(node: Node, req: Request<Incoming>, read_timeout: Duration) -> Re
     }
 }
 
-async fn create_task(node: Node, req: Request<Incoming>, read_timeout: Duration) -> Response<Body> {
+async fn create_task(
+    node: Arc<dyn NodeApi>,
+    req: Request<Incoming>,
+    read_timeout: Duration,
+) -> Response<Body> {
     // A body trickled in slowly must not hold the connection longer than slow headers could.
     let read = Limited::new(req.into_body(), MAX_REQUEST_BODY).collect();
     let body = match tokio::time::timeout(read_timeout, read).await {
@@ -350,7 +361,7 @@ async fn create_task(node: Node, req: Request<Incoming>, read_timeout: Duration)
     };
     match node.download(dl).await {
         // The runner publishes its progress before it answers, so the header is in it.
-        Ok((key, _)) => match node.progress(&key).await {
+        Ok(key) => match node.progress(&key).await {
             Some(p) => json(StatusCode::OK, &TaskInfo::from_progress(&key, &p.borrow())),
             None => error(TaskError::internal("task vanished")),
         },
@@ -359,7 +370,7 @@ async fn create_task(node: Node, req: Request<Incoming>, read_timeout: Duration)
 }
 
 async fn content(
-    node: Node,
+    node: Arc<dyn NodeApi>,
     key: TaskKey,
     req: &Request<Incoming>,
     head_only: bool,
@@ -420,4 +431,121 @@ async fn content(
         h.insert("x-df-task", v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NodeStatus;
+    use crate::api::client::{ApiClient, ApiError};
+    use crate::config::Role;
+    use crate::metrics::ByteCounters;
+    use crate::task::Progress;
+    use df_protocols::task::{canonical_url, parse_url};
+    use tokio::sync::watch;
+
+    fn key(url: &str) -> TaskKey {
+        TaskKey::for_url(&canonical_url(&parse_url(url).unwrap(), &[]), "")
+    }
+
+    /// An API backend with no node behind it: one task it knows, downloads refused.
+    struct Fake {
+        known: TaskKey,
+        progress: watch::Sender<Progress>,
+    }
+
+    #[async_trait::async_trait]
+    impl NodeApi for Fake {
+        fn status(&self) -> NodeStatus {
+            NodeStatus {
+                peer_id: "fake".into(),
+                role: Role::Node,
+                listen_addrs: Vec::new(),
+                data_addr: "127.0.0.1:9".into(),
+                connected_peers: 3,
+                known_seeds: 1,
+                active_tasks: 1,
+                bytes: ByteCounters::default(),
+            }
+        }
+        fn metrics_text(&self) -> String {
+            "df_fake_total 1\n".into()
+        }
+        fn tasks(&self) -> Vec<(TaskKey, Progress)> {
+            vec![(self.known, self.progress.borrow().clone())]
+        }
+        async fn progress(&self, key: &TaskKey) -> Option<watch::Receiver<Progress>> {
+            (*key == self.known).then(|| self.progress.subscribe())
+        }
+        async fn download(&self, _req: DownloadRequest) -> Result<TaskKey, TaskError> {
+            Err(TaskError::bad_request("this backend refuses downloads"))
+        }
+        async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError> {
+            if *key == self.known {
+                Err(TaskError::bad_request("task is in progress"))
+            } else {
+                Ok(false)
+            }
+        }
+        async fn content(
+            &self,
+            _key: &TaskKey,
+            _range: Option<&str>,
+        ) -> Result<crate::content::Content, ContentError> {
+            Err(ContentError::UnknownTask)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_api_serves_any_backend_and_maps_its_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig {
+            data_dir: dir.path().into(),
+            api: Some(ApiAddr::Tcp("127.0.0.1:0".parse().unwrap())),
+            ..NodeConfig::default()
+        };
+        let listener = ApiListener::bind_config(&config).await.unwrap();
+        let client = ApiClient::new(listener.local_addr());
+        let known = key("http://127.0.0.1:9/known");
+        let other = key("http://127.0.0.1:9/other");
+        let (progress, _) = watch::channel(Progress::starting());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Fake { known, progress }),
+            shutdown.clone(),
+        ));
+
+        assert_eq!(client.status().await.unwrap().connected_peers, 3);
+        assert_eq!(
+            client.task(&known.to_string()).await.unwrap().state,
+            "starting"
+        );
+        assert!(matches!(
+            client.task(&other.to_string()).await,
+            Err(ApiError::Task(TaskError::NotFound { .. }))
+        ));
+        match client.task("not-a-cid").await {
+            Err(ApiError::Task(TaskError::BadRequest { message })) => {
+                assert!(message.contains("malformed task id"), "{message}")
+            }
+            r => panic!("a malformed id answered {r:?}"),
+        }
+        let req = DownloadRequest {
+            url: "http://127.0.0.1:9/x".into(),
+            ..DownloadRequest::default()
+        };
+        match client.create_task(&req).await {
+            Err(ApiError::Task(TaskError::BadRequest { message })) => {
+                assert_eq!(message, "this backend refuses downloads")
+            }
+            r => panic!("a refused download answered {r:?}"),
+        }
+        assert!(matches!(
+            client.delete_task(&known.to_string()).await,
+            Err(ApiError::Task(TaskError::BadRequest { .. }))
+        ));
+        assert!(!client.delete_task(&other.to_string()).await.unwrap());
+        shutdown.cancel();
+    }
 }

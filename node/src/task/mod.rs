@@ -257,7 +257,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn starting() -> Progress {
+    pub(crate) fn starting() -> Progress {
         Progress {
             phase: Phase::Starting,
             header: None,
@@ -361,7 +361,7 @@ pub(crate) struct TaskContext {
     /// The node's origin bucket (`limits.origin_rate`).
     pub origin_limit: crate::limits::Limiter,
     pub metrics: Arc<Metrics>,
-    pub activity: Arc<crate::gc::Activity>,
+    pub activity: Arc<crate::activity::Activity>,
     pub registry: TaskRegistry,
     pub trust: crate::trust::TrustPolicy,
 }
@@ -572,4 +572,96 @@ impl TaskRegistry {
             .map(|i| i.entries.values().filter_map(|e| e.tx.clone()).collect())
             .unwrap_or_default()
     }
+}
+
+// The task table's operations, for the API (through the node) and the cache eviction.
+
+/// Starts (or joins) the download of a task; returns once its header is known, or the error
+/// that prevents it (origin status, no source, …).
+pub(crate) async fn download(
+    ctx: &Arc<TaskContext>,
+    req: DownloadRequest,
+) -> Result<(TaskKey, SignedHeader), TaskError> {
+    let key = req.task_key()?;
+    let store = ctx.store.clone();
+    let rec = tokio::task::spawn_blocking(move || store.task(&key))
+        .await
+        .map_err(|e| TaskError::internal(e.to_string()))??;
+    if let Some(rec) = rec
+        && rec.complete
+    {
+        if ctx.registry.live(&key).is_none() {
+            ctx.registry
+                .remember(key, Progress::complete(rec.header.clone()));
+        }
+        return Ok((key, rec.header));
+    }
+    let runner = ctx
+        .registry
+        .get_or_start(ctx, key)
+        .ok_or_else(|| TaskError::internal("task registry unavailable"))?;
+    let (tx, rx) = oneshot::channel();
+    runner
+        .tx
+        .send(RunnerMsg::Download { req, reply: tx })
+        .map_err(|_| TaskError::internal("task runner stopped"))?;
+    let header = rx
+        .await
+        .map_err(|_| TaskError::internal("task runner stopped"))??;
+    Ok((key, header))
+}
+
+/// The progress of a live or recently finished task (complete tasks in the store included).
+pub(crate) async fn progress(
+    ctx: &Arc<TaskContext>,
+    key: &TaskKey,
+) -> Option<watch::Receiver<Progress>> {
+    if let Some(p) = ctx.registry.progress(key) {
+        return Some(p);
+    }
+    let store = ctx.store.clone();
+    let k = *key;
+    let rec = tokio::task::spawn_blocking(move || store.task(&k))
+        .await
+        .ok()?
+        .ok()
+        .flatten()?;
+    rec.complete
+        .then(|| ctx.registry.remember(*key, Progress::complete(rec.header)))
+}
+
+/// Every task the node knows now (live and recently finished).
+pub(crate) fn tasks(ctx: &TaskContext) -> Vec<(TaskKey, Progress)> {
+    ctx.registry
+        .list()
+        .into_iter()
+        .map(|(k, p, _)| (k, p))
+        .collect()
+}
+
+/// Forgets a finished task's remembered progress (not its stored data), so the next
+/// download reads the store again.
+pub(crate) fn forget_finished(ctx: &TaskContext, key: &TaskKey) {
+    if ctx.registry.live(key).is_none() {
+        ctx.registry.forget(key);
+    }
+}
+
+/// Removes a finished task from the store (it must not be running).
+pub(crate) async fn delete_task(ctx: &TaskContext, key: &TaskKey) -> Result<bool, TaskError> {
+    if ctx.registry.live(key).is_some() {
+        return Err(TaskError::bad_request("task is in progress"));
+    }
+    let store = ctx.store.clone();
+    let k = *key;
+    let existed = tokio::task::spawn_blocking(move || {
+        let existed = store.task(&k)?.is_some();
+        store.delete_task(&k)?;
+        Ok::<_, StoreError>(existed)
+    })
+    .await
+    .map_err(|e| TaskError::internal(e.to_string()))??;
+    ctx.registry.forget(key);
+    let _ = ctx.net.stop_providing(key.to_bytes()).await;
+    Ok(existed)
 }
