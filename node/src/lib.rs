@@ -15,6 +15,7 @@
 //! | [`metrics`] | counters for `/v1/status` and `/metrics` |
 //! | [`gc`] | cache eviction by TTL, quota and disk watermarks |
 //! | [`activity`] | when peers last used each task (read by [`gc`]) |
+//! | [`http_client`] | the reqwest client settings shared by origin fetches and the registry mirror |
 //! | [`limits`] | host-wide token buckets for upload, download and origin bytes |
 //! | [`trust`] | the swarm key (who may connect) and the trust policy (who may produce tasks) |
 
@@ -23,6 +24,7 @@ pub mod api;
 pub mod config;
 pub mod content;
 pub mod gc;
+pub mod http_client;
 pub mod limits;
 pub mod metrics;
 pub mod network;

@@ -59,7 +59,7 @@ pub enum MirrorError {
     #[error("building the registry client failed: {0}")]
     Client(#[from] reqwest::Error),
     #[error(transparent)]
-    CaBundle(#[from] df_seed::HttpOriginError),
+    CaBundle(#[from] df_node::http_client::HttpClientError),
 }
 
 /// Counters of what the mirror has done since it started.
@@ -108,7 +108,7 @@ impl Mirror {
         let addr = listener
             .local_addr()
             .map_err(|source| MirrorError::Bind { addr, source })?;
-        let client = df_seed::http_origin::client_builder(&cfg.ca_bundle, cfg.insecure)?
+        let client = df_node::http_client::client_builder(&cfg.ca_bundle, cfg.insecure)?
             .user_agent(concat!("df-mirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.request_timeout)

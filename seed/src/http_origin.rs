@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use df_node::config::OriginConfig;
+use df_node::http_client::{HttpClientError, client_builder};
 use df_node::origin::{
     ByteStream, GuardError, Origin, OriginError, OriginGuard, OriginResponse, OriginSpec,
     Requester, display_url,
@@ -36,8 +37,8 @@ use reqwest::header::{
 pub enum HttpOriginError {
     #[error("building the HTTP client failed: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("reading CA bundle {path}: {reason}")]
-    CaBundle { path: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] HttpClientError),
     #[error("[origin] allow/deny: {0}")]
     Guard(#[from] GuardError),
 }
@@ -192,39 +193,6 @@ fn refused(spec: &OriginSpec, e: &GuardError) -> OriginError {
         reason: format!("refused: {e}"),
         url: display_url(&spec.url),
     }
-}
-
-/// An HTTP client builder for origins and registries: no proxy from the environment, the extra CA
-/// certificates of `ca_bundle` (PEM files) trusted beside the system's, and every certificate
-/// accepted when `insecure`.
-pub fn client_builder(
-    ca_bundle: &[std::path::PathBuf],
-    insecure: bool,
-) -> Result<reqwest::ClientBuilder, HttpOriginError> {
-    Ok(reqwest::Client::builder()
-        .no_proxy()
-        .tls_danger_accept_invalid_certs(insecure)
-        .tls_certs_merge(load_ca_bundles(ca_bundle)?))
-}
-
-/// Reads PEM CA bundles (each file may hold several certificates).
-pub fn load_ca_bundles(
-    paths: &[std::path::PathBuf],
-) -> Result<Vec<reqwest::Certificate>, HttpOriginError> {
-    let mut out = Vec::new();
-    for p in paths {
-        let err = |reason: String| HttpOriginError::CaBundle {
-            path: p.display().to_string(),
-            reason,
-        };
-        let pem = std::fs::read(p).map_err(|e| err(e.to_string()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(err("no PEM certificate in it".into()));
-        }
-        out.extend(certs);
-    }
-    Ok(out)
 }
 
 fn unreachable(spec: &OriginSpec, e: &reqwest::Error) -> OriginError {
