@@ -6,7 +6,7 @@
 //! | [`network`] | the libp2p swarm's event loop and its [`network::NetworkClient`] handle |
 //! | [`task`] | per-task runners: discovery, producer election, piece scheduling, verification, production |
 //! | [`transfer`] | the data plane: piece server and client over TCP |
-//! | [`store`] | the RocksDB piece store |
+//! | [`store`] | the [`store::PieceStore`] trait: RocksDB (the node's) and in-memory stores |
 //! | [`superseed`] | a seed sends each piece once before any twice |
 //! | [`origin`] | the back-to-source trait (the HTTP implementation is in `df-seed`) |
 //! | [`api`] | the local HTTP API server and its client |

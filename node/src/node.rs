@@ -25,7 +25,7 @@ use crate::content::{Content, ContentError};
 use crate::metrics::{Gauges, Metrics};
 use crate::network::{self, NetworkEvent, NetworkSettings};
 use crate::origin::{Origin, Requester};
-use crate::store::{PieceStore, StoreError};
+use crate::store::{RocksStore, Store, StoreError};
 use crate::task::{DownloadRequest, Progress, RunnerMsg, TaskContext, TaskError, TaskRegistry};
 use crate::transfer::{DataClient, DataServer, ServeMode, TokenIssuer};
 use crate::trust::{SwarmAccess, TrustPolicy};
@@ -137,9 +137,10 @@ impl Node {
         let store = {
             let path = dir.join("store");
             let cfg = config.storage.clone();
-            tokio::task::spawn_blocking(move || PieceStore::open(&path, &cfg))
+            let rocks = tokio::task::spawn_blocking(move || RocksStore::open(&path, &cfg))
                 .await
-                .map_err(|e| StoreError::Io(e.to_string()))??
+                .map_err(|e| StoreError::Io(e.to_string()))??;
+            Arc::new(rocks) as Store
         };
         let data_listener =
             TcpListener::bind(config.data_listen)

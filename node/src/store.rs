@@ -1,4 +1,5 @@
-//! The piece store: RocksDB with one column family per kind of record.
+//! The piece store: the [`PieceStore`] trait, the node's [`RocksStore`] (RocksDB with one column family
+//! per kind of record, and a file per piece) and an in-memory [`MemStore`].
 //!
 //! | column family | key | value |
 //! |---|---|---|
@@ -16,7 +17,7 @@
 //! cache and one out. `have` markers are written without the write-ahead log: a crash loses at
 //! most markers of pieces that are then fetched again. Everything else goes through the WAL.
 //!
-//! "Complete" is durable: [`PieceStore::flush`] fsyncs the piece files written since the last
+//! "Complete" is durable: [`RocksStore::flush`] fsyncs the piece files written since the last
 //! flush, then RocksDB's memtables, before a task is marked complete, and [`PieceStore::reopen_incomplete`] reopens at start any task marked
 //! complete whose pieces are not all held (a crash before that flush, a damaged store), so it is
 //! fetched again instead of failing every later download.
@@ -88,31 +89,105 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Handle to the store; cheap to clone. All methods block: call them from `spawn_blocking`.
+/// A task's records and piece bytes: what a node keeps. [`RocksStore`] is the node's (RocksDB
+/// for records, a file per piece); [`MemStore`] keeps everything in memory, for tests and for
+/// code that needs a store without a disk. Every method may block: call them from
+/// `spawn_blocking` in async code.
+pub trait PieceStore: Send + Sync + 'static {
+    /// Stores (or replaces) a task's record.
+    fn put_task(&self, rec: &TaskRecord) -> Result<(), StoreError>;
+    fn task(&self, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError>;
+    /// Every task record (unparseable ones are skipped and logged).
+    fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
+    /// Stores signed piece hashes of `producer` (a later hash of the same piece replaces one).
+    fn put_hashes(
+        &self,
+        task: &TaskKey,
+        producer: PeerId,
+        hashes: &[SignedPieceHash],
+    ) -> Result<(), StoreError>;
+    /// All stored piece hashes of a task, grouped by producer.
+    fn hashes(&self, task: &TaskKey) -> Result<Vec<PieceHashBatch>, StoreError>;
+    /// Stores a piece (already verified by the caller) and marks it held.
+    fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError>;
+    fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Which of a task's `count` pieces are stored.
+    fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError>;
+    /// How many pieces of a task are stored.
+    fn held_count(&self, task: &TaskKey) -> Result<usize, StoreError>;
+    /// Forgets a piece (its marker and bytes), e.g. after finding it missing or corrupt.
+    fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError>;
+    /// Removes everything stored for a task.
+    fn delete_task(&self, task: &TaskKey) -> Result<(), StoreError>;
+    /// Bytes the store uses.
+    fn disk_usage(&self) -> u64;
+    /// Makes what is stored durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Brings the store back after a full disk (see [`RocksStore`]).
+    fn recover(&self) -> Result<(), StoreError>;
+    /// Closes the store for good before the process exits; later operations fail.
+    fn close(&self);
+
+    /// Marks a task not complete (it keeps what it holds), so the next download fetches what is
+    /// missing. Returns whether it was marked complete.
+    fn reopen(&self, task: &TaskKey) -> Result<bool, StoreError> {
+        match self.task(task)? {
+            Some(mut rec) if rec.complete => {
+                rec.complete = false;
+                self.put_task(&rec)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Reopens every task marked complete that does not hold all its pieces; returns their keys.
+    fn reopen_incomplete(&self) -> Result<Vec<TaskKey>, StoreError> {
+        let mut out = Vec::new();
+        for rec in self.tasks()? {
+            if !rec.complete {
+                continue;
+            }
+            let key = rec.header.header.task;
+            let n = rec.header.header.layout().piece_count();
+            if !self.bitfield(&key, n)?.is_complete() {
+                self.reopen(&key)?;
+                out.push(key);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The store a node uses; cheap to clone.
+pub type Store = Arc<dyn PieceStore>;
+
+/// The node's store: RocksDB for records and markers, a file per piece (see the module docs).
+/// Cheap to clone. All methods block: call them from `spawn_blocking`.
 #[derive(Clone)]
-pub struct PieceStore {
+pub struct RocksStore {
     inner: Arc<StoreInner>,
 }
 
 struct StoreInner {
-    /// The open database; replaced by [`PieceStore::recover`] after a full disk (`None` only
+    /// The open database; replaced by [`RocksStore::recover`] after a full disk (`None` only
     /// when reopening it failed).
     db: RwLock<Option<Arc<DB>>>,
     /// Times the database was reopened: a writer that failed on a full disk reopens it only if
     /// nobody did since its write began.
     generation: std::sync::atomic::AtomicU64,
-    /// Set by [`PieceStore::close`]: nothing opens or uses the database again.
+    /// Set by [`RocksStore::close`]: nothing opens or uses the database again.
     closed: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     cfg: StorageConfig,
     /// Where piece files live: `<dir>/content`.
     content: PathBuf,
     /// Bytes in piece files, kept as they are written and removed (read off the disk at open), so
-    /// that [`PieceStore::disk_usage`] does not walk the directory.
+    /// that [`RocksStore::disk_usage`] does not walk the directory.
     file_bytes: std::sync::atomic::AtomicU64,
     /// Numbers the temporary files pieces are written to.
     part_counter: std::sync::atomic::AtomicU64,
-    /// Piece files (and their directories) written since the last [`PieceStore::flush`].
+    /// Piece files (and their directories) written since the last [`RocksStore::flush`].
     unsynced: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
@@ -178,14 +253,14 @@ fn index_of(key: &[u8], prefix_len: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b))
 }
 
-impl PieceStore {
+impl RocksStore {
     /// Opens (creating if needed) the store in `dir`.
-    pub fn open(dir: &Path, cfg: &StorageConfig) -> Result<PieceStore, StoreError> {
+    pub fn open(dir: &Path, cfg: &StorageConfig) -> Result<RocksStore, StoreError> {
         let db = Self::open_db(dir, cfg)?;
         let content = dir.join("content");
         std::fs::create_dir_all(&content).map_err(io_error)?;
         let file_bytes = scan_content(&content);
-        Ok(PieceStore {
+        Ok(RocksStore {
             inner: Arc::new(StoreInner {
                 db: RwLock::new(Some(Arc::new(db))),
                 generation: std::sync::atomic::AtomicU64::new(0),
@@ -240,7 +315,7 @@ impl PieceStore {
         Ok(DB::open_cf_descriptors(&db_opts, dir, cfs)?)
     }
 
-    /// The open database (a reference; the store may replace it in [`PieceStore::recover`]).
+    /// The open database (a reference; the store may replace it in [`RocksStore::recover`]).
     fn db(&self) -> Result<Arc<DB>, StoreError> {
         if self.inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Io("the piece store is closed".into()));
@@ -251,14 +326,6 @@ impl PieceStore {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| StoreError::Io("the piece store could not be reopened".into()))
-    }
-
-    /// Brings the store back after a full disk: RocksDB stops all writes after a failed flush
-    /// ("no space") and stays read-only until reopened. Closes and reopens the database (pieces
-    /// of unfinished tasks still in memory are lost, and their `have` markers with them, so
-    /// nothing claims them). Call once space may have been freed, e.g. after evicting.
-    pub fn recover(&self) -> Result<(), StoreError> {
-        self.recover_since(self.generation())
     }
 
     fn generation(&self) -> u64 {
@@ -322,13 +389,38 @@ impl PieceStore {
         }
     }
 
-    pub fn put_task(&self, rec: &TaskRecord) -> Result<(), StoreError> {
+    fn add_file_bytes(&self, added: u64, removed: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self.inner.file_bytes.fetch_update(Relaxed, Relaxed, |v| {
+            Some(v.saturating_add(added).saturating_sub(removed))
+        });
+    }
+
+    fn task_dir(&self, task: &TaskKey) -> PathBuf {
+        self.inner.content.join(task.to_string())
+    }
+
+    fn piece_path(&self, task: &TaskKey, index: u32) -> PathBuf {
+        self.task_dir(task).join(index.to_string())
+    }
+}
+
+impl PieceStore for RocksStore {
+    /// Brings the store back after a full disk: RocksDB stops all writes after a failed flush
+    /// ("no space") and stays read-only until reopened. Closes and reopens the database (pieces
+    /// of unfinished tasks still in memory are lost, and their `have` markers with them, so
+    /// nothing claims them). Call once space may have been freed, e.g. after evicting.
+    fn recover(&self) -> Result<(), StoreError> {
+        self.recover_since(self.generation())
+    }
+
+    fn put_task(&self, rec: &TaskRecord) -> Result<(), StoreError> {
         let v = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let key = task_prefix(&rec.header.header.task);
         self.write_recovering(|db| Ok(db.put_cf(cf(db, CF_TASKS)?, &key, &v)?))
     }
 
-    pub fn task(&self, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError> {
+    fn task(&self, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError> {
         let db = self.db()?;
         match db.get_pinned_cf(cf(&db, CF_TASKS)?, task_prefix(task))? {
             None => Ok(None),
@@ -339,7 +431,7 @@ impl PieceStore {
     }
 
     /// Every task record (unparseable ones are skipped and logged).
-    pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+    fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         let db = self.db()?;
         let mut out = Vec::new();
         for item in db.iterator_cf(cf(&db, CF_TASKS)?, IteratorMode::Start) {
@@ -354,7 +446,7 @@ impl PieceStore {
         Ok(out)
     }
 
-    pub fn put_hashes(
+    fn put_hashes(
         &self,
         task: &TaskKey,
         producer: PeerId,
@@ -380,7 +472,7 @@ impl PieceStore {
     }
 
     /// All stored piece hashes of a task, grouped by producer.
-    pub fn hashes(&self, task: &TaskKey) -> Result<Vec<PieceHashBatch>, StoreError> {
+    fn hashes(&self, task: &TaskKey) -> Result<Vec<PieceHashBatch>, StoreError> {
         let db = self.db()?;
         let prefix = task_prefix(task);
         let mut out: Vec<PieceHashBatch> = Vec::new();
@@ -406,23 +498,8 @@ impl PieceStore {
         Ok(out)
     }
 
-    fn add_file_bytes(&self, added: u64, removed: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let _ = self.inner.file_bytes.fetch_update(Relaxed, Relaxed, |v| {
-            Some(v.saturating_add(added).saturating_sub(removed))
-        });
-    }
-
-    fn task_dir(&self, task: &TaskKey) -> PathBuf {
-        self.inner.content.join(task.to_string())
-    }
-
-    fn piece_path(&self, task: &TaskKey, index: u32) -> PathBuf {
-        self.task_dir(task).join(index.to_string())
-    }
-
     /// Stores a piece (already verified by the caller) and marks it held.
-    pub fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError> {
+    fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError> {
         if self.inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Io("the piece store is closed".into()));
         }
@@ -455,7 +532,7 @@ impl PieceStore {
         })
     }
 
-    pub fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+    fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         match std::fs::read(self.piece_path(task, index)) {
             Ok(b) => return Ok(Some(b)),
@@ -469,7 +546,7 @@ impl PieceStore {
     }
 
     /// Which of a task's `count` pieces are stored.
-    pub fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError> {
+    fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError> {
         let db = self.db()?;
         let prefix = task_prefix(task);
         let mut bf = Bitfield::new(count);
@@ -490,7 +567,7 @@ impl PieceStore {
     }
 
     /// How many pieces of a task are stored.
-    pub fn held_count(&self, task: &TaskKey) -> Result<usize, StoreError> {
+    fn held_count(&self, task: &TaskKey) -> Result<usize, StoreError> {
         let db = self.db()?;
         let prefix = task_prefix(task);
         let mut n = 0;
@@ -511,7 +588,7 @@ impl PieceStore {
     /// in flight, stops RocksDB's background threads and closes it, so no thread is inside
     /// RocksDB while the process tears down (that aborted it: "pthread lock: Invalid argument").
     /// Every later operation fails with "closed".
-    pub fn close(&self) {
+    fn close(&self) {
         self.inner
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -530,38 +607,8 @@ impl PieceStore {
         }
     }
 
-    /// Marks a task not complete (it keeps what it holds), so the next download fetches what is
-    /// missing. Returns whether it was marked complete.
-    pub fn reopen(&self, task: &TaskKey) -> Result<bool, StoreError> {
-        match self.task(task)? {
-            Some(mut rec) if rec.complete => {
-                rec.complete = false;
-                self.put_task(&rec)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    /// Reopens every task marked complete that does not hold all its pieces; returns their keys.
-    pub fn reopen_incomplete(&self) -> Result<Vec<TaskKey>, StoreError> {
-        let mut out = Vec::new();
-        for rec in self.tasks()? {
-            if !rec.complete {
-                continue;
-            }
-            let key = rec.header.header.task;
-            let n = rec.header.header.layout().piece_count();
-            if !self.bitfield(&key, n)?.is_complete() {
-                self.reopen(&key)?;
-                out.push(key);
-            }
-        }
-        Ok(out)
-    }
-
     /// Forgets a piece (its `have` marker and bytes), e.g. after finding it missing or corrupt.
-    pub fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError> {
+    fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError> {
         let db = self.db()?;
         let key = piece_key(task, index);
         let mut batch = WriteBatch::default();
@@ -580,7 +627,7 @@ impl PieceStore {
     }
 
     /// Removes everything stored for a task.
-    pub fn delete_task(&self, task: &TaskKey) -> Result<(), StoreError> {
+    fn delete_task(&self, task: &TaskKey) -> Result<(), StoreError> {
         let start = task_prefix(task);
         let mut end = start.clone();
         end.extend([0xff; 5]);
@@ -609,7 +656,7 @@ impl PieceStore {
     }
 
     /// Bytes on disk used by the store's piece files and RocksDB's SST and blob files.
-    pub fn disk_usage(&self) -> u64 {
+    fn disk_usage(&self) -> u64 {
         let Ok(db) = self.db() else {
             return Default::default();
         };
@@ -642,7 +689,7 @@ impl PieceStore {
 
     /// Makes what is stored durable: fsyncs the piece files (and their directories) written
     /// since the last flush, then flushes RocksDB's memtables (`have` markers skip the WAL).
-    pub fn flush(&self) -> Result<(), StoreError> {
+    fn flush(&self) -> Result<(), StoreError> {
         let db = self.db()?;
         let pending: Vec<PathBuf> = self
             .inner
@@ -673,6 +720,162 @@ impl PieceStore {
     }
 }
 
+/// A store in memory: the same behaviour as [`RocksStore`] without a disk (durability aside), for
+/// tests and for code that needs a store and no directory.
+#[derive(Default)]
+pub struct MemStore {
+    state: std::sync::Mutex<MemState>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct MemState {
+    tasks: std::collections::HashMap<TaskKey, TaskRecord>,
+    /// Per task, per piece: the producer and its signed hash (a later one replaces).
+    hashes: std::collections::HashMap<TaskKey, std::collections::BTreeMap<u32, StoredHash>>,
+    pieces: std::collections::HashMap<TaskKey, std::collections::BTreeMap<u32, Vec<u8>>>,
+}
+
+impl MemStore {
+    pub fn new() -> MemStore {
+        MemStore::default()
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, MemState>, StoreError> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io("the piece store is closed".into()));
+        }
+        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl PieceStore for MemStore {
+    fn put_task(&self, rec: &TaskRecord) -> Result<(), StoreError> {
+        self.state()?
+            .tasks
+            .insert(rec.header.header.task, rec.clone());
+        Ok(())
+    }
+
+    fn task(&self, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError> {
+        Ok(self.state()?.tasks.get(task).cloned())
+    }
+
+    fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        Ok(self.state()?.tasks.values().cloned().collect())
+    }
+
+    fn put_hashes(
+        &self,
+        task: &TaskKey,
+        producer: PeerId,
+        hashes: &[SignedPieceHash],
+    ) -> Result<(), StoreError> {
+        let mut st = self.state()?;
+        let m = st.hashes.entry(*task).or_default();
+        for h in hashes {
+            m.insert(
+                h.index,
+                StoredHash {
+                    producer,
+                    hash: h.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn hashes(&self, task: &TaskKey) -> Result<Vec<PieceHashBatch>, StoreError> {
+        let st = self.state()?;
+        let mut out: Vec<PieceHashBatch> = Vec::new();
+        for s in st.hashes.get(task).into_iter().flat_map(|m| m.values()) {
+            match out.iter_mut().find(|b| b.producer == s.producer) {
+                Some(b) => b.hashes.push(s.hash.clone()),
+                None => out.push(PieceHashBatch {
+                    producer: s.producer,
+                    hashes: vec![s.hash.clone()],
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError> {
+        self.state()?
+            .pieces
+            .entry(*task)
+            .or_default()
+            .insert(index, data.to_vec());
+        Ok(())
+    }
+
+    fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .state()?
+            .pieces
+            .get(task)
+            .and_then(|m| m.get(&index))
+            .cloned())
+    }
+
+    fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError> {
+        let mut bf = Bitfield::new(count);
+        for i in self
+            .state()?
+            .pieces
+            .get(task)
+            .into_iter()
+            .flat_map(|m| m.keys())
+        {
+            if *i < count {
+                bf.set(*i);
+            }
+        }
+        Ok(bf)
+    }
+
+    fn held_count(&self, task: &TaskKey) -> Result<usize, StoreError> {
+        Ok(self.state()?.pieces.get(task).map_or(0, |m| m.len()))
+    }
+
+    fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError> {
+        if let Some(m) = self.state()?.pieces.get_mut(task) {
+            m.remove(&index);
+        }
+        Ok(())
+    }
+
+    fn delete_task(&self, task: &TaskKey) -> Result<(), StoreError> {
+        let mut st = self.state()?;
+        st.tasks.remove(task);
+        st.hashes.remove(task);
+        st.pieces.remove(task);
+        Ok(())
+    }
+
+    fn disk_usage(&self) -> u64 {
+        self.state().map_or(0, |st| {
+            st.pieces
+                .values()
+                .flat_map(|m| m.values())
+                .map(|p| p.len() as u64)
+                .sum()
+        })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.state().map(|_| ())
+    }
+
+    fn recover(&self) -> Result<(), StoreError> {
+        self.state().map(|_| ())
+    }
+
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,7 +902,7 @@ mod tests {
     #[test]
     fn piece_files_are_whole_under_concurrent_writers_and_go_with_their_task() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
         let key = Keypair::generate_ed25519();
         let h = header(&key, "http://h/files");
         let t = h.header.task;
@@ -725,14 +928,14 @@ mod tests {
         // The count survives a restart (read off the disk), and goes with the task.
         store.put_piece(&t, 0, &[7; 1000]).unwrap();
         store.flush().unwrap();
-        let files = |s: &PieceStore| {
+        let files = |s: &RocksStore| {
             s.inner
                 .file_bytes
                 .load(std::sync::atomic::Ordering::Relaxed)
         };
         assert!(files(&store) >= (1 << 20) + 1000);
         store.close();
-        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
         assert_eq!(files(&store), (1 << 20) + 1000);
         store.drop_piece(&t, 0).unwrap();
         assert_eq!(files(&store), 1 << 20);
@@ -744,29 +947,51 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_store_refuses_everything_and_is_not_reopened() {
+    fn a_closed_store_refuses_everything() {
+        each_store(|store| {
+            let key = Keypair::generate_ed25519();
+            let t = header(&key, "http://h/c").header.task;
+            store.put_piece(&t, 0, b"abcd").unwrap();
+            store.close();
+            let e = store.piece(&t, 0).unwrap_err();
+            assert!(e.to_string().contains("closed"), "{e}");
+            assert!(store.put_piece(&t, 1, b"efgh").is_err());
+            assert!(store.recover().is_err());
+            assert!(store.task(&t).is_err());
+            assert!(store.flush().is_err());
+        });
+    }
+
+    #[test]
+    fn a_closed_rocks_store_is_not_reopened() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
         let key = Keypair::generate_ed25519();
         let h = header(&key, "http://h/c");
         let t = h.header.task;
         store.put_piece(&t, 0, b"abcd").unwrap();
         let other = store.clone();
         store.close();
-        let e = other.piece(&t, 0).unwrap_err();
-        assert!(e.to_string().contains("closed"), "{e}");
-        assert!(other.put_piece(&t, 1, b"efgh").is_err());
         assert!(other.recover().is_err());
         assert!(other.piece(&t, 0).is_err());
         // The database really is closed: another handle can open the same directory.
-        let again = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let again = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
         assert_eq!(again.piece(&t, 0).unwrap().as_deref(), Some(&b"abcd"[..]));
+    }
+
+    /// Runs a store test against both stores.
+    fn each_store(test: impl Fn(&dyn PieceStore)) {
+        test(&MemStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        test(&RocksStore::open(dir.path(), &StorageConfig::default()).unwrap());
     }
 
     #[test]
     fn pieces_hashes_and_tasks_round_trip_and_stay_separate() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        each_store(round_trip);
+    }
+
+    fn round_trip(store: &dyn PieceStore) {
         let key = Keypair::generate_ed25519();
         let a = header(&key, "http://h/a");
         let b = header(&key, "http://h/b");
@@ -824,8 +1049,10 @@ mod tests {
 
     #[test]
     fn a_complete_task_missing_pieces_is_reopened() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        each_store(reopened);
+    }
+
+    fn reopened(store: &dyn PieceStore) {
         let key = Keypair::generate_ed25519();
         // 10 bytes in pieces of 4: three pieces.
         let (whole, lossy) = (
@@ -861,13 +1088,13 @@ mod tests {
         let t = h.header.task;
         let big: Vec<u8> = (0..(4 << 20)).map(|i| (i % 251) as u8).collect();
         {
-            let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+            let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
             for i in 0..3 {
                 store.put_piece(&t, i, &big).unwrap();
             }
             store.flush().unwrap();
         }
-        let store = PieceStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
         assert_eq!(store.bitfield(&t, 3).unwrap().count(), 3);
         assert_eq!(store.piece(&t, 2).unwrap().unwrap(), big);
         assert!(store.disk_usage() >= 3 * (4 << 20));

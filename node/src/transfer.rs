@@ -42,7 +42,7 @@ use crate::activity::Activity;
 use crate::config::UploadConfig;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
-use crate::store::{PieceStore, now_unix};
+use crate::store::{Store, now_unix};
 use crate::superseed::{SuperSeed, Verdict};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
@@ -203,7 +203,7 @@ pub struct ServeMode {
 /// Serves pieces from the store.
 pub struct DataServer {
     listener: TcpListener,
-    store: PieceStore,
+    store: Store,
     tokens: TokenIssuer,
     /// Piece uploads in progress, capped at `max_concurrent`.
     permits: Arc<Semaphore>,
@@ -236,7 +236,7 @@ pub struct DataServer {
 impl DataServer {
     pub fn new(
         listener: TcpListener,
-        store: PieceStore,
+        store: Store,
         tokens: TokenIssuer,
         upload: &UploadConfig,
         metrics: Arc<Metrics>,

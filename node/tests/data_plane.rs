@@ -1,5 +1,5 @@
 //! The data-plane server against hostile and careless peers: a real [`DataServer`] over a
-//! [`PieceStore`] in a temporary directory, on 127.0.0.1.
+//! [`RocksStore`] in a temporary directory, on 127.0.0.1.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use df_node::PeerId;
 use df_node::activity::Activity;
 use df_node::config::{StorageConfig, UploadConfig};
 use df_node::metrics::Metrics;
-use df_node::store::{PieceStore, now_unix};
+use df_node::store::{PieceStore, RocksStore, Store, now_unix};
 use df_node::transfer::{DataClient, DataServer, FetchError, ServeMode, TokenIssuer};
 use df_protocols::task::{TaskKey, parse_url};
 use df_protocols::transfer::{
@@ -54,12 +54,12 @@ async fn start_server(
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
     let task = TaskKey::for_url(&parse_url("http://origin.invalid/blob")?, "");
-    let store = tokio::task::spawn_blocking(move || -> Result<PieceStore> {
-        let store = PieceStore::open(&path, &StorageConfig::default())?;
+    let store = tokio::task::spawn_blocking(move || -> Result<Store> {
+        let store = RocksStore::open(&path, &StorageConfig::default())?;
         for i in 0..pieces {
             store.put_piece(&task, i, &piece_bytes(i, piece_len))?;
         }
-        Ok(store)
+        Ok(Arc::new(store))
     })
     .await??;
     let mut upload = UploadConfig::default();

@@ -31,7 +31,7 @@ use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::network::NetworkClient;
 use crate::origin::{Origin, OriginError, OriginSpec, Requester};
-use crate::store::{PieceStore, StoreError};
+use crate::store::{Store, StoreError};
 use crate::transfer::DataClient;
 
 /// How long finished tasks' progress stays visible in the API.
@@ -355,7 +355,7 @@ pub(crate) struct TaskContext {
     pub keypair: Keypair,
     pub peer_id: PeerId,
     pub net: NetworkClient,
-    pub store: PieceStore,
+    pub store: Store,
     pub data: DataClient,
     pub origin: Arc<dyn Origin>,
     /// The node's origin bucket (`limits.origin_rate`).

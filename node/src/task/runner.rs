@@ -1789,7 +1789,7 @@ impl Runner {
 }
 
 async fn verify_and_store(
-    store: crate::store::PieceStore,
+    store: crate::store::Store,
     key: TaskKey,
     index: u32,
     bytes: Bytes,
