@@ -5,11 +5,13 @@
 //! |---|---|
 //! | [`runner`] | the per-task state machine: discovery, producer election, piece scheduling, verification, announcements, stall recovery |
 //! | [`picker`] | rarest-first piece picking and source choice (pure) |
+//! | [`source`] | one source's bookkeeping: measured rate, failures and pauses, busy pieces |
 //! | [`produce`] | fetching pieces from origin (ranges, retries), hashing and storing them |
 
 pub(crate) mod picker;
 pub(crate) mod produce;
 pub(crate) mod runner;
+pub(crate) mod source;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;

@@ -35,7 +35,6 @@ use df_protocols::manifest::{
 };
 use df_protocols::piece::{Bitfield, PieceHash, PieceLayout};
 use df_protocols::task::{TaskKey, canonical_url, parse_url};
-use df_protocols::transfer::Grant;
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 use libp2p::kad::KBucketKey;
@@ -46,6 +45,7 @@ use tokio::task::AbortHandle;
 
 use super::picker::{self, PickInput, SourceView};
 use super::produce::{FirstBody, ProduceError, ProductionJob};
+use super::source::{AfterFailure, Source};
 use super::{DownloadRequest, Phase, Progress, RunnerMsg, TaskContext, TaskError};
 use crate::config::Role;
 use crate::network::NetworkError;
@@ -72,10 +72,8 @@ const ELECT_RETRY_IF_FASTER: Duration = Duration::from_secs(2);
 const ELECT_RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// After a stall, how long probes get to answer before the producer question is decided.
 const STALL_SETTLE: Duration = Duration::from_secs(1);
-const BUSY_PAUSE: Duration = Duration::from_millis(200);
 /// Producers whose content failed its digest, each banned in turn, before the task fails.
 const MAX_DIGEST_RESTARTS: u32 = 3;
-const FAILURE_PAUSE: Duration = Duration::from_millis(500);
 
 /// Why fetching a piece from a source failed.
 #[derive(Debug)]
@@ -97,20 +95,6 @@ pub(crate) enum Election {
     /// This node should fetch the origin itself.
     Local,
     Failed(TaskError),
-}
-
-struct Source {
-    addr: SocketAddr,
-    token: Grant,
-    have: Bitfield,
-    inflight: usize,
-    is_seed: bool,
-    failures: u32,
-    /// Bytes per second, exponentially weighted.
-    rate: f64,
-    paused_until: Option<Instant>,
-    /// Pieces this source answered "busy" for (it is sending them to someone else), until when.
-    busy_pieces: HashMap<u32, Instant>,
 }
 
 #[derive(Clone)]
@@ -960,20 +944,8 @@ impl Runner {
                             s.is_seed = is_seed;
                         }
                         None => {
-                            self.sources.insert(
-                                peer,
-                                Source {
-                                    addr,
-                                    token: data.grant(),
-                                    have,
-                                    inflight: 0,
-                                    is_seed,
-                                    failures: 0,
-                                    rate: 0.0,
-                                    paused_until: None,
-                                    busy_pieces: HashMap::new(),
-                                },
-                            );
+                            self.sources
+                                .insert(peer, Source::new(addr, data.grant(), have, is_seed));
                         }
                     }
                     self.publish_progress();
@@ -1272,16 +1244,7 @@ impl Runner {
             let views: Vec<SourceView<'_>> = self
                 .sources
                 .iter()
-                .map(|(peer, s)| SourceView {
-                    peer: *peer,
-                    have: &s.have,
-                    inflight: s.inflight,
-                    is_seed: s.is_seed,
-                    rate: s.rate,
-                    paused: s.paused_until.is_some_and(|t| t > now),
-                    busy_pieces: &s.busy_pieces,
-                    now,
-                })
+                .map(|(peer, s)| s.view(*peer, now))
                 .collect();
             let inflight = &self.inflight;
             let busy = |i: u32| {
@@ -1355,18 +1318,12 @@ impl Runner {
             }
         }
         if let Some(s) = self.sources.get_mut(&peer) {
-            s.inflight = s.inflight.saturating_sub(1);
+            s.request_ended();
         }
         match result {
             Ok((len, elapsed)) => {
                 if let Some(s) = self.sources.get_mut(&peer) {
-                    let r = f64::from(len) / elapsed.as_secs_f64().max(1e-6);
-                    s.rate = if s.rate == 0.0 {
-                        r
-                    } else {
-                        0.7 * s.rate + 0.3 * r
-                    };
-                    s.failures = 0;
+                    s.delivered(len, elapsed);
                 }
                 if self.have.get(index) {
                     return;
@@ -1376,7 +1333,7 @@ impl Runner {
                     for (p, h) in others {
                         h.abort();
                         if let Some(s) = self.sources.get_mut(&p) {
-                            s.inflight = s.inflight.saturating_sub(1);
+                            s.request_ended();
                         }
                     }
                 }
@@ -1407,16 +1364,10 @@ impl Runner {
                 match e {
                     FetchError::NotFound => s.have.clear(index),
                     // Busy with this piece: ask for others meanwhile (and for this one elsewhere).
-                    FetchError::Busy => {
-                        let now = Instant::now();
-                        s.busy_pieces.retain(|_, t| *t > now);
-                        s.busy_pieces.insert(index, now + BUSY_PAUSE);
-                    }
+                    FetchError::Busy => s.busy(index, Instant::now()),
                     _ => {
-                        s.failures += 1;
-                        s.paused_until = Some(Instant::now() + FAILURE_PAUSE);
                         self.ctx.data.forget(s.addr);
-                        if s.failures >= max_failures {
+                        if s.failed(Instant::now(), max_failures) == AfterFailure::Drop {
                             tracing::info!(task = %self.key, %peer, "dropping unresponsive source");
                             self.sources.remove(&peer);
                             self.publish_progress();
