@@ -256,11 +256,10 @@ fn main() {
         .unwrap()
         .to_owned();
 
-    let mut df = Vec::new();
-    let mut rss_b = Vec::new();
-    for run in 0..runs {
+    // A fresh node B (nothing cached, no origin) joined to A.
+    let fresh_b = |name: &str| {
         let api_b = format!("127.0.0.1:{}", free_port());
-        let dir_b = w.join(format!("b{run}"));
+        let dir_b = w.join(name);
         let b = start_df(
             "node",
             &dir_b,
@@ -275,6 +274,14 @@ fn main() {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        (b, api_b, dir_b)
+    };
+
+    let mut df = Vec::new();
+    let mut df_stream = Vec::new();
+    let mut rss_b = Vec::new();
+    for run in 0..runs {
+        let (b, api_b, dir_b) = fresh_b(&format!("b{run}"));
         let out = w.join("df.out");
         let d = timed(Command::new(DF).args([
             "get",
@@ -299,14 +306,44 @@ fn main() {
         let _ = std::fs::remove_file(&out);
         drop(b);
         let _ = std::fs::remove_dir_all(&dir_b);
+
+        // The same from a fresh B, streamed in order to standard output (`-O - > FILE`).
+        let (b, api_b, dir_b) = fresh_b(&format!("s{run}"));
+        let file = std::fs::File::create(&out).unwrap();
+        let t = Instant::now();
+        let ok = Command::new(DF)
+            .args([
+                "get",
+                &url,
+                "-O",
+                "-",
+                "--api",
+                &api_b,
+                "--no-progress",
+                "--disable-back-to-source",
+            ])
+            .stdout(file)
+            .status()
+            .unwrap();
+        let d = t.elapsed();
+        assert!(ok.success(), "df get -O - failed");
+        let got = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(got, size, "df streamed {got} bytes");
+        df_stream.push(mbps(size, d));
+        let _ = std::fs::remove_file(&out);
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir_b);
     }
+    let df_stream = median(df_stream);
     let df = median(df);
     let rss_a = peak_rss(a.0.id());
     let rss_b = median(rss_b);
     println!("curl  <- nginx (to file, no sync): {curl_nosync:8.0} MB/s");
     println!("curl  <- nginx (to file, + sync) : {curl:8.0} MB/s");
     println!("df B  <- df A  (to file, fsynced): {df:8.0} MB/s");
+    println!("df B  <- df A  (-O - > file)     : {df_stream:8.0} MB/s");
     println!("one-hop ratio df / curl : {:8.2}", df / curl);
+    println!("stream ratio (-O -) / (-o) : {:5.2}", df_stream / df);
     println!("peak RSS, receiving node B: {:6.0} MiB", rss_b / 1048576.0);
     println!(
         "peak RSS, serving seed A  : {:6.0} MiB (it also fetched the file from nginx)",
