@@ -279,6 +279,11 @@ impl Default for NetworkConfig {
 pub struct DownloadConfig {
     /// Pieces in flight per task. Default: `8`.
     pub max_inflight_pieces: usize,
+    /// Bytes of pieces in flight per task (each is buffered whole until verified): with large
+    /// pieces (16 MiB for a 4 GiB file) fewer than `max_inflight_pieces` are requested at once,
+    /// at least one. Bounds a producer's origin range requests the same way. 48 MiB kept a
+    /// receiving node at 119 MiB peak RSS on a 4 GiB one-hop download (64 MiB: 133). Default: `48MiB`.
+    pub max_inflight_bytes: ByteSize,
     /// Pieces in flight from one source. Default: `4`.
     pub max_inflight_per_source: usize,
     /// Pieces in flight from one seed (or the producer) while other peers are sources too. Fewer
@@ -304,10 +309,20 @@ pub struct DownloadConfig {
     pub back_to_source: bool,
 }
 
+impl DownloadConfig {
+    /// Pieces of `piece_len` bytes that may be in flight per task: `max_inflight_pieces`, fewer
+    /// when they would exceed `max_inflight_bytes`, at least 1.
+    pub fn pieces_in_flight(&self, piece_len: u32) -> usize {
+        let by_bytes = self.max_inflight_bytes.as_u64() / u64::from(piece_len.max(1));
+        (by_bytes.min(self.max_inflight_pieces as u64) as usize).max(1)
+    }
+}
+
 impl Default for DownloadConfig {
     fn default() -> Self {
         DownloadConfig {
             max_inflight_pieces: 8,
+            max_inflight_bytes: ByteSize::mib(48),
             max_inflight_per_source: 4,
             max_inflight_per_seed: 1,
             piece_timeout: Duration::from_secs(30),
@@ -496,6 +511,21 @@ pub struct FaultInjection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_in_flight_keep_to_the_byte_budget() {
+        let d = DownloadConfig::default();
+        assert_eq!(d.pieces_in_flight(1 << 20), 8);
+        assert_eq!(d.pieces_in_flight(4 << 20), 8);
+        assert_eq!(d.pieces_in_flight(16 << 20), 3);
+        assert_eq!(d.pieces_in_flight(64 << 20), 1);
+        let tiny = DownloadConfig {
+            max_inflight_bytes: ByteSize::b(0),
+            ..DownloadConfig::default()
+        };
+        assert_eq!(tiny.pieces_in_flight(1 << 20), 1);
+        assert_eq!(d.pieces_in_flight(0), 8);
+    }
 
     #[test]
     fn api_addr_parses_tcp_and_unix() {

@@ -19,6 +19,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
+use crate::store::{PieceData, PieceStore};
 use crate::task::{Phase, Progress, TaskContext, TaskError};
 
 /// Why content cannot be served.
@@ -224,8 +225,15 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
         st.done = true;
         Some((Err(std::io::Error::other(msg)), st))
     };
-    let piece = match tokio::task::spawn_blocking(move || store.piece(&key, index)).await {
-        Ok(Ok(Some(p))) => Bytes::from(p),
+    // At most CONTENT_CHUNK bytes per item, read from the piece's file where it has one: a
+    // large piece (16 MiB for a 4 GiB file) is never held whole for the reader.
+    let pr = st.layout.piece_range(index);
+    let from = st.offset - pr.start;
+    let to = (st.end.min(pr.end) - pr.start).min(from + CONTENT_CHUNK);
+    let read =
+        tokio::task::spawn_blocking(move || read_range(&*store, &key, index, from, to)).await;
+    let chunk = match read {
+        Ok(Ok(Some(c))) => c,
         Ok(Ok(None)) => {
             // A complete task lost a piece (damaged store): reopen it so the next download
             // fetches what is missing instead of failing here forever.
@@ -245,14 +253,38 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
         Ok(Err(e)) => return fail(st, e.to_string()),
         Err(e) => return fail(st, e.to_string()),
     };
-    let pr = st.layout.piece_range(index);
-    let from = (st.offset - pr.start) as usize;
-    let to = (st.end.min(pr.end) - pr.start) as usize;
-    if to > piece.len() || from > to {
-        return fail(st, format!("piece {index} has the wrong length"));
+    st.offset += chunk.len() as u64;
+    Some((Ok(chunk), st))
+}
+
+/// Bytes a content stream yields at most at once.
+const CONTENT_CHUNK: u64 = 1 << 20;
+
+/// Bytes `from..to` of a stored piece; `None` when the piece is not stored.
+fn read_range(
+    store: &dyn PieceStore,
+    key: &TaskKey,
+    index: u32,
+    from: u64,
+    to: u64,
+) -> Result<Option<Bytes>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Some(data) = store.piece_data(key, index).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    if to > data.len() || from > to {
+        return Err(format!("piece {index} has the wrong length"));
     }
-    st.offset += (to - from) as u64;
-    Some((Ok(piece.slice(from..to)), st))
+    match data {
+        PieceData::Bytes(b) => Ok(Some(Bytes::from(b).slice(from as usize..to as usize))),
+        PieceData::File { mut file, .. } => {
+            let mut buf = vec![0u8; (to - from) as usize];
+            file.seek(SeekFrom::Start(from))
+                .and_then(|_| file.read_exact(&mut buf))
+                .map_err(|e| format!("reading piece {index}: {e}"))?;
+            Ok(Some(Bytes::from(buf)))
+        }
+    }
 }
 
 #[cfg(test)]

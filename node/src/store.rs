@@ -111,6 +111,11 @@ pub trait PieceStore: Send + Sync + 'static {
     /// Stores a piece (already verified by the caller) and marks it held.
     fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError>;
     fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A piece's bytes for sending: an open file where the store keeps pieces in files (read a
+    /// chunk at a time, never whole), else the bytes.
+    fn piece_data(&self, task: &TaskKey, index: u32) -> Result<Option<PieceData>, StoreError> {
+        Ok(self.piece(task, index)?.map(PieceData::Bytes))
+    }
     /// Which of a task's `count` pieces are stored.
     fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError>;
     /// How many pieces of a task are stored.
@@ -156,6 +161,30 @@ pub trait PieceStore: Send + Sync + 'static {
             }
         }
         Ok(out)
+    }
+}
+
+/// A stored piece's bytes, as [`PieceStore::piece_data`] hands them out.
+#[derive(Debug)]
+pub enum PieceData {
+    /// The piece's file, open for reading from its start.
+    File {
+        file: std::fs::File,
+        len: u64,
+    },
+    Bytes(Vec<u8>),
+}
+
+impl PieceData {
+    pub fn len(&self) -> u64 {
+        match self {
+            PieceData::File { len, .. } => *len,
+            PieceData::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -530,6 +559,20 @@ impl PieceStore for RocksStore {
             wo.disable_wal(true);
             Ok(db.put_cf_opt(cf(db, CF_HAVE)?, &key, [], &wo)?)
         })
+    }
+
+    fn piece_data(&self, task: &TaskKey, index: u32) -> Result<Option<PieceData>, StoreError> {
+        let _db = self.db()?;
+        match std::fs::File::open(self.piece_path(task, index)) {
+            Ok(file) => {
+                let len = file.metadata().map_err(io_error)?.len();
+                return Ok(Some(PieceData::File { file, len }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(e)),
+        }
+        // A store written before piece files.
+        Ok(self.piece(task, index)?.map(PieceData::Bytes))
     }
 
     fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1010,6 +1053,19 @@ mod tests {
         store.put_piece(&tb, 1, b"zzzz").unwrap();
         assert_eq!(store.piece(&ta, 0).unwrap().unwrap(), b"abcd");
         assert!(store.piece(&ta, 1).unwrap().is_none());
+        // The same bytes for sending (a file on RocksStore, read as it goes).
+        let data = store.piece_data(&ta, 2).unwrap().unwrap();
+        assert_eq!(data.len(), 2);
+        let bytes = match data {
+            PieceData::File { mut file, .. } => {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut v).unwrap();
+                v
+            }
+            PieceData::Bytes(b) => b,
+        };
+        assert_eq!(bytes, b"ij");
+        assert!(store.piece_data(&ta, 1).unwrap().is_none());
         assert_eq!(
             store
                 .bitfield(&ta, 3)

@@ -42,7 +42,7 @@ use crate::activity::Activity;
 use crate::config::UploadConfig;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
-use crate::store::{Store, now_unix};
+use crate::store::{PieceData, Store, now_unix};
 use crate::superseed::{SuperSeed, Verdict};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
@@ -321,6 +321,34 @@ impl DataServer {
         Ok(())
     }
 
+    /// Sends the first `len` bytes of a piece, a chunk at a time, read from its file as they go
+    /// (a 16 MiB piece is never held whole), drawing each from the upload bucket.
+    async fn send_body(
+        &self,
+        stream: &mut TcpStream,
+        data: PieceData,
+        len: u64,
+    ) -> Result<(), ServeError> {
+        let mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match data {
+            PieceData::File { file, .. } => Box::new(tokio::fs::File::from_std(file)),
+            PieceData::Bytes(b) => Box::new(std::io::Cursor::new(b)),
+        };
+        let step = self.upload_limit.step(transfer::WRITE_CHUNK);
+        let mut buf = vec![0u8; step.min(len as usize)];
+        let mut sent = 0u64;
+        while sent < len {
+            let want = ((len - sent) as usize).min(buf.len());
+            reader.read_exact(&mut buf[..want]).await?;
+            if self.corrupt && sent == 0 && want > 0 {
+                buf[0] ^= 0xff;
+            }
+            self.upload_limit.take(want).await;
+            self.write(stream, &buf[..want]).await?;
+            sent += want as u64;
+        }
+        Ok(())
+    }
+
     async fn respond(&self, stream: &mut TcpStream, status: PieceStatus) -> Result<(), ServeError> {
         self.write(stream, &transfer::encode_response_header(status, 0))
             .await
@@ -391,7 +419,7 @@ impl DataServer {
                 {
                     return Ok(Err(PieceStatus::Busy));
                 }
-                store.piece(&task, index).map(Ok)
+                store.piece_data(&task, index).map(Ok)
             })
             .await
             .map_err(|e| ServeError::Io(std::io::Error::other(e)))?;
@@ -400,28 +428,23 @@ impl DataServer {
                     tracing::trace!(%peer, %task, index, "super-seeding: a fresher piece goes first");
                     self.respond(&mut stream, status).await?;
                 }
-                Ok(Ok(Some(mut data))) => {
+                Ok(Ok(Some(data))) => {
                     let sending = self
                         .super_seed
                         .as_ref()
                         .map(|s| s.start(task, index, std::time::Instant::now()));
-                    if self.corrupt && !data.is_empty() {
-                        data[0] ^= 0xff;
-                    }
-                    let len = data.len() as u32;
+                    let len = data.len();
+                    let Ok(len32) = u32::try_from(len) else {
+                        self.respond(&mut stream, PieceStatus::Error).await?;
+                        continue;
+                    };
                     self.write(
                         &mut stream,
-                        &transfer::encode_response_header(PieceStatus::Ok, len),
+                        &transfer::encode_response_header(PieceStatus::Ok, len32),
                     )
                     .await?;
-                    let body = match self.stall_after {
-                        Some(n) => &data[..n.min(data.len())],
-                        None => &data[..],
-                    };
-                    for chunk in body.chunks(self.upload_limit.step(transfer::WRITE_CHUNK)) {
-                        self.upload_limit.take(chunk.len()).await;
-                        self.write(&mut stream, chunk).await?;
-                    }
+                    let body_len = self.stall_after.map_or(len, |n| (n as u64).min(len));
+                    self.send_body(&mut stream, data, body_len).await?;
                     if self.stall_after.is_some() {
                         tracing::debug!(%peer, %task, index, "fault injection: upload stalls");
                         tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -430,7 +453,7 @@ impl DataServer {
                     if let Some(sending) = sending {
                         sending.done();
                     }
-                    self.metrics.add_uploaded(data.len() as u64);
+                    self.metrics.add_uploaded(len);
                     self.activity.touch(&task);
                     tracing::trace!(%peer, %task, index, "served piece");
                 }

@@ -4,7 +4,8 @@
 //! started in index order; each transient failure is retried with backoff. Without range support the
 //! body is read once, in order, and cut into pieces (a failure re-reads from the start, skipping
 //! pieces already stored). Every finished piece is reported to the task's runner, which signs and
-//! announces it. Memory: at most `concurrency` pieces are buffered.
+//! announces it. Memory: at most `concurrency` pieces are buffered, fewer when they would exceed
+//! `download.max_inflight_bytes`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -100,6 +101,15 @@ async fn collect(
 }
 
 impl ProductionJob {
+    /// Range requests in flight: `origin.concurrency`, fewer for pieces so large that they would
+    /// buffer more than `download.max_inflight_bytes`.
+    fn concurrency(&self) -> usize {
+        let cfg = &self.ctx.config;
+        cfg.origin
+            .concurrency
+            .clamp(1, cfg.download.pieces_in_flight(self.layout.piece_length))
+    }
+
     /// Produces the pieces; `first` is the open response's body.
     pub(crate) async fn run(mut self, first: FirstBody) {
         if self.ranged {
@@ -266,8 +276,7 @@ impl ProductionJob {
             };
             async move { (index, this.produce_piece(index, first).await) }
         });
-        let mut results =
-            stream::iter(jobs).buffer_unordered(self.ctx.config.origin.concurrency.max(1));
+        let mut results = stream::iter(jobs).buffer_unordered(self.concurrency());
         let mut done = 0;
         while let Some((index, mut result)) = results.next().await {
             done += 1;

@@ -1227,8 +1227,17 @@ impl Runner {
         if !self.wanted || self.header.is_none() || !matches!(self.phase, Phase::Running) {
             return;
         }
-        let max = self.ctx.config.download.max_inflight_pieces.max(1);
-        let per_source = self.ctx.config.download.max_inflight_per_source.max(1);
+        let max = self
+            .ctx
+            .config
+            .download
+            .pieces_in_flight(self.layout.piece_length);
+        let per_source = self
+            .ctx
+            .config
+            .download
+            .max_inflight_per_source
+            .clamp(1, max);
         let per_seed = self.ctx.config.download.max_inflight_per_seed.max(1);
         let empty = Bitfield::new(self.piece_count());
         let n = self.piece_count();
