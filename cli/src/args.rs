@@ -119,6 +119,10 @@ pub(crate) struct GetArgs {
     /// Never fetch from the origin (only peers and seeds serve).
     #[arg(long)]
     pub disable_back_to_source: bool,
+    /// Download at most RATE bytes per second (as wget's flag), e.g. `500KiB`, `2MiB`, `1MB`
+    /// (KB/MB are powers of 1000, KiB/MiB of 1024).
+    #[arg(long, value_name = "RATE")]
+    pub limit_rate: Option<df_node::limits::Rate>,
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,

@@ -97,6 +97,7 @@ fn request(args: &GetArgs) -> Result<DownloadRequest> {
         tag: args.tag.clone(),
         filtered_query_params: args.filtered_query_params.clone(),
         disable_back_to_source: args.disable_back_to_source,
+        limit_rate: args.limit_rate,
         ..DownloadRequest::default()
     })
 }

@@ -121,6 +121,51 @@ async fn fails(args: Vec<String>) -> String {
     err
 }
 
+/// `--limit-rate` (wget's flag): the download keeps to it, and a value that is not a rate is
+/// refused before anything starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn limit_rate_holds_and_nonsense_is_refused() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(3 * MIB, 5);
+    origin.put("/slow.bin", data.clone());
+    let home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("slow.bin");
+    let url = origin.url("/slow.bin");
+    let (o, took) = tokio::task::spawn_blocking({
+        let (out, home, url) = (out.clone(), home.path().to_owned(), url.clone());
+        move || {
+            let t = std::time::Instant::now();
+            let o = df(
+                &[
+                    "get",
+                    &url,
+                    "-o",
+                    out.to_str().unwrap(),
+                    "--no-progress",
+                    "--limit-rate",
+                    "2MiB",
+                ],
+                &home,
+            );
+            (o, t.elapsed())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
+    // 3 MiB at 2 MiB/s, the bucket's first 1/20 s aside.
+    assert!(
+        took.as_secs_f64() >= (3.0 - 0.1) / 2.0,
+        "3 MiB at 2 MiB/s took {took:?}"
+    );
+
+    let o = df(&["get", &url, "--limit-rate", "fast"], home.path());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is not a rate"), "{}", stderr(&o));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_print_one_clear_line_and_leave_no_file() {
     let origin = TestOrigin::start().await.unwrap();

@@ -542,6 +542,8 @@ pub struct DataClient {
     read_timeout: Duration,
     /// The node's download bucket (`limits.download_rate`).
     limit: Limiter,
+    /// A task's own bucket (`df get --limit-rate`), on the clone a task's runner uses.
+    task_limit: Limiter,
 }
 
 impl DataClient {
@@ -552,6 +554,7 @@ impl DataClient {
             idle: Arc::default(),
             read_timeout: crate::config::DownloadConfig::default().read_timeout,
             limit: Limiter::default(),
+            task_limit: Limiter::default(),
         }
     }
 
@@ -564,6 +567,12 @@ impl DataClient {
     /// Draws every byte received from `limit`.
     pub fn with_limit(mut self, limit: Limiter) -> DataClient {
         self.limit = limit;
+        self
+    }
+
+    /// Also draws every byte received from a task's own bucket (the connection pool is shared).
+    pub fn with_task_limit(mut self, limit: Limiter) -> DataClient {
+        self.task_limit = limit;
         self
     }
 
@@ -676,7 +685,7 @@ impl DataClient {
         }
         let len = len as usize;
         let mut buf = BytesMut::with_capacity(len);
-        let step = self.limit.step(len);
+        let step = self.limit.step(self.task_limit.step(len));
         while buf.len() < len {
             let want = (len - buf.len()).min(step);
             let n = self.within(s.read_buf(&mut (&mut buf).limit(want))).await?;
@@ -684,6 +693,7 @@ impl DataClient {
                 return Err(FetchError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
             self.limit.take(n).await;
+            self.task_limit.take(n).await;
         }
         self.put_idle(addr, s);
         Ok(buf.freeze())

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use df_node::Role;
 use df_node::limits::Rate;
+use df_node::{DownloadRequest, Role};
 use df_protocols::task::{TaskKey, canonical_url, parse_url};
 use df_testnet::{TestNode, TestOrigin, content, sha256_hex};
 use futures::future::join_all;
@@ -246,5 +246,53 @@ async fn upload_download_and_origin_rates_cap_what_a_node_moves() -> Result<()> 
     for n in [capped_origin, capped_up, receiver, holder, capped_down] {
         n.stop().await;
     }
+    Ok(())
+}
+
+/// `limit_rate` (`df get --limit-rate`) holds one task to its rate while another task of the same
+/// node downloads at full speed: the limit is the task's, not the node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_rate_limit_slows_that_task_only() -> Result<()> {
+    init_logs();
+    let origin = TestOrigin::start().await?;
+    let size = 8 * MIB;
+    let rate = Rate(4 * MIB as u64);
+    let floor = Duration::from_secs_f64((size as f64 - rate.0 as f64 / 20.0) / rate.0 as f64);
+    let (slow_data, fast_data) = (content(size, 41), content(size, 42));
+    origin.put("/limited", slow_data.clone());
+    origin.put("/free", fast_data.clone());
+    let holder = TestNode::start(Role::Node, vec![], |_| {}).await?;
+    holder.fetch_url(&origin.url("/limited")).await?;
+    holder.fetch_url(&origin.url("/free")).await?;
+    let node = TestNode::start(Role::Node, vec![holder.bootstrap_addr()], |c| {
+        c.download.back_to_source = false;
+    })
+    .await?;
+    assert!(node.node.wait_for_peers(1, Duration::from_secs(10)).await);
+    let limited = async {
+        let t = Instant::now();
+        let r = node
+            .fetch(DownloadRequest {
+                url: origin.url("/limited"),
+                limit_rate: Some(rate),
+                ..DownloadRequest::default()
+            })
+            .await;
+        (r, t.elapsed())
+    };
+    let free = timed(&node, origin.url("/free"));
+    let ((r_limited, took_limited), (r_free, took_free)) = tokio::join!(limited, free);
+    assert_eq!(r_limited?.1, sha256_hex(&slow_data));
+    assert_eq!(r_free?.1, sha256_hex(&fast_data));
+    assert!(
+        took_limited >= floor,
+        "8 MiB limited to 4 MiB/s took {took_limited:?}"
+    );
+    assert!(
+        took_free < took_limited,
+        "the task without a limit ({took_free:?}) was held back like the limited one ({took_limited:?})"
+    );
+    node.stop().await;
+    holder.stop().await;
     Ok(())
 }

@@ -152,6 +152,11 @@ pub struct DownloadRequest {
     pub filtered_query_params: Vec<String>,
     /// Never fetch from origin for this request, not even through a peer; only seeds may.
     pub disable_back_to_source: bool,
+    /// Bytes per second this task may download (from peers, seeds and, when this node fetches
+    /// it, the origin), beside the node's `[limits]`. Requests joining a task share it; the
+    /// lowest rate any of them asked for holds. `None`: no task limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_rate: Option<crate::limits::Rate>,
     /// Who asked: this node's user, or a peer (never taken from the API body).
     #[serde(skip)]
     pub requester: Requester,
@@ -219,6 +224,8 @@ impl DownloadRequest {
             tag: o.tag.clone(),
             filtered_query_params: o.filtered_query_params.clone(),
             disable_back_to_source: false,
+            // A peer's rate limit is its own business: it is not sent with `start_task`.
+            limit_rate: None,
             requester,
         }
     }

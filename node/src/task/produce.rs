@@ -50,6 +50,8 @@ pub(crate) struct FirstBody {
 
 pub(crate) struct ProductionJob {
     pub ctx: Arc<TaskContext>,
+    /// The task's own bucket (`limit_rate`), drawn beside the node's origin bucket.
+    pub task_limit: crate::limits::Limiter,
     pub key: TaskKey,
     pub spec: OriginSpec,
     pub layout: PieceLayout,
@@ -70,7 +72,7 @@ async fn collect(
     mut body: ByteStream,
     len: usize,
     read_timeout: Duration,
-    limit: &crate::limits::Limiter,
+    limits: [&crate::limits::Limiter; 2],
 ) -> Result<BytesMut, OriginError> {
     let mut buf = BytesMut::with_capacity(len);
     loop {
@@ -85,7 +87,9 @@ async fn collect(
                     )));
                 }
                 buf.extend_from_slice(&chunk);
-                limit.take(chunk.len()).await;
+                for l in limits {
+                    l.take(chunk.len()).await;
+                }
             }
             Some(Err(e)) => return Err(e),
             None => break,
@@ -164,7 +168,7 @@ impl ProductionJob {
                     body,
                     (end - start) as usize,
                     cfg.read_timeout,
-                    &self.ctx.origin_limit,
+                    [&self.ctx.origin_limit, &self.task_limit],
                 )
                 .await
             }
@@ -195,7 +199,7 @@ impl ProductionJob {
                 first.body,
                 first_len,
                 self.ctx.config.origin.read_timeout,
-                &self.ctx.origin_limit,
+                [&self.ctx.origin_limit, &self.task_limit],
             )
             .await
             {
@@ -365,6 +369,7 @@ impl ProductionJob {
                         self.ctx.metrics.add_from_origin(c.len() as u64);
                         buf.extend_from_slice(&c[skip..]);
                         self.ctx.origin_limit.take(c.len()).await;
+                        self.task_limit.take(c.len()).await;
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => {
