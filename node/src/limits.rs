@@ -112,6 +112,7 @@ pub struct Limiter {
 struct Bucket {
     limiter: DefaultDirectRateLimiter,
     burst: u32,
+    rate: Rate,
 }
 
 impl fmt::Debug for Limiter {
@@ -142,6 +143,7 @@ impl Limiter {
             bucket: Some(Arc::new(Bucket {
                 limiter: RateLimiter::direct(quota),
                 burst,
+                rate,
             })),
         }
     }
@@ -149,6 +151,11 @@ impl Limiter {
     /// Whether this limiter caps anything.
     pub fn is_limited(&self) -> bool {
         self.bucket.is_some()
+    }
+
+    /// The rate it was made for (`None`: unlimited).
+    pub fn rate(&self) -> Option<Rate> {
+        self.bucket.as_ref().map(|b| b.rate)
     }
 
     /// How many bytes to move per draw: [`STEP`] when capped (so bytes trickle rather than burst),
@@ -234,6 +241,7 @@ mod tests {
     async fn an_unlimited_limiter_never_waits() {
         let l = Limiter::new(None);
         assert!(!l.is_limited());
+        assert_eq!(l.rate(), None);
         assert_eq!(l.step(1 << 20), 1 << 20);
         let t = Instant::now();
         l.take(usize::MAX / 2).await;
@@ -247,6 +255,7 @@ mod tests {
         // tight on the fast side (the cap must hold).
         let l = Limiter::new(Some(Rate(4 << 20)));
         assert_eq!(l.step(1 << 20), STEP);
+        assert_eq!(l.rate(), Some(Rate(4 << 20)));
         let t = Instant::now();
         for _ in 0..64 {
             l.take(16 << 10).await;

@@ -74,11 +74,22 @@ pub struct TaskRecord {
     pub last_access: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredHash {
     producer: PeerId,
     #[serde(flatten)]
     hash: SignedPieceHash,
+}
+
+/// Adds a stored hash to the batch of its producer (grouping a task's hashes by producer).
+fn add_to_batches(batches: &mut Vec<PieceHashBatch>, s: StoredHash) {
+    match batches.iter_mut().find(|b| b.producer == s.producer) {
+        Some(b) => b.hashes.push(s.hash),
+        None => batches.push(PieceHashBatch {
+            producer: s.producer,
+            hashes: vec![s.hash],
+        }),
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -516,13 +527,7 @@ impl PieceStore for RocksStore {
             }
             let s: StoredHash = serde_json::from_slice(&v)
                 .map_err(|e| StoreError::Corrupt(format!("hash of {task}: {e}")))?;
-            match out.iter_mut().find(|b| b.producer == s.producer) {
-                Some(b) => b.hashes.push(s.hash),
-                None => out.push(PieceHashBatch {
-                    producer: s.producer,
-                    hashes: vec![s.hash],
-                }),
-            }
+            add_to_batches(&mut out, s);
         }
         Ok(out)
     }
@@ -832,13 +837,7 @@ impl PieceStore for MemStore {
         let st = self.state()?;
         let mut out: Vec<PieceHashBatch> = Vec::new();
         for s in st.hashes.get(task).into_iter().flat_map(|m| m.values()) {
-            match out.iter_mut().find(|b| b.producer == s.producer) {
-                Some(b) => b.hashes.push(s.hash.clone()),
-                None => out.push(PieceHashBatch {
-                    producer: s.producer,
-                    hashes: vec![s.hash.clone()],
-                }),
-            }
+            add_to_batches(&mut out, s.clone());
         }
         Ok(out)
     }

@@ -11,4 +11,4 @@ pub mod registry;
 pub mod swarm;
 
 pub use origin::TestOrigin;
-pub use swarm::{Swarm, TestNode, content, sha256_hex};
+pub use swarm::{Swarm, TestNode, content, init_test_logs, sha256_hex, url_task_key};

@@ -217,3 +217,19 @@ pub fn content(len: usize, seed: u64) -> Vec<u8> {
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
+
+/// Logs of a test, filtered by `RUST_LOG` (default `warn`), captured per test.
+pub fn init_test_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The task key of a plain `df get URL` (no tag, no filtered query parameters).
+pub fn url_task_key(url: &str) -> Result<df_protocols::task::TaskKey> {
+    use df_protocols::task::{TaskKey, canonical_url, parse_url};
+    Ok(TaskKey::for_url(&canonical_url(&parse_url(url)?, &[]), ""))
+}

@@ -7,30 +7,16 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use df_node::limits::Rate;
 use df_node::{DownloadRequest, Role};
-use df_protocols::task::{TaskKey, canonical_url, parse_url};
-use df_testnet::{TestNode, TestOrigin, content, sha256_hex};
+use df_testnet::{TestNode, TestOrigin, content, init_test_logs, sha256_hex, url_task_key};
 use futures::future::join_all;
 
 const MIB: usize = 1 << 20;
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 /// Fetches `url` through `n`: the result and how long it took.
 async fn timed(n: &TestNode, url: String) -> (Result<(u64, String)>, Duration) {
     let t = Instant::now();
     let r = n.fetch_url(&url).await;
     (r, t.elapsed())
-}
-
-fn url_key(url: &str) -> TaskKey {
-    TaskKey::for_url(&canonical_url(&parse_url(url).unwrap(), &[]), "")
 }
 
 /// A peer that sends the first 64 KiB of every piece and then nothing (holding the connection
@@ -41,7 +27,7 @@ fn url_key(url: &str) -> TaskKey {
 /// overtaken by an endgame duplicate.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_stops_mid_piece_is_given_up_on_within_the_read_timeout() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(16 * MIB, 21);
     origin.put("/stall", data.clone());
@@ -107,7 +93,7 @@ async fn a_peer_that_stops_mid_piece_is_given_up_on_within_the_read_timeout() ->
     );
     let staller_id = staller.node.peer_id().to_string();
     for n in &good {
-        let info = n.api.task(&url_key(&url).to_string()).await?;
+        let info = n.api.task(&url_task_key(&url)?.to_string()).await?;
         assert!(
             info.received_from
                 .iter()
@@ -129,7 +115,7 @@ async fn a_peer_that_stops_mid_piece_is_given_up_on_within_the_read_timeout() ->
 /// expected wait, and the slow one's last pieces are asked again of the fast one at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_peer_beside_a_fast_one_carries_little_of_the_load() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(32 * MIB, 22);
     origin.put("/slowfast", data.clone());
@@ -150,7 +136,7 @@ async fn a_slow_peer_beside_a_fast_one_carries_little_of_the_load() -> Result<()
     let (len, digest) = fresh.fetch_url(&url).await?;
     assert_eq!(len, data.len() as u64);
     assert_eq!(digest, sha256_hex(&data));
-    let info = fresh.api.task(&url_key(&url).to_string()).await?;
+    let info = fresh.api.task(&url_task_key(&url)?.to_string()).await?;
     let from = |n: &TestNode| {
         let id = n.node.peer_id().to_string();
         info.received_from
@@ -182,7 +168,7 @@ async fn a_slow_peer_beside_a_fast_one_carries_little_of_the_load() -> Result<()
 /// uncapped one; origin: a node fetches the origin at 4 MiB/s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upload_download_and_origin_rates_cap_what_a_node_moves() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let size = 8 * MIB;
     let rate = Rate(4 * MIB as u64);
@@ -253,7 +239,7 @@ async fn upload_download_and_origin_rates_cap_what_a_node_moves() -> Result<()> 
 /// node downloads at full speed: the limit is the task's, not the node's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_task_rate_limit_slows_that_task_only() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let size = 8 * MIB;
     let rate = Rate(4 * MIB as u64);

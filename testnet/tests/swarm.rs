@@ -7,26 +7,12 @@ use std::time::Duration;
 use anyhow::Result;
 use df_node::api::client::ApiError;
 use df_node::{DownloadRequest, Phase, Role, TaskError};
-use df_protocols::task::{TaskKey, canonical_url, parse_url};
-use df_testnet::{Swarm, TestNode, TestOrigin, content, sha256_hex};
+use df_testnet::{Swarm, TestNode, TestOrigin, content, init_test_logs, sha256_hex, url_task_key};
 use futures::future::join_all;
 
 const MIB: usize = 1 << 20;
 /// The piece length df picks for the files these tests use (under 500 MiB).
 const PIECE: usize = MIB;
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-fn url_key(url: &str) -> TaskKey {
-    TaskKey::for_url(&canonical_url(&parse_url(url).unwrap(), &[]), "")
-}
 
 async fn fetch_all(nodes: &[&TestNode], url: &str) -> Vec<Result<(u64, String)>> {
     join_all(nodes.iter().map(|n| n.fetch_url(url))).await
@@ -42,7 +28,7 @@ fn assert_all_ok(results: Vec<Result<(u64, String)>>, want: &str, len: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seed_and_eight_nodes_fetch_the_origin_once_and_trade_pieces() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(64 * MIB, 1);
     origin.put("/big", data.clone());
@@ -71,7 +57,7 @@ async fn seed_and_eight_nodes_fetch_the_origin_once_and_trade_pieces() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_without_seed_fetch_the_origin_once() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(64 * MIB, 2);
     origin.put("/f", data.clone());
@@ -96,7 +82,7 @@ async fn four_nodes_without_seed_fetch_the_origin_once() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seed_stopped_halfway_every_node_still_completes() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(64 * MIB, 3);
     origin.put("/slow", data.clone());
@@ -104,7 +90,7 @@ async fn seed_stopped_halfway_every_node_still_completes() -> Result<()> {
     origin.set_rate(6 * MIB as u64);
     let swarm = Swarm::start(1, 4, |_| {}).await?;
     let url = origin.url("/slow");
-    let key = url_key(&url);
+    let key = url_task_key(&url)?;
     let Swarm { mut seeds, nodes } = swarm;
     let seed = seeds.remove(0);
     let downloads = tokio::spawn({
@@ -165,7 +151,7 @@ async fn collect(api: &df_node::api::client::ApiClient, id: &str) -> Result<(u64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_serving_corrupt_pieces_is_banned_and_outputs_stay_correct() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(32 * MIB, 4);
     origin.put("/c", data.clone());
@@ -187,7 +173,7 @@ async fn a_node_serving_corrupt_pieces_is_banned_and_outputs_stay_correct() -> R
     }
     let refs: Vec<&TestNode> = good.iter().collect();
     assert_all_ok(fetch_all(&refs, &url).await, &sha256_hex(&data), data.len());
-    let key = url_key(&url);
+    let key = url_task_key(&url)?;
     let bad_id = bad.node.peer_id().to_string();
     let mut banned_by = 0;
     for n in &good {
@@ -207,7 +193,7 @@ async fn a_node_serving_corrupt_pieces_is_banned_and_outputs_stay_correct() -> R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn boundary_sizes_arrive_intact() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let swarm = Swarm::start(1, 2, |_| {}).await?;
     for (i, len) in [0, 1, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 7]
@@ -227,7 +213,7 @@ async fn boundary_sizes_arrive_intact() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn origin_without_range_support_still_works() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     origin.disable_ranges();
     let data = content(3 * PIECE + 5, 20);
@@ -256,7 +242,7 @@ fn task_error(r: Result<(u64, String)>) -> TaskError {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failures_are_reported_with_their_cause() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     for (path, status) in [("/e404", 404u16), ("/e403", 403), ("/e500", 500)] {
         origin.fail(path, status);
@@ -308,7 +294,7 @@ async fn failures_are_reported_with_their_cause() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disable_back_to_source_without_a_seed_is_a_clear_error() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     origin.put("/x", content(1000, 6));
     let swarm = Swarm::start(0, 2, |_| {}).await?;
@@ -340,7 +326,7 @@ async fn disable_back_to_source_without_a_seed_is_a_clear_error() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn same_digest_at_two_urls_is_one_swarm() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(2 * PIECE + 3, 7);
     origin.put("/a", data.clone());
@@ -371,7 +357,7 @@ async fn same_digest_at_two_urls_is_one_swarm() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_on_the_data_plane_does_not_hurt_the_node() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     origin.put("/g", content(1000, 8));
     let swarm = Swarm::start(0, 1, |_| {}).await?;
@@ -397,7 +383,7 @@ async fn garbage_on_the_data_plane_does_not_hurt_the_node() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_started_before_its_bootstrap_peer_joins_when_it_appears() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -417,7 +403,7 @@ async fn a_node_started_before_its_bootstrap_peer_joins_when_it_appears() -> Res
 async fn a_seed_joined_by_dns_name_serves_pieces() -> Result<()> {
     // A connection dialed by name carries no IP; the node must still reach the seed's data plane
     // (in docker-compose, peers join `/dns4/seed/tcp/4001`).
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(3 * PIECE + 5, 9);
     origin.put("/named", data.clone());
@@ -454,7 +440,7 @@ async fn an_origin_replaced_mid_download_without_validators_never_gives_a_mixed_
 {
     // The origin sends no ETag or Last-Modified, and its file is replaced (same length) after
     // the first few range requests: the seed's pieces would be half old, half new.
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     origin.drop_validators();
     let old = content(6 * PIECE, 31);

@@ -14,18 +14,9 @@ use df_node::origin::{ByteStream, OriginSpec};
 use df_node::{DownloadRequest, Origin, OriginError, OriginResponse, Role};
 use df_protocols::manifest::Validators;
 use df_testnet::swarm::other_swarm_key;
-use df_testnet::{TestNode, TestOrigin, content, sha256_hex};
+use df_testnet::{TestNode, TestOrigin, content, init_test_logs, sha256_hex};
 
 const MIB: usize = 1 << 20;
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 /// A request an origin received: URL and headers.
 type Seen = (String, Vec<(String, String)>);
@@ -96,7 +87,7 @@ fn with_credentials(url: &str) -> DownloadRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outsider_without_the_swarm_key_cannot_connect_or_serve() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let data = content(5 * MIB, 21);
     origin.put("/f", data.clone());
@@ -133,7 +124,7 @@ async fn an_outsider_without_the_swarm_key_cannot_connect_or_serve() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_an_open_swarm_an_unlisted_seed_is_never_asked_and_serves_nothing() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     let evil = Arc::new(EvilOrigin::default());
     let outsider = TestNode::start_with_origin(Role::Seed, vec![], evil.clone(), |c| {
@@ -173,7 +164,7 @@ async fn in_an_open_swarm_an_unlisted_seed_is_never_asked_and_serves_nothing() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_trust_producers_only_listed_seeds_see_credentials() -> Result<()> {
-    init_logs();
+    init_test_logs();
     let origin = TestOrigin::start().await?;
     origin.require_header("Authorization", "Bearer member-secret");
     let good = TestNode::start(Role::Seed, vec![], |_| {}).await?;

@@ -160,8 +160,8 @@ pub(crate) struct Runner {
     stall_since: Option<Instant>,
     from_peers: u64,
     from_origin: u64,
-    /// The task's own rate limit (the lowest `limit_rate` of its requests) and its bucket.
-    task_limit: Option<(crate::limits::Rate, crate::limits::Limiter)>,
+    /// The task's own bucket: the lowest `limit_rate` of its requests (unlimited when none).
+    task_limit: crate::limits::Limiter,
     /// Verified bytes received per source (kept after the source is dropped).
     received_from: HashMap<PeerId, u64>,
     digest_checking: bool,
@@ -228,7 +228,7 @@ impl Runner {
             from_peers: 0,
             from_origin: 0,
             received_from: HashMap::new(),
-            task_limit: None,
+            task_limit: crate::limits::Limiter::default(),
             digest_checking: false,
             restarts: 0,
             rng: StdRng::from_os_rng(),
@@ -459,9 +459,9 @@ impl Runner {
     ) {
         self.wanted = true;
         if let Some(rate) = req.limit_rate
-            && self.task_limit.as_ref().is_none_or(|(r, _)| rate.0 < r.0)
+            && self.task_limit.rate().is_none_or(|r| rate.0 < r.0)
         {
-            self.task_limit = Some((rate, crate::limits::Limiter::new(Some(rate))));
+            self.task_limit = crate::limits::Limiter::new(Some(rate));
         }
         if self.request.is_none() || self.request.as_ref().is_some_and(|r| r.headers.is_empty()) {
             self.request = Some(req);
@@ -1129,11 +1129,7 @@ impl Runner {
         };
         let job = ProductionJob {
             ctx: self.ctx.clone(),
-            task_limit: self
-                .task_limit
-                .as_ref()
-                .map(|(_, l)| l.clone())
-                .unwrap_or_default(),
+            task_limit: self.task_limit.clone(),
             key: self.key,
             spec: match self.request.as_ref().map(DownloadRequest::origin_spec) {
                 Some(Ok(s)) => s,
@@ -1304,10 +1300,11 @@ impl Runner {
         let expected = entry.hash;
         let len = self.layout.piece_len(index);
         let key = self.key;
-        let data = match &self.task_limit {
-            Some((_, l)) => self.ctx.data.clone().with_task_limit(l.clone()),
-            None => self.ctx.data.clone(),
-        };
+        let data = self
+            .ctx
+            .data
+            .clone()
+            .with_task_limit(self.task_limit.clone());
         let store = self.ctx.store.clone();
         let timeout = self.ctx.config.download.piece_timeout;
         let tx = self.tx.clone();
