@@ -442,33 +442,41 @@ impl Node {
                         origin_status: None,
                     });
                 }
-                if ctx.registry.live(&task).is_none() {
-                    let store = ctx.store.clone();
-                    if let Ok(Ok(Some(rec))) =
-                        tokio::task::spawn_blocking(move || store.task(&task)).await
-                        && rec.complete
+                // A runner that finishes (the task complete) just as this request reaches it
+                // drops the request: answer from the store then, or ask a fresh runner, rather
+                // than decline (the asker would fetch the origin a second time).
+                let requester = Requester::peer_at(ctx.net.state().peer(&peer).and_then(|p| p.ip));
+                for _ in 0..3 {
+                    if ctx.registry.live(&task).is_none() {
+                        let store = ctx.store.clone();
+                        if let Ok(Ok(Some(rec))) =
+                            tokio::task::spawn_blocking(move || store.task(&task)).await
+                            && rec.complete
+                        {
+                            return ControlResponse::Started { header: rec.header };
+                        }
+                    }
+                    let Some(runner) = ctx.registry.get_or_start_for(ctx, task, Some(peer)) else {
+                        return ControlResponse::Error(ControlError {
+                            code: ErrorCode::Declined,
+                            message: "too many tasks started by this peer".into(),
+                            origin_status: None,
+                        });
+                    };
+                    let (tx, rx) = oneshot::channel();
+                    let sent = runner.tx.send(RunnerMsg::StartTask {
+                        origin: origin.clone(),
+                        missing: missing.clone(),
+                        requester,
+                        reply: tx,
+                    });
+                    if sent.is_ok()
+                        && let Ok(answer) = rx.await
                     {
-                        return ControlResponse::Started { header: rec.header };
+                        return answer;
                     }
                 }
-                let Some(runner) = ctx.registry.get_or_start_for(ctx, task, Some(peer)) else {
-                    return ControlResponse::Error(ControlError {
-                        code: ErrorCode::Declined,
-                        message: "too many tasks started by this peer".into(),
-                        origin_status: None,
-                    });
-                };
-                let (tx, rx) = oneshot::channel();
-                let requester = Requester::peer_at(ctx.net.state().peer(&peer).and_then(|p| p.ip));
-                let _ = runner.tx.send(RunnerMsg::StartTask {
-                    origin,
-                    missing,
-                    requester,
-                    reply: tx,
-                });
-                rx.await.unwrap_or_else(|_| {
-                    ControlResponse::Error(TaskError::internal("task stopped").to_control())
-                })
+                ControlResponse::Error(TaskError::internal("task stopped").to_control())
             }
         }
     }

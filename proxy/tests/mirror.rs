@@ -21,6 +21,7 @@ fn init_tracing() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -186,7 +187,11 @@ fn assert_layers_served_once(reg: &Registry, image: &Image) {
         let (_, bytes) = gets.get(d).copied().unwrap_or_default();
         assert!(
             bytes <= *size,
-            "layer {d} ({size} bytes): the registry sent {bytes} bytes of it"
+            "layer {d} ({size} bytes): the registry sent {bytes} bytes of it: {:?}",
+            served
+                .iter()
+                .filter(|s| s.path.ends_with(d.as_str()))
+                .collect::<Vec<_>>()
         );
         for s in served
             .iter()

@@ -55,6 +55,33 @@ async fn seed_and_eight_nodes_fetch_the_origin_once_and_trade_pieces() -> Result
     Ok(())
 }
 
+/// Nodes asking a seed for the same new task at the same moment join one runner there: each small
+/// file leaves the origin once (a race in the task table once started two runners, and two origin
+/// fetches, for two simultaneous requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simultaneous_requests_for_new_tasks_fetch_each_origin_once() -> Result<()> {
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    let swarm = Swarm::start(1, 4, |_| {}).await?;
+    let mut total = 0u64;
+    for round in 0..8u8 {
+        let data = content(20_000 + usize::from(round) * 1_000, 100 + u64::from(round));
+        let path = format!("/small-{round}");
+        origin.put(&path, data.clone());
+        total += data.len() as u64;
+        let nodes: Vec<&TestNode> = swarm.nodes.iter().collect();
+        let results = fetch_all(&nodes, &origin.url(&path)).await;
+        assert_all_ok(results, &sha256_hex(&data), data.len());
+        let sent = origin.bytes_sent();
+        assert!(
+            sent <= total,
+            "round {round}: the origin sent {sent} bytes for {total} bytes of files"
+        );
+    }
+    swarm.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_without_seed_fetch_the_origin_once() -> Result<()> {
     init_test_logs();

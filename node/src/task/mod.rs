@@ -431,6 +431,10 @@ impl TaskRegistry {
     /// The live runner of `key`, if any.
     pub(crate) fn live(&self, key: &TaskKey) -> Option<RunnerHandle> {
         let inner = self.inner.lock().ok()?;
+        Self::live_in(&inner, key)
+    }
+
+    fn live_in(inner: &RegistryInner, key: &TaskKey) -> Option<RunnerHandle> {
         let e = inner.entries.get(key)?;
         let tx = e.tx.as_ref()?;
         // A runner that has failed is on its way out: a new request must not join it (it would
@@ -492,10 +496,13 @@ impl TaskRegistry {
         key: TaskKey,
         peer: Option<PeerId>,
     ) -> Option<RunnerHandle> {
-        if let Some(h) = self.live(&key) {
+        // Checked and started under one lock: two requests for a new task at the same moment
+        // (two peers asking a seed) must join one runner, not start two that both fetch the
+        // origin.
+        let mut inner = self.inner.lock().ok()?;
+        if let Some(h) = Self::live_in(&inner, &key) {
             return Some(h);
         }
-        let mut inner = self.inner.lock().ok()?;
         let now = Instant::now();
         inner.entries.retain(|_, e| {
             e.finished_at
