@@ -18,8 +18,24 @@ use df_proxy::MirrorConfig;
 #[derive(Debug, Parser)]
 #[command(name = "df", version, about, long_about = None)]
 pub(crate) struct Cli {
+    /// Log line format on standard error: `text` (coloured only on a terminal) or `json` (one
+    /// object per line, for log shippers). `RUST_LOG` sets the level filter.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "DF_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +48,9 @@ pub(crate) enum Command {
     Seed(ServeArgs),
     /// Print a node's status as JSON.
     Status(StatusArgs),
+    /// Open the node's status page in a local browser: relays a loopback port to the node's API
+    /// (read-only routes only). For remote viewing, run the node with --ui-listen instead.
+    Ui(UiArgs),
     /// Write a new swarm key (the pre-shared key members of a private swarm share).
     SwarmKey(SwarmKeyArgs),
 }
@@ -153,6 +172,17 @@ pub(crate) struct ServeArgs {
     /// Data-plane (piece transfer) listen address, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub data_listen: Option<SocketAddr>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` (read-only, no token) on HOST:PORT, for
+    /// Prometheus and Kubernetes probes.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve the status page (`GET /`) and the read-only JSON it reads on HOST:PORT, for remote
+    /// viewing; the browser asks for the API token (any user name) unless --ui-public.
+    #[arg(long, value_name = "ADDR")]
+    pub ui_listen: Option<SocketAddr>,
+    /// Serve --ui-listen without the API token.
+    #[arg(long)]
+    pub ui_public: bool,
     /// Serve a registry mirror (OCI pull API) on HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub mirror_listen: Option<SocketAddr>,
@@ -188,6 +218,15 @@ pub(crate) struct StatusArgs {
     pub api_token: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct UiArgs {
+    #[command(flatten)]
+    pub node: StatusArgs,
+    /// Where the page is served (loopback only).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+}
+
 /// Builds a node's config: defaults, then the config file's text (if any), then the flags.
 /// Its `[proxy]` section is the mirror's ([`mirror_config`]).
 pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> Result<NodeConfig> {
@@ -216,6 +255,15 @@ pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> R
     }
     if let Some(a) = args.data_listen {
         cfg.data_listen = a;
+    }
+    if let Some(a) = args.metrics_listen {
+        cfg.metrics_listen = Some(a);
+    }
+    if let Some(a) = args.ui_listen {
+        cfg.ui_listen = Some(a);
+    }
+    if args.ui_public {
+        cfg.ui_public = true;
     }
     args.swarm.apply(&mut cfg);
     if cfg.listen.is_empty() {
@@ -344,6 +392,54 @@ pub(crate) fn parse_header(h: &str) -> Result<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The TOML files embedded in deploy/k8s/configmap.yaml (`name.toml: |` blocks), unindented.
+    fn configmap_files() -> Vec<(String, String)> {
+        let yaml = include_str!("../../deploy/k8s/configmap.yaml");
+        let mut out: Vec<(String, String)> = Vec::new();
+        for line in yaml.lines() {
+            if let Some(name) = line.trim().strip_suffix(": |")
+                && name.ends_with(".toml")
+            {
+                out.push((name.to_owned(), String::new()));
+            } else if let Some((_, body)) = out.last_mut()
+                && (line.starts_with("    ") || line.trim().is_empty())
+            {
+                body.push_str(line.strip_prefix("    ").unwrap_or(""));
+                body.push('\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_kubernetes_configmap_is_a_valid_config() {
+        let files = configmap_files();
+        assert_eq!(files.len(), 2, "{files:?}");
+        for (name, text) in files {
+            let role = if name.starts_with("seed") {
+                Role::Seed
+            } else {
+                Role::Node
+            };
+            let cfg = node_config(role, Some(&text), &ServeArgs::default())
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let mirror = mirror_config(Some(&text), &ServeArgs::default())
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(cfg.bootstrap.len(), 3, "{name}");
+            assert!(cfg.metrics_listen.is_some(), "{name}");
+            assert_eq!(
+                cfg.network.swarm_key.as_deref(),
+                Some(std::path::Path::new("/etc/df/swarm.key"))
+            );
+            // Nodes serve the mirror on loopback; seeds do not run one.
+            assert_eq!(
+                mirror.listen.map(|a| a.ip().is_loopback()),
+                (role == Role::Node).then_some(true),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn flags_override_the_file_and_defaults_fill_the_rest() {

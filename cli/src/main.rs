@@ -5,12 +5,14 @@
 //! | [`args`] | clap definitions; args + config file → `NodeConfig` (pure) |
 //! | [`get`] | `df get` (daemon or embedded node; temp file + rename; digest check) |
 //! | [`progress`] | the progress bar |
+//! | [`ui`] | `df ui`: the status page through a loopback relay to the API socket |
 //!
 //! Exit codes: 0 success, 1 failure (one line on standard error), 2 usage error.
 
 mod args;
 mod get;
 mod progress;
+mod ui;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,19 +22,32 @@ use clap::Parser;
 use df_node::Role;
 
 use args::{
-    Cli, ClientApi, Command, ServeArgs, StatusArgs, SwarmKeyArgs, mirror_config, node_config,
+    Cli, ClientApi, Command, LogFormat, ServeArgs, StatusArgs, SwarmKeyArgs, mirror_config,
+    node_config,
 };
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_logging(default: &str) {
+/// Logs to standard error: `RUST_LOG` if set, else `default`; colour only on a terminal (and not
+/// with `NO_COLOR`); JSON lines with `--log-format json`.
+fn init_logging(default: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
+    };
 }
 
 /// glibc gives every thread that allocates under contention its own malloc arena (up to 8 per
@@ -54,6 +69,7 @@ fn limit_malloc_arenas() {}
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
+    let log_format = cli.log_format;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,23 +84,32 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Get(a) => {
                 // The embedded node's warnings repeat what df prints itself: keep stderr to one line.
-                init_logging("error");
+                init_logging("error", log_format);
                 tokio::select! {
                     r = get::run(a) => r,
                     _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
                 }
             }
             Command::Node(a) => {
-                init_logging("info");
+                init_logging("info", log_format);
                 serve(Role::Node, a).await
             }
             Command::Seed(a) => {
-                init_logging("info");
+                init_logging("info", log_format);
                 serve(Role::Seed, a).await
             }
             Command::Status(a) => {
-                init_logging("warn");
+                init_logging("warn", log_format);
                 status(a).await
+            }
+            Command::Ui(a) => {
+                init_logging("warn", log_format);
+                let api = ClientApi::from_env(a.node.api.as_deref(), a.node.api_token.as_deref())?
+                    .client()?;
+                tokio::select! {
+                    r = ui::run(api, a.listen) => r,
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                }
             }
             Command::SwarmKey(a) => swarm_key(a),
         }

@@ -149,6 +149,15 @@ pub struct NodeConfig {
     pub local_api: LocalApiConfig,
     /// Data-plane (piece transfer) listen address. Default: `0.0.0.0:4002`.
     pub data_listen: SocketAddr,
+    /// An extra HTTP listener for scrapers and probes: `GET /metrics`, `/healthz` and `/readyz`
+    /// only, no token (it exports no URL, task or peer ID). Default: none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// An extra HTTP listener for the status page (`GET /`) and the read-only JSON it reads, for
+    /// remote viewing: nothing that changes state, no query string of any URL. Default: none.
+    pub ui_listen: Option<SocketAddr>,
+    /// Serve `ui_listen` without the API token. Default: `false` (the browser asks for it: any
+    /// user name, the token from `<data_dir>/api-token` as the password).
+    pub ui_public: bool,
     pub network: NetworkConfig,
     pub download: DownloadConfig,
     pub upload: UploadConfig,
@@ -179,6 +188,9 @@ impl Default for NodeConfig {
             api: None,
             local_api: LocalApiConfig::default(),
             data_listen: SocketAddr::from(([0, 0, 0, 0], 4002)),
+            metrics_listen: None,
+            ui_listen: None,
+            ui_public: false,
             network: NetworkConfig::default(),
             download: DownloadConfig::default(),
             upload: UploadConfig::default(),

@@ -128,6 +128,7 @@ pub(crate) async fn collect(ctx: &Arc<TaskContext>) -> Vec<TaskKey> {
     for (key, len) in plan(&cfg, list, now_unix(), cache, fs) {
         match crate::task::delete_task(ctx, &key).await {
             Ok(_) => {
+                ctx.metrics.evicted(len);
                 tracing::info!(task = %key, bytes = len, "evicted task from the cache");
                 evicted.push(key);
             }

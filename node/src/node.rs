@@ -60,6 +60,8 @@ struct NodeInner {
     tokens: TokenIssuer,
     data_addr: SocketAddr,
     api_addr: ApiAddr,
+    metrics_addr: Option<std::net::SocketAddr>,
+    ui_addr: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -154,7 +156,9 @@ impl Node {
             source: e,
         })?;
 
+        let metrics = Arc::new(Metrics::new());
         let (net, events, event_loop) = network::spawn(NetworkSettings {
+            metrics: metrics.clone(),
             keypair: keypair.clone(),
             role: config.role,
             listen: config.listen.clone(),
@@ -167,7 +171,6 @@ impl Node {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let metrics = Arc::new(Metrics::default());
         let tokens = TokenIssuer::random();
         let activity = Arc::new(crate::activity::Activity::default());
         let limits = crate::limits::Limiters::new(&config.limits);
@@ -214,6 +217,38 @@ impl Node {
                 source: e,
             })?;
         let api_addr = api_listener.local_addr();
+        let metrics_listener = match config.metrics_listen {
+            Some(a) => Some(
+                api::server::ApiListener::bind_metrics(a, &config)
+                    .await
+                    .map_err(|e| NodeError::Listen {
+                        addr: a.to_string(),
+                        source: e,
+                    })?,
+            ),
+            None => None,
+        };
+        let ui_listener = match config.ui_listen {
+            Some(a) => Some(
+                api::server::ApiListener::bind_ui(a, &config)
+                    .await
+                    .map_err(|e| NodeError::Listen {
+                        addr: a.to_string(),
+                        source: e,
+                    })?,
+            ),
+            None => None,
+        };
+        let ui_addr = ui_listener.as_ref().and_then(|l| match l.local_addr() {
+            ApiAddr::Tcp(a) => Some(a),
+            ApiAddr::Unix(_) => None,
+        });
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .and_then(|l| match l.local_addr() {
+                ApiAddr::Tcp(a) => Some(a),
+                ApiAddr::Unix(_) => None,
+            });
 
         let node = Node {
             inner: Arc::new(NodeInner {
@@ -221,6 +256,8 @@ impl Node {
                 tokens,
                 data_addr,
                 api_addr,
+                metrics_addr,
+                ui_addr,
                 shutdown: shutdown.clone(),
                 tracker: tracker.clone(),
             }),
@@ -231,6 +268,22 @@ impl Node {
             Arc::new(node.clone()),
             shutdown.clone(),
         ));
+        if let Some(l) = ui_listener {
+            tracing::info!(addr = ?ui_addr, public = config.ui_public, "serving the status page");
+            tracker.spawn(api::server::serve(
+                l,
+                Arc::new(node.clone()),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(l) = metrics_listener {
+            tracing::info!(addr = ?metrics_addr, "serving /metrics, /healthz and /readyz");
+            tracker.spawn(api::server::serve(
+                l,
+                Arc::new(node.clone()),
+                shutdown.clone(),
+            ));
+        }
         if config.storage.task_ttl.as_secs() > 0 || config.storage.quota.as_u64() > 0 {
             tracker.spawn(crate::gc::run(node.inner.ctx.clone(), shutdown));
         }
@@ -267,6 +320,11 @@ impl Node {
         &self.inner.ctx
     }
 
+    /// The node's metrics (front ends running in its process count their requests here).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.ctx.metrics
+    }
+
     pub fn peer_id(&self) -> PeerId {
         self.inner.ctx.peer_id
     }
@@ -296,6 +354,21 @@ impl Node {
         self.inner.api_addr.clone()
     }
 
+    /// The node's data directory (its store, keys and `api-token`).
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.ctx.config.data_dir
+    }
+
+    /// The `ui_listen` listener's address, if configured.
+    pub fn ui_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.ui_addr
+    }
+
+    /// The `metrics_listen` listener's address, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.metrics_addr
+    }
+
     pub fn status(&self) -> NodeStatus {
         let ctx = &self.inner.ctx;
         NodeStatus {
@@ -314,13 +387,37 @@ impl Node {
         }
     }
 
-    pub fn metrics_text(&self) -> String {
+    /// `/readyz`: the store is open (it is while the node runs), the node listens, and when
+    /// bootstrap addresses are configured it has joined at least one peer or seed.
+    pub fn readiness(&self) -> Result<(), String> {
         let ctx = &self.inner.ctx;
-        ctx.metrics.render(&Gauges {
+        if self.inner.shutdown.is_cancelled() {
+            return Err("shutting down".into());
+        }
+        if ctx.net.state().listen_addrs().is_empty() {
+            return Err("not listening for peers yet".into());
+        }
+        if !ctx.config.bootstrap.is_empty() && ctx.net.state().connected_peers().is_empty() {
+            return Err("joined no peer or seed yet (bootstrap addresses are configured)".into());
+        }
+        Ok(())
+    }
+
+    /// `/metrics`: Prometheus text 0.0.4, or OpenMetrics text when `openmetrics`.
+    pub fn metrics_text(&self, openmetrics: bool) -> String {
+        let ctx = &self.inner.ctx;
+        let g = Gauges {
             connected_peers: ctx.net.state().connected_peers().len(),
+            known_seeds: ctx.net.state().seeds().len(),
             active_tasks: ctx.registry.active_count(),
             store_bytes: ctx.store.disk_usage(),
-        })
+            store_quota: ctx.config.storage.quota.as_u64(),
+        };
+        if openmetrics {
+            ctx.metrics.render_openmetrics(&g)
+        } else {
+            ctx.metrics.render(&g)
+        }
     }
 
     /// Starts (or joins) the download of a task; returns once its header is known, or the error
@@ -569,8 +666,58 @@ impl api::NodeApi for Node {
         Node::status(self)
     }
 
-    fn metrics_text(&self) -> String {
-        Node::metrics_text(self)
+    fn metrics_text(&self, openmetrics: bool) -> String {
+        Node::metrics_text(self, openmetrics)
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        Node::readiness(self)
+    }
+
+    fn peers(&self) -> Vec<api::PeerView> {
+        let mut v: Vec<api::PeerView> = self
+            .inner
+            .ctx
+            .net
+            .state()
+            .peers()
+            .into_iter()
+            .map(|(id, info)| api::PeerView {
+                peer_id: id.to_string(),
+                role: info.role,
+                ip: info.ip.map(|ip| ip.to_string()),
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            (a.role != Some(Role::Seed), &a.peer_id).cmp(&(b.role != Some(Role::Seed), &b.peer_id))
+        });
+        v
+    }
+
+    async fn piece_map(&self, key: &TaskKey) -> Option<String> {
+        let have = self.progress(key).await?.borrow().have.clone();
+        let map = self
+            .inner
+            .ctx
+            .registry
+            .shared(key)
+            .map(|s| s.piece_map())
+            .unwrap_or_default();
+        if map.len() == have.len() as usize {
+            return Some(map);
+        }
+        // No runner kept a map (a task found complete in the store): what is held, from before.
+        Some(
+            (0..have.len())
+                .map(|i| {
+                    if have.get(i) {
+                        crate::task::PieceMark::Held as u8 as char
+                    } else {
+                        crate::task::PieceMark::Missing as u8 as char
+                    }
+                })
+                .collect(),
+        )
     }
 
     fn tasks(&self) -> Vec<(TaskKey, Progress)> {

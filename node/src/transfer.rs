@@ -366,6 +366,7 @@ impl DataServer {
             }
         };
         drop(ticket);
+        let _counted = self.metrics.data_connection();
         let Some(_connection) = self.peer_connections.take(peer, self.conns_per_peer) else {
             self.write(&mut stream, &[HandshakeStatus::Busy.to_byte()])
                 .await?;
@@ -433,6 +434,7 @@ impl DataServer {
                         .super_seed
                         .as_ref()
                         .map(|s| s.start(task, index, std::time::Instant::now()));
+                    let _uploading = self.metrics.upload();
                     let len = data.len();
                     let Ok(len32) = u32::try_from(len) else {
                         self.respond(&mut stream, PieceStatus::Error).await?;

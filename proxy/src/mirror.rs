@@ -276,13 +276,30 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     let route = match parse_path(req.uri().path()) {
         Ok(Some(r)) => r,
         Ok(None) => {
+            ctx.source.answered("other", 404);
             return oci_error(
                 &OciError::new(ErrorCode::NotFound, "not a registry API path"),
                 head,
             );
         }
-        Err(e) => return oci_error(&e, head),
+        Err(e) => {
+            let r = oci_error(&e, head);
+            ctx.source.answered("other", r.status().as_u16());
+            return r;
+        }
     };
+    let label = route.label();
+    let resp = handle_route(&ctx, req, route, head).await;
+    ctx.source.answered(label, resp.status().as_u16());
+    resp
+}
+
+async fn handle_route(
+    ctx: &Arc<Ctx>,
+    req: Request<Incoming>,
+    route: Route,
+    head: bool,
+) -> Response<Body> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return oci_error(
             &OciError::new(
@@ -310,16 +327,16 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
             head,
         ),
         (Route::Base, Err(_)) => base_ok(),
-        (Route::Base, Ok(u)) => base(&ctx, &req, &u).await,
+        (Route::Base, Ok(u)) => base(ctx, &req, &u).await,
         (_, Err(e)) => oci_error(&e, head),
         (Route::Manifest { name, reference }, Ok(u)) => {
-            manifest(&ctx, &req, &u, &name, &reference, head).await
+            manifest(ctx, &req, &u, &name, &reference, head).await
         }
         (Route::Blob { name, digest }, Ok(u)) => {
-            return blob(&ctx, &req, &u, &name, digest, head, permit).await;
+            return blob(ctx, &req, &u, &name, digest, head, permit).await;
         }
         (r @ (Route::Tags { .. } | Route::Referrers { .. } | Route::Catalog), Ok(u)) => {
-            passthrough(&ctx, &req, &u, &r, head).await
+            passthrough(ctx, &req, &u, &r, head).await
         }
     };
     drop(permit);

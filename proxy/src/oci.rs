@@ -25,6 +25,19 @@ pub enum Route {
 }
 
 impl Route {
+    /// The route's name as a metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Manifest { .. } => "manifest",
+            Route::Blob { .. } => "blob",
+            Route::Upload => "upload",
+            Route::Tags { .. } => "tags",
+            Route::Referrers { .. } => "referrers",
+            Route::Catalog => "catalog",
+        }
+    }
+
     /// The path asked of the registry, rebuilt from the checked parts (never the client's text).
     /// `None` for routes the mirror answers itself.
     pub fn upstream_path(&self) -> Option<String> {

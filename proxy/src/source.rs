@@ -18,6 +18,9 @@ pub trait BlobSource: Send + Sync + 'static {
 
     /// The length of a blob this node holds or is fetching, if known, without starting anything.
     async fn known_length(&self, digest: &ContentDigest) -> Option<u64>;
+
+    /// Counts an answered mirror request (`route`: one of a fixed few, see [`crate::oci::Route`]).
+    fn answered(&self, route: &'static str, status: u16);
 }
 
 #[async_trait]
@@ -35,5 +38,9 @@ impl BlobSource for Node {
         let key = TaskKey::for_digest(digest);
         let p = self.progress(&key).await?;
         p.borrow().header.as_ref().map(|h| h.header.content_length)
+    }
+
+    fn answered(&self, route: &'static str, status: u16) {
+        self.metrics().mirror_request(route, status);
     }
 }

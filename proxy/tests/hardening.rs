@@ -35,6 +35,8 @@ impl BlobSource for NoBlobs {
     async fn known_length(&self, _digest: &ContentDigest) -> Option<u64> {
         None
     }
+
+    fn answered(&self, _route: &'static str, _status: u16) {}
 }
 
 async fn mirror(tweak: impl FnOnce(&mut MirrorConfig)) -> Mirror {

@@ -31,7 +31,7 @@ case "$role" in
     kind=node
     [ "$role" = seed ] && kind=seed
     set -- --data-dir /data/df --listen /ip4/0.0.0.0/tcp/4001 --api 127.0.0.1:7000 \
-      --data-listen 0.0.0.0:4002 --mirror-listen 0.0.0.0:5001 \
+      --data-listen 0.0.0.0:4002 --metrics-listen 0.0.0.0:9464 --mirror-listen 0.0.0.0:5001 \
       --mirror-upstream http://registry:5000 "$@"
     [ -n "$BOOTSTRAP" ] && set -- "$@" --bootstrap "$BOOTSTRAP"
     # testnet/run --node-config FILE: one config file for every seed and peer.

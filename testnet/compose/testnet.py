@@ -25,6 +25,9 @@ import threading
 import time
 from pathlib import Path
 
+from prom import SCRAPE_INTERVAL_S, Prometheus
+from prom import panel as prom_panel
+
 HERE = Path(__file__).resolve().parent
 TESTNET = HERE.parent
 OUT = TESTNET / "out"
@@ -546,33 +549,49 @@ def bench(a):
               "methods": {}}
     timeline = {}
     everyone = seeds + peers + [origin]
-    for m in a.methods.split(","):
-        log(f"method {m}: {n} peers fetch {size / 2**20:.0f} MiB at once")
-        cpu0, host0 = cpu_seconds(everyone), host_cpu()
-        if m == "df":
-            start, r = method_df(a, peers, run_id, want)
-            timeline = piece_timeline(seeds + peers, start)
-            # How many copies of the file the seeds' uplinks carried (pieces peers got from a seed).
-            pieces = 1 + max((i for c in peers for _t, i, _s in timeline.get(c, [])), default=-1)
-            from_seed = sum(1 for c in peers for _t, _i, src in timeline.get(c, []) if "_seed_" in src)
-            if pieces:
-                r["seed_copies"] = round(from_seed / pieces, 3)
-            # When the last byte left the origin: what the peers' tail is measured from.
-            fetched = [t for c in seeds + peers for t, _i, src in timeline.get(c, []) if src == "origin"]
-            if fetched:
-                r["origin_done_s"] = round(max(fetched), 3)
-        elif m == "http":
-            start, r = method_http(a, peers, run_id, want)
-        elif m == "mesh":
-            start, r = method_mesh(a, peers, size)
-        elif m == "bittorrent":
-            start, r = method_bittorrent(a, peers, run_id, want, origin)
-        else:
-            raise SystemExit(f"unknown method {m}")
-        r.update(cpu_use(cpu0, cpu_seconds(everyone), host0, host_cpu(), everyone))
-        report["methods"][m] = r
-        log(f"  ok={r['ok']} p50={r['p50_s']} max={r['max_s']} origin_bytes={r['origin_bytes']} "
-            f"cpu={r['cpu_s_by_role']} host_busy={r['host_busy']}")
+    # A real Prometheus scrapes every seed and peer while the methods run.
+    prom = Prometheus(OUT, seeds + peers, log)
+    df_window = None
+    try:
+        for m in a.methods.split(","):
+            log(f"method {m}: {n} peers fetch {size / 2**20:.0f} MiB at once")
+            cpu0, host0 = cpu_seconds(everyone), host_cpu()
+            if m == "df":
+                start, r = method_df(a, peers, run_id, want)
+                # The window the metrics panel shows (one more scrape after the last download).
+                time.sleep(SCRAPE_INTERVAL_S * 1.5)
+                df_window = (start - SCRAPE_INTERVAL_S, time.time(), start)
+                timeline = piece_timeline(seeds + peers, start)
+                # How many copies of the file the seeds' uplinks carried (pieces peers got from a seed).
+                pieces = 1 + max((i for c in peers for _t, i, _s in timeline.get(c, [])), default=-1)
+                from_seed = sum(1 for c in peers for _t, _i, src in timeline.get(c, []) if "_seed_" in src)
+                if pieces:
+                    r["seed_copies"] = round(from_seed / pieces, 3)
+                # When the last byte left the origin: what the peers' tail is measured from.
+                fetched = [t for c in seeds + peers for t, _i, src in timeline.get(c, []) if src == "origin"]
+                if fetched:
+                    r["origin_done_s"] = round(max(fetched), 3)
+            elif m == "http":
+                start, r = method_http(a, peers, run_id, want)
+            elif m == "mesh":
+                start, r = method_mesh(a, peers, size)
+            elif m == "bittorrent":
+                start, r = method_bittorrent(a, peers, run_id, want, origin)
+            else:
+                raise SystemExit(f"unknown method {m}")
+            r.update(cpu_use(cpu0, cpu_seconds(everyone), host0, host_cpu(), everyone))
+            report["methods"][m] = r
+            log(f"  ok={r['ok']} p50={r['p50_s']} max={r['max_s']} origin_bytes={r['origin_bytes']} "
+                f"cpu={r['cpu_s_by_role']} host_busy={r['host_busy']}")
+    finally:
+        if prom.proc and df_window:
+            try:
+                report["prometheus"] = prom_panel(prom, *df_window, OUT,
+                                                  f"df, {n} peers, {size / 2**20:.0f} MiB", log)
+            except Exception as e:
+                log(f"prometheus queries failed: {e}")
+                report["prometheus"] = {"error": str(e)}
+        prom.stop()
     if timeline:
         (OUT / "timeline.json").write_text(json.dumps(timeline) + "\n")
     report["plots"] = plots(report, timeline, peers)
@@ -617,6 +636,19 @@ def report_md(r):
         lines.append("BitTorrent's origin bytes are the seeder's wire bytes (TCP/IP headers included).")
     for p in r.get("plots", []):
         lines.append(f"![{p}]({p})")
+    prom = r.get("prometheus")
+    if prom and "error" not in prom:
+        src = prom.get("received_bytes_by_source", {})
+        total = sum(src.values()) or 1
+        lines += ["", "## df as the testnet's Prometheus saw it", "",
+                  f"Scraped every {SCRAPE_INTERVAL_S} s from each seed's and peer's `--metrics-listen`; "
+                  "`df_received_bytes_total` by source over the run: "
+                  + ", ".join(f"{k} {v / 2**20:.1f} MiB ({v / total:.0%})" for k, v in sorted(src.items()))
+                  + ". Series per panel: " + ", ".join(f"{k} {v}" for k, v in prom.get("series", {}).items()) + "."]
+        if prom.get("plot"):
+            lines.append(f"![{prom['plot']}]({prom['plot']})")
+    elif prom:
+        lines += ["", f"Prometheus: {prom['error']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -80,7 +80,7 @@ async fn a_peer_that_stops_mid_piece_is_given_up_on_within_the_read_timeout() ->
     let stalled: u64 = good
         .iter()
         .map(|n| {
-            let text = n.node.metrics_text();
+            let text = n.node.metrics_text(false);
             text.lines()
                 .find_map(|l| l.strip_prefix("df_piece_requests_stalled_total "))
                 .and_then(|v| v.trim().parse::<u64>().ok())

@@ -54,11 +54,15 @@ impl Access {
             }
         }
         if let Some(token) = &self.token {
-            let presented = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| bearer(v.as_bytes()));
+            // `Bearer <token>`, or HTTP Basic with the token as the password (what a browser
+            // sends for the status page after asking its user).
+            let presented = headers.get(header::AUTHORIZATION).and_then(|v| {
+                bearer(v.as_bytes())
+                    .map(<[u8]>::to_vec)
+                    .or_else(|| basic_password(v.as_bytes()))
+            });
             match presented {
-                Some(p) if token.verify(p) => {}
+                Some(p) if token.verify(&p) => {}
                 Some(_) => {
                     return Err(Refusal::Unauthorized {
                         message: "wrong API token".into(),
@@ -109,6 +113,20 @@ fn forbidden(message: String) -> Refusal {
 /// The listener address as clients should name it.
 fn canonical(local: SocketAddr) -> SocketAddr {
     SocketAddr::new(local.ip().to_canonical(), local.port())
+}
+
+/// The password of `Basic base64(user:password)` (scheme case-insensitive; the user is ignored).
+fn basic_password(value: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim_ascii())
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 /// The token of `Bearer <token>` (scheme case-insensitive).
@@ -296,7 +314,12 @@ mod tests {
         };
         assert!(a.check(&with(Some("Bearer s3cret")), l).is_ok());
         assert!(a.check(&with(Some("bearer s3cret")), l).is_ok());
+        // Basic with the token as the password (a browser on the status page), any user.
+        assert!(a.check(&with(Some("Basic ZGY6czNjcmV0")), l).is_ok());
+        assert!(a.check(&with(Some("basic OnMzY3JldA==")), l).is_ok());
         for bad in [
+            Some("Basic ZGY6czNjcmU="),
+            Some("Basic not-base64!"),
             None,
             Some("Bearer s3cre"),
             Some("Bearer "),

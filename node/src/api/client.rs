@@ -134,6 +134,11 @@ impl ApiClient {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol(e.to_string()))
     }
 
+    /// `GET path`, the answer as it came (for a front end that relays it, e.g. `df ui`).
+    pub async fn get_raw(&self, path: &str) -> Result<http::Response<Incoming>, ApiError> {
+        self.send(Method::GET, path, None, &[]).await
+    }
+
     /// `GET /healthz` (answered without token or `Host` checks).
     pub async fn healthz(&self) -> Result<(), ApiError> {
         let resp = self.send(Method::GET, "/healthz", None, &[]).await?;

@@ -5,7 +5,8 @@
 //! |---|---|
 //! | `GET /healthz` | `200 ok` once the node serves |
 //! | `GET /v1/status` | [`NodeStatus`] JSON |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /metrics` | Prometheus text 0.0.4; OpenMetrics when `Accept` asks for `application/openmetrics-text` |
+//! | `GET /readyz` | `200 ready` once the node can serve: store open, listening, and (with bootstrap addresses configured) joined at least one peer; else `503` with the reason |
 //! | `POST /v1/tasks` | body: [`DownloadRequest`](crate::task::DownloadRequest) JSON; starts or joins the task and answers [`TaskInfo`] once its length is known, or `{"error": {"code": …}}` |
 //! | `GET /v1/tasks` | every live and recently finished task, [`TaskInfo`] each |
 //! | `GET /v1/tasks/{id}` | one task's [`TaskInfo`] (progress, sources, error) |
@@ -13,7 +14,7 @@
 //! | `DELETE /v1/tasks/{id}` | evicts a finished task from the cache |
 //!
 //! The unix socket (mode 0600) is guarded by its file mode alone. A TCP API checks every request
-//! but `GET /healthz`: the `Host` header must name the listener, an `Origin` header
+//! but `GET /healthz` and `GET /readyz`: the `Host` header must name the listener, an `Origin` header
 //! must be the API's own, a request with a body must be `application/json`, and on a non-loopback
 //! address `Authorization: Bearer <token>` must carry the [`token`] from `<data dir>/api-token`.
 //! Refusals are `{"error": {"code": "unauthorized" | "forbidden" | …}}` ([`Refusal`]).
@@ -39,8 +40,14 @@ use crate::task::{DownloadRequest, Phase, Progress, TaskError};
 pub trait NodeApi: Send + Sync + 'static {
     /// `GET /v1/status`.
     fn status(&self) -> NodeStatus;
-    /// `GET /metrics`: Prometheus text.
-    fn metrics_text(&self) -> String;
+    /// `GET /metrics`: Prometheus text 0.0.4, or OpenMetrics text when `openmetrics`.
+    fn metrics_text(&self, openmetrics: bool) -> String;
+    /// `GET /readyz`: `Err(reason)` while the node cannot serve yet.
+    fn readiness(&self) -> Result<(), String>;
+    /// `GET /v1/peers`: the peers connected now.
+    fn peers(&self) -> Vec<PeerView>;
+    /// `GET /v1/tasks/{id}/pieces`: one [`PieceMark`](crate::task::PieceMark) character per piece.
+    async fn piece_map(&self, key: &TaskKey) -> Option<String>;
     /// Every live and recently finished task.
     fn tasks(&self) -> Vec<(TaskKey, Progress)>;
     /// A task's progress, if the node knows it (running, recently finished or complete in the store).
@@ -99,6 +106,52 @@ pub struct TaskInfo {
     pub error: Option<TaskError>,
 }
 
+/// A connected peer (`GET /v1/peers`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerView {
+    pub peer_id: String,
+    /// `seed` or `node`, once the peer identified itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// `GET /v1/tasks/{id}/pieces`: each piece's state, one character per piece: `.` missing, `f` in
+/// flight, `o` from the origin (fetched by this node), `s` from a seed, `p` from a peer, `h` held
+/// before this download.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PieceMap {
+    pub id: String,
+    pub pieces: String,
+}
+
+/// `url` without its query string and fragment (they may carry tokens).
+pub fn without_query(url: &str) -> String {
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    url[..end].to_owned()
+}
+
+/// `text` with the query string and fragment of every URL in it removed.
+fn scrub_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        // The URL runs from its scheme to the next space or quote.
+        let start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'))
+            .map_or(0, |j| j + 1);
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '>')
+            .map_or(rest.len(), |j| i + j);
+        out.push_str(&rest[..start]);
+        out.push_str(&without_query(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Bytes of a task received from one source.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceBytes {
@@ -108,6 +161,16 @@ pub struct SourceBytes {
 }
 
 impl TaskInfo {
+    /// For viewers who may not see secrets: no query string or fragment in any URL (source URL,
+    /// error message).
+    pub fn redacted(mut self) -> TaskInfo {
+        self.source_url = self.source_url.as_deref().map(without_query);
+        if let Some(e) = &mut self.error {
+            e.scrub_message(scrub_urls);
+        }
+        self
+    }
+
     pub fn from_progress(key: &TaskKey, p: &Progress) -> TaskInfo {
         let (state, error) = match &p.phase {
             Phase::Starting => ("starting", None),

@@ -35,6 +35,18 @@ pub(crate) struct ApiListener {
     access: Option<Arc<Access>>,
     header_read_timeout: Duration,
     max_connections: usize,
+    kind: ListenerKind,
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListenerKind {
+    /// The API.
+    Api,
+    /// `metrics_listen`: `/metrics`, `/healthz` and `/readyz` only.
+    Scrape,
+    /// `ui_listen`: the status page and the read-only JSON it reads, query strings removed.
+    Ui,
 }
 
 enum Socket {
@@ -76,6 +88,54 @@ impl ApiListener {
                 .local_api
                 .max_connections
                 .clamp(1, Semaphore::MAX_PERMITS),
+            kind: ListenerKind::Api,
+        })
+    }
+
+    /// Binds `addr` for scrapers and probes: read-only routes that reveal no URL, task or peer,
+    /// so no token and no `Host` check; the API's connection cap and header timeout apply.
+    pub(crate) async fn bind_metrics(
+        addr: std::net::SocketAddr,
+        config: &NodeConfig,
+    ) -> std::io::Result<ApiListener> {
+        Ok(ApiListener {
+            socket: Socket::Tcp(TcpListener::bind(addr).await?),
+            access: None,
+            header_read_timeout: config.local_api.header_read_timeout,
+            max_connections: config
+                .local_api
+                .max_connections
+                .clamp(1, Semaphore::MAX_PERMITS),
+            kind: ListenerKind::Scrape,
+        })
+    }
+
+    /// Binds `ui_listen`: the status page, read-only, with the API's `Host`/`Origin` checks and,
+    /// unless `ui_public`, the API token (as a bearer token, or as the password of HTTP Basic,
+    /// which a browser asks its user for).
+    pub(crate) async fn bind_ui(
+        addr: std::net::SocketAddr,
+        config: &NodeConfig,
+    ) -> std::io::Result<ApiListener> {
+        let token = if config.ui_public {
+            None
+        } else {
+            let path = config.data_dir.join(TOKEN_FILE);
+            let token = ApiToken::load_or_create(&path).map_err(std::io::Error::other)?;
+            Some(TokenVerifier::new(&token))
+        };
+        Ok(ApiListener {
+            socket: Socket::Tcp(TcpListener::bind(addr).await?),
+            access: Some(Arc::new(Access::new(
+                token,
+                &config.local_api.allowed_hosts,
+            ))),
+            header_read_timeout: config.local_api.header_read_timeout,
+            max_connections: config
+                .local_api
+                .max_connections
+                .clamp(1, Semaphore::MAX_PERMITS),
+            kind: ListenerKind::Ui,
         })
     }
 
@@ -122,6 +182,7 @@ pub(crate) async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(listener.max_connections));
     let read_timeout = listener.header_read_timeout;
+    let kind = listener.kind;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -168,9 +229,23 @@ pub(crate) async fn serve(
                         && !is_probe(&req)
                         && let Err(r) = a.check(&req, *local)
                     {
-                        return Ok::<_, Infallible>(refused(r));
+                        let mut resp = refused(r);
+                        if kind == ListenerKind::Ui && resp.status() == StatusCode::UNAUTHORIZED {
+                            // A browser asks its user for the token (any user name).
+                            resp.headers_mut().insert(
+                                header::WWW_AUTHENTICATE,
+                                header::HeaderValue::from_static(
+                                    "Basic realm=\"df status page: the API token is the password\"",
+                                ),
+                            );
+                        }
+                        return Ok::<_, Infallible>(resp);
                     }
-                    Ok::<_, Infallible>(route(node, req, read_timeout).await)
+                    Ok::<_, Infallible>(match kind {
+                        ListenerKind::Api => route(node, req, read_timeout).await,
+                        ListenerKind::Scrape => scrape_route(node.as_ref(), &req),
+                        ListenerKind::Ui => ui_route(node.as_ref(), &req).await,
+                    })
                 }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -220,9 +295,10 @@ impl Either {
     }
 }
 
-/// `GET /healthz` answers without checks, for probes.
+/// `GET /healthz` and `GET /readyz` answer without checks, for probes (they tell nothing but
+/// whether the node is up).
 fn is_probe<B>(req: &Request<B>) -> bool {
-    req.method() == Method::GET && req.uri().path() == "/healthz"
+    req.method() == Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz")
 }
 
 fn refused(r: Refusal) -> Response<Body> {
@@ -283,39 +359,179 @@ fn not_found(what: &str) -> Response<Body> {
     })
 }
 
+/// The status page's files (no build step, no CDN: served from the binary).
+const UI_HTML: &str = include_str!("ui/index.html");
+const UI_JS: &str = include_str!("ui/ui.js");
+const UI_CSS: &str = include_str!("ui/ui.css");
+
+/// A file of the status page, with headers that keep it to itself: scripts and styles from this
+/// origin only, requests to this origin only, no framing, nothing cached.
+fn ui_file(content_type: &str, body: &'static str) -> Response<Body> {
+    let mut r = full(StatusCode::OK, content_type, body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+             img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// The read-only routes the status page uses, shared by the API and `ui_listen`. `None`: not one
+/// of them. With `redact`, query strings are removed from URLs (`ui_listen`).
+async fn read_only_route(
+    node: &dyn NodeApi,
+    method: &Method,
+    segments: &[&str],
+    redact: bool,
+) -> Option<Response<Body>> {
+    if method != Method::GET {
+        return None;
+    }
+    let info = |key: &TaskKey, p: &crate::task::Progress| {
+        let i = TaskInfo::from_progress(key, p);
+        if redact { i.redacted() } else { i }
+    };
+    Some(match segments {
+        [""] => ui_file("text/html; charset=utf-8", UI_HTML),
+        ["ui.js"] => ui_file("text/javascript; charset=utf-8", UI_JS),
+        ["ui.css"] => ui_file("text/css; charset=utf-8", UI_CSS),
+        ["v1", "status"] => json(StatusCode::OK, &node.status()),
+        ["v1", "peers"] => json(StatusCode::OK, &node.peers()),
+        ["v1", "tasks"] => {
+            let list: Vec<TaskInfo> = node.tasks().iter().map(|(k, p)| info(k, p)).collect();
+            json(StatusCode::OK, &list)
+        }
+        ["v1", "tasks", id, rest @ ..] if rest.is_empty() || rest == ["pieces"] => {
+            let Ok(key) = id.parse::<TaskKey>() else {
+                return Some(error(TaskError::bad_request(format!(
+                    "malformed task id {id:?}"
+                ))));
+            };
+            if rest.is_empty() {
+                match node.progress(&key).await {
+                    Some(p) => json(StatusCode::OK, &info(&key, &p.borrow())),
+                    None => not_found("task"),
+                }
+            } else {
+                match node.piece_map(&key).await {
+                    Some(pieces) => json(
+                        StatusCode::OK,
+                        &super::PieceMap {
+                            id: key.to_string(),
+                            pieces,
+                        },
+                    ),
+                    None => not_found("task"),
+                }
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// The routes of a `ui_listen` listener: the read-only ones, nothing else.
+async fn ui_route<B>(node: &dyn NodeApi, req: &Request<B>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] if req.method() == Method::GET => full(StatusCode::OK, "text/plain", "ok\n"),
+        ["readyz"] if req.method() == Method::GET => readyz(node),
+        _ => match read_only_route(node, req.method(), &segments, true).await {
+            Some(r) => r,
+            None if req.method() == Method::GET => not_found("route"),
+            None => full(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "this listener is read-only\n",
+            ),
+        },
+    }
+}
+
+/// The routes of a `metrics_listen` listener.
+fn scrape_route<B>(node: &dyn NodeApi, req: &Request<B>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => metrics(node, req),
+        (&Method::GET, "/healthz") => full(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => readyz(node),
+        (&Method::GET, _) => not_found("route"),
+        _ => full(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "this listener is read-only\n",
+        ),
+    }
+}
+
+fn readyz(node: &dyn NodeApi) -> Response<Body> {
+    match node.readiness() {
+        Ok(()) => full(StatusCode::OK, "text/plain", "ready\n"),
+        Err(why) => full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+/// `GET /metrics`, in the format the scraper asked for.
+fn metrics<B>(node: &dyn NodeApi, req: &Request<B>) -> Response<Body> {
+    let openmetrics = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let content_type = if openmetrics {
+        crate::metrics::OPENMETRICS_CONTENT_TYPE
+    } else {
+        crate::metrics::TEXT_CONTENT_TYPE
+    };
+    full(StatusCode::OK, content_type, node.metrics_text(openmetrics))
+}
+
 async fn route(
     node: Arc<dyn NodeApi>,
     req: Request<Incoming>,
     read_timeout: Duration,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    if let Some(r) = read_only_route(
+        node.as_ref(),
+        req.method(),
+        &path.trim_matches('/').split('/').collect::<Vec<_>>(),
+        false,
+    )
+    .await
+    {
+        return r;
+    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["healthz"]) => full(StatusCode::OK, "text/plain", "ok\n"),
-        (Method::GET, ["metrics"]) => full(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            node.metrics_text(),
-        ),
-        (Method::GET, ["v1", "status"]) => json(StatusCode::OK, &node.status()),
-        (Method::GET, ["v1", "tasks"]) => {
-            let list: Vec<TaskInfo> = node
-                .tasks()
-                .iter()
-                .map(|(k, p)| TaskInfo::from_progress(k, p))
-                .collect();
-            json(StatusCode::OK, &list)
-        }
+        (Method::GET, ["metrics"]) => metrics(node.as_ref(), &req),
+        (Method::GET, ["readyz"]) => readyz(node.as_ref()),
         (Method::POST, ["v1", "tasks"]) => create_task(node, req, read_timeout).await,
         (method, ["v1", "tasks", id, rest @ ..]) => {
             let Ok(key) = id.parse::<TaskKey>() else {
                 return error(TaskError::bad_request(format!("malformed task id {id:?}")));
             };
             match (method, rest) {
-                (Method::GET, []) => match node.progress(&key).await {
-                    Some(p) => json(StatusCode::OK, &TaskInfo::from_progress(&key, &p.borrow())),
-                    None => not_found("task"),
-                },
                 (Method::DELETE, []) => match node.delete_task(&key).await {
                     Ok(true) => full(StatusCode::NO_CONTENT, "text/plain", ""),
                     Ok(false) => not_found("task"),
@@ -468,8 +684,21 @@ mod tests {
                 bytes: ByteCounters::default(),
             }
         }
-        fn metrics_text(&self) -> String {
-            "df_fake_total 1\n".into()
+        fn metrics_text(&self, openmetrics: bool) -> String {
+            if openmetrics {
+                "# TYPE df_fake counter\ndf_fake_total 1\n# EOF\n".into()
+            } else {
+                "# TYPE df_fake_total counter\ndf_fake_total 1\n".into()
+            }
+        }
+        fn readiness(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn peers(&self) -> Vec<crate::api::PeerView> {
+            Vec::new()
+        }
+        async fn piece_map(&self, key: &TaskKey) -> Option<String> {
+            (*key == self.known).then(|| "hs.".to_owned())
         }
         fn tasks(&self) -> Vec<(TaskKey, Progress)> {
             vec![(self.known, self.progress.borrow().clone())]

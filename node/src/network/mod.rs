@@ -22,6 +22,7 @@ use futures::stream::FuturesUnordered;
 use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId, TopicHash};
 use libp2p::kad::{self, QueryId, QueryResult, RecordKey};
+use libp2p::metrics::Recorder;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
@@ -77,6 +78,8 @@ pub struct NetworkSettings {
     pub request_timeout: Duration,
     /// Who may connect: a private swarm (pnet key) or an open one.
     pub access: SwarmAccess,
+    /// The node's metrics (libp2p's own are recorded here).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A connected peer as seen by this node.
@@ -129,6 +132,14 @@ impl NetState {
         self.peers
             .read()
             .map(|p| p.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every connected peer.
+    pub fn peers(&self) -> Vec<(PeerId, PeerInfo)> {
+        self.peers
+            .read()
+            .map(|p| p.iter().map(|(k, v)| (*k, v.clone())).collect())
             .unwrap_or_default()
     }
 
@@ -521,6 +532,7 @@ pub async fn spawn(
         inbound_replies: FuturesUnordered::new(),
         bootstrapped: false,
         bootstrap: Vec::new(),
+        metrics: settings.metrics.clone(),
     };
     ev_loop.await_listeners(listen.len()).await?;
     let client = NetworkClient {
@@ -558,6 +570,7 @@ pub struct EventLoop {
     bootstrapped: bool,
     /// Bootstrap addresses, redialled while no peer is connected.
     bootstrap: Vec<Multiaddr>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
@@ -760,6 +773,7 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        self.metrics.libp2p().record(&ev);
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
@@ -840,6 +854,14 @@ impl EventLoop {
     }
 
     fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
+        let m = self.metrics.libp2p();
+        match &ev {
+            BehaviourEvent::Ping(e) => m.record(e),
+            BehaviourEvent::Identify(e) => m.record(e),
+            BehaviourEvent::Kad(e) => m.record(e),
+            BehaviourEvent::Gossipsub(e) => m.record(e),
+            BehaviourEvent::Control(_) => {}
+        }
         match ev {
             BehaviourEvent::Ping(ping::Event {
                 peer,

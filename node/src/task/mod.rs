@@ -76,6 +76,23 @@ impl TaskError {
         TaskError::Internal { message: m.into() }
     }
 
+    /// Rewrites the error's free text with `f` (e.g. to take secrets out of URLs in it).
+    pub fn scrub_message(&mut self, f: impl Fn(&str) -> String) {
+        match self {
+            TaskError::BadRequest { message }
+            | TaskError::OriginStatus { message, .. }
+            | TaskError::OriginUnreachable { message }
+            | TaskError::OriginFailed { message }
+            | TaskError::ContentChanged { message }
+            | TaskError::NoSource { message }
+            | TaskError::NoSpace { message }
+            | TaskError::Storage { message }
+            | TaskError::NotFound { message }
+            | TaskError::Internal { message } => *message = f(message),
+            TaskError::DigestMismatch { .. } => {}
+        }
+    }
+
     /// The error to give a peer that asked us to start this task.
     pub(crate) fn to_control(&self) -> ControlError {
         let (code, origin_status) = match self {
@@ -398,6 +415,8 @@ pub(crate) struct RunnerShared {
     /// The piece a local reader (an API content stream) waits for next; `u32::MAX`: none. The
     /// picker fetches the pieces from there on in order when that costs the swarm nothing.
     pub reader_at: std::sync::atomic::AtomicU32,
+    /// Each piece's state for the status page, one [`PieceMark`] byte per piece.
+    pieces: Mutex<Vec<u8>>,
 }
 
 impl Default for RunnerShared {
@@ -405,7 +424,54 @@ impl Default for RunnerShared {
         RunnerShared {
             pending_gossip: AtomicUsize::new(0),
             reader_at: std::sync::atomic::AtomicU32::new(u32::MAX),
+            pieces: Mutex::new(Vec::new()),
         }
+    }
+}
+
+/// A piece's state on the status page's map (the byte is the character the API sends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PieceMark {
+    Missing = b'.',
+    InFlight = b'f',
+    FromOrigin = b'o',
+    FromSeed = b's',
+    FromPeer = b'p',
+    /// Held before this download started (from the store).
+    Held = b'h',
+}
+
+impl RunnerShared {
+    /// Starts the map over: `have`'s pieces held, the rest missing.
+    pub(crate) fn reset_pieces(&self, have: &df_protocols::piece::Bitfield) {
+        if let Ok(mut m) = self.pieces.lock() {
+            *m = (0..have.len())
+                .map(|i| {
+                    if have.get(i) {
+                        PieceMark::Held as u8
+                    } else {
+                        PieceMark::Missing as u8
+                    }
+                })
+                .collect();
+        }
+    }
+
+    pub(crate) fn mark_piece(&self, index: u32, mark: PieceMark) {
+        if let Ok(mut m) = self.pieces.lock()
+            && let Some(b) = m.get_mut(index as usize)
+        {
+            *b = mark as u8;
+        }
+    }
+
+    /// The map as the API sends it: one character per piece.
+    pub(crate) fn piece_map(&self) -> String {
+        self.pieces
+            .lock()
+            .map(|m| String::from_utf8_lossy(&m).into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -535,7 +601,11 @@ impl TaskRegistry {
             },
         );
         let runner = runner::Runner::new(ctx.clone(), key, id, rx, tx.clone(), ptx, shared.clone());
-        tokio::spawn(runner.run());
+        // Every line the runner logs carries its task ID (as a span field in JSON logs).
+        tokio::spawn(tracing::Instrument::instrument(
+            runner.run(),
+            tracing::info_span!("task", id = %key),
+        ));
         Some(RunnerHandle { tx, shared })
     }
 

@@ -46,8 +46,9 @@ use tokio::task::AbortHandle;
 use super::picker::{self, PickInput, SourceView};
 use super::produce::{FirstBody, ProduceError, ProductionJob};
 use super::source::{AfterFailure, Source};
-use super::{DownloadRequest, Phase, Progress, RunnerMsg, TaskContext, TaskError};
+use super::{DownloadRequest, Phase, PieceMark, Progress, RunnerMsg, TaskContext, TaskError};
 use crate::config::Role;
+use crate::metrics::{ByteSource, TaskKind};
 use crate::network::NetworkError;
 use crate::origin::Requester;
 use crate::store::TaskRecord;
@@ -168,6 +169,10 @@ pub(crate) struct Runner {
     /// Times the content failed its digest and the task started over without its producer.
     restarts: u32,
     rng: StdRng,
+    /// When this runner started (task duration and time to first byte are measured from it).
+    started: Instant,
+    /// Whether the first verified piece has been counted.
+    first_byte_counted: bool,
 }
 
 impl Runner {
@@ -224,6 +229,8 @@ impl Runner {
             unannounced: Vec::new(),
             providing: false,
             last_progress: Instant::now(),
+            started: Instant::now(),
+            first_byte_counted: false,
             stall_since: None,
             from_peers: 0,
             from_origin: 0,
@@ -317,12 +324,31 @@ impl Runner {
         self.progress.send_replace(p);
     }
 
+    /// What the task is for, as the metrics label it.
+    fn kind(&self) -> TaskKind {
+        // The mirror's own requests, and (on the seed that fetches for it) a digest task of a
+        // registry blob URL.
+        match &self.request {
+            Some(r)
+                if r.requester == Requester::Registry
+                    || (r.digest.is_some()
+                        && r.url.contains("/v2/")
+                        && r.url.contains("/blobs/")) =>
+            {
+                TaskKind::ImageBlob
+            }
+            _ => TaskKind::File,
+        }
+    }
+
     fn fail(&mut self, e: TaskError) {
         if matches!(self.phase, Phase::Failed(_) | Phase::Complete) {
             return;
         }
         tracing::warn!(task = %self.key, error = %e, "task failed");
-        self.ctx.metrics.task_failed();
+        self.ctx
+            .metrics
+            .task_finished(self.kind(), false, self.started.elapsed());
         if matches!(
             e,
             TaskError::NoSpace { .. } | TaskError::ContentChanged { .. }
@@ -757,6 +783,7 @@ impl Runner {
             }
         };
         self.have = have;
+        self.shared.reset_pieces(&self.have);
         self.header = Some(h.clone());
         if rec.is_none() {
             let store = self.ctx.store.clone();
@@ -1200,7 +1227,7 @@ impl Runner {
                 }
                 self.from_origin += u64::from(len);
                 tracing::debug!(target: "df_piece", task = %self.key, index, len, from = "origin", "piece");
-                self.piece_held(index);
+                self.piece_held(index, PieceMark::FromOrigin);
             }
             Err(e) => {
                 tracing::warn!(task = %self.key, index, error = %e, "origin production failed");
@@ -1222,9 +1249,16 @@ impl Runner {
 
     // ---- transfer ------------------------------------------------------------------------
 
-    fn piece_held(&mut self, index: u32) {
+    fn piece_held(&mut self, index: u32, mark: PieceMark) {
         if self.have.set(index) {
             self.pending_have.push(index);
+            self.shared.mark_piece(index, mark);
+        }
+        if !self.first_byte_counted {
+            self.first_byte_counted = true;
+            self.ctx
+                .metrics
+                .task_first_byte(self.kind(), self.started.elapsed());
         }
         self.last_progress = Instant::now();
         self.stall_since = None;
@@ -1308,7 +1342,10 @@ impl Runner {
         let store = self.ctx.store.clone();
         let timeout = self.ctx.config.download.piece_timeout;
         let tx = self.tx.clone();
+        let metrics = self.ctx.metrics.clone();
         let handle = tokio::spawn(async move {
+            // Counted while the request is open (an aborted endgame duplicate included).
+            let _open = metrics.piece_request();
             let started = Instant::now();
             let result = match data.fetch(addr, &token, &key, index, len, timeout).await {
                 Err(e) => Err(FetchFailure::Transfer(e)),
@@ -1325,6 +1362,7 @@ impl Runner {
             .entry(index)
             .or_default()
             .push((peer, handle.abort_handle()));
+        self.shared.mark_piece(index, PieceMark::InFlight);
     }
 
     async fn on_fetched(
@@ -1337,6 +1375,9 @@ impl Runner {
             v.retain(|(p, _)| *p != peer);
             if v.is_empty() {
                 self.inflight.remove(&index);
+                if !self.have.get(index) && result.is_err() {
+                    self.shared.mark_piece(index, PieceMark::Missing);
+                }
             }
         }
         if let Some(s) = self.sources.get_mut(&peer) {
@@ -1361,13 +1402,18 @@ impl Runner {
                 }
                 self.from_peers += u64::from(len);
                 *self.received_from.entry(peer).or_default() += u64::from(len);
-                self.ctx.metrics.add_from_peers(u64::from(len));
+                let (from, mark) = match self.ctx.net.state().peer(&peer).and_then(|p| p.role) {
+                    Some(Role::Seed) => (ByteSource::Seed, PieceMark::FromSeed),
+                    _ => (ByteSource::Peer, PieceMark::FromPeer),
+                };
+                self.ctx
+                    .metrics
+                    .piece_received(from, u64::from(len), elapsed);
                 if !self.held_by_other_peer(index, &peer) {
                     self.have_urgent = true;
                 }
-                self.ctx.metrics.piece_verified();
                 tracing::debug!(target: "df_piece", task = %self.key, index, len, from = %peer, "piece");
-                self.piece_held(index);
+                self.piece_held(index, mark);
             }
             Err(FetchFailure::Corrupt) => {
                 self.ctx.metrics.piece_corrupt();
@@ -1534,7 +1580,9 @@ impl Runner {
             }
         }
         self.phase = Phase::Complete;
-        self.ctx.metrics.task_completed();
+        self.ctx
+            .metrics
+            .task_finished(self.kind(), true, self.started.elapsed());
         tracing::info!(task = %self.key, from_peers = self.from_peers, from_origin = self.from_origin, "task complete");
         self.flush_announcements(true).await;
         self.publish_progress();
@@ -1564,6 +1612,7 @@ impl Runner {
         self.hashes.clear();
         self.hash_known = Bitfield::new(0);
         self.have = Bitfield::new(0);
+        self.shared.reset_pieces(&self.have);
         self.early_hashes.clear();
         self.pending_have.clear();
         self.unpersisted.clear();

@@ -1,0 +1,224 @@
+//! The status page: what a browser shows after a download through a 1-seed + 3-node swarm
+//! (headless Chromium from Debian's `chromium`), and what `ui_listen` refuses.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use df_node::Role;
+use df_testnet::{Swarm, TestNode, TestOrigin, content, init_test_logs, url_task_key};
+
+const MIB: usize = 1 << 20;
+
+fn ui_listener(public: bool) -> impl Fn(&mut df_node::NodeConfig) {
+    move |c| {
+        c.ui_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.ui_public = public;
+    }
+}
+
+/// Runs headless Chromium on `url` with `args` (e.g. `--dump-dom`); returns its standard output.
+fn chromium(url: &str, args: &[&str]) -> Result<String> {
+    let profile = tempfile::tempdir()?;
+    let out = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1280,1100",
+            // Scripts run (and refresh once a second) until the page has been idle this long.
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .context("running chromium (Debian's `chromium` package; testnet/deps.sh installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "chromium failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of attribute `name` on the element with `id` in `dom`.
+fn attr(dom: &str, id: &str, name: &str) -> Option<String> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let tag_start = dom[..at].rfind('<')?;
+    let tag = &dom[tag_start..tag_start + dom[tag_start..].find('>')?];
+    let v = tag.split(&format!("{name}=\"")).nth(1)?;
+    Some(v[..v.find('"')?].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_browser_sees_every_piece_verified_after_a_swarm_download() -> Result<()> {
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    let data = content(6 * MIB, 21);
+    origin.put("/shown.bin", data.clone());
+    let url = origin.url("/shown.bin?secret=HIDE-ME");
+    let swarm = Swarm::start(1, 3, ui_listener(true)).await?;
+    let results = futures::future::join_all(swarm.nodes.iter().map(|n| n.fetch_url(&url))).await;
+    for r in results {
+        r?;
+    }
+    let node = &swarm.nodes[2];
+    let ui = node.node.ui_addr().context("no ui listener")?;
+    let id = url_task_key(&url)?.to_string();
+    let page = format!("http://{ui}/#task={id}");
+
+    let dom = tokio::task::spawn_blocking({
+        let page = page.clone();
+        move || chromium(&page, &["--dump-dom"])
+    })
+    .await??;
+    let total = attr(&dom, "piece-summary", "data-total");
+    let verified = attr(&dom, "piece-summary", "data-verified");
+    assert_eq!(total.as_deref(), Some("6"), "the grid's pieces:\n{dom}");
+    assert_eq!(verified.as_deref(), Some("6"), "verified pieces:\n{dom}");
+    assert_eq!(dom.matches("title=\"piece ").count(), 6, "grid cells");
+    assert!(!dom.contains("cannot read the node's API"), "{dom}");
+    // The page shows the task, its peers and who sent the bytes, never the query string.
+    assert!(dom.contains("/shown.bin"), "the task's URL is not shown");
+    assert!(
+        !dom.contains("HIDE-ME") && !dom.contains("secret="),
+        "the query string is shown"
+    );
+    assert!(dom.contains("(seed)"), "no seed among the senders:\n{dom}");
+    for m in swarm.seeds.iter().chain(&swarm.nodes[..2]) {
+        assert!(
+            dom.contains(&m.node.peer_id().to_string()),
+            "peer {} is not listed",
+            m.node.peer_id()
+        );
+    }
+
+    // A screenshot, kept with the test's output.
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("df-status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let arg = format!("--screenshot={}", shot.display());
+    tokio::task::spawn_blocking(move || chromium(&page, &[&arg])).await??;
+    let png = std::fs::read(&shot).context("no screenshot")?;
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot"
+    );
+    eprintln!("status page screenshot: {}", shot.display());
+    swarm.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_listener_wants_the_token_and_changes_nothing() -> Result<()> {
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    origin.put("/seen", content(300_000, 22));
+    let n = TestNode::start(Role::Seed, Vec::new(), ui_listener(false)).await?;
+    let url = origin.url("/seen?token=S3CRET");
+    n.fetch_url(&url).await?;
+    let ui = n.node.ui_addr().context("no ui listener")?;
+    let token = std::fs::read_to_string(n.node.data_dir().join("api-token"))?;
+    let token = token.trim();
+    let c = reqwest::Client::new();
+
+    // Without the token: 401, and the browser is asked for it.
+    let r = c.get(format!("http://{ui}/")).send().await?;
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()?
+            .starts_with("Basic "),
+        "{:?}",
+        r.headers()
+    );
+    let r = c
+        .get(format!("http://{ui}/v1/tasks"))
+        .basic_auth("anyone", Some("wrong"))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 401);
+    // With it (as a browser sends it, or as a bearer token): the page and its JSON.
+    let r = c
+        .get(format!("http://{ui}/"))
+        .basic_auth("anyone", Some(token))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.headers()["content-security-policy"]
+            .to_str()?
+            .contains("default-src 'none'")
+    );
+    assert!(r.text().await?.contains("ui.js"));
+    let tasks: serde_json::Value = serde_json::from_str(
+        &c.get(format!("http://{ui}/v1/tasks"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .text()
+            .await?,
+    )?;
+    let shown = tasks.to_string();
+    assert!(shown.contains("/seen"), "{shown}");
+    assert!(
+        !shown.contains("S3CRET"),
+        "the query string is shown: {shown}"
+    );
+    // Read-only, even with the token: no downloads, deletes or content.
+    let id = url_task_key(&url)?.to_string();
+    let r = c
+        .post(format!("http://{ui}/v1/tasks"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"url": origin.url("/other")}).to_string())
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 405);
+    let r = c
+        .delete(format!("http://{ui}/v1/tasks/{id}"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 405);
+    let r = c
+        .get(format!("http://{ui}/v1/tasks/{id}/content"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(n.node.progress(&url_task_key(&url)?).await.is_some());
+    assert_eq!(n.node.tasks().len(), 1, "a task was started");
+    // A page from another site (DNS rebinding) is refused even with the token.
+    let r = c
+        .get(format!("http://{ui}/v1/status"))
+        .header("host", format!("evil.example:{}", ui.port()))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 403);
+    // The piece map of the finished task: every piece fetched from the origin by this seed.
+    let map: serde_json::Value = serde_json::from_str(
+        &c.get(format!("http://{ui}/v1/tasks/{id}/pieces"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .text()
+            .await?,
+    )?;
+    let pieces = map["pieces"].as_str().unwrap_or_default();
+    assert!(
+        !pieces.is_empty() && pieces.chars().all(|c| c == 'o'),
+        "{map}"
+    );
+    n.stop().await;
+    Ok(())
+}
