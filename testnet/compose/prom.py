@@ -22,6 +22,8 @@ PANELS = [
 ]
 # Bytes by source over the whole run, for the report's table.
 TOTALS = 'sum by (source) (df_received_bytes_total)'
+# Which members exported bytes by source (each should, with a series per source).
+PER_MEMBER = 'count by (member) (df_received_bytes_total)'
 
 
 def free_port():
@@ -111,6 +113,11 @@ class Prometheus:
         data = self.api("query", query=TOTALS, time=f"{at:.3f}")
         return {s["metric"].get("source", "?"): float(s["value"][1]) for s in data["result"]}
 
+    def members_with_series(self, at):
+        """Each member's number of df_received_bytes_total series (one per source)."""
+        data = self.api("query", query=PER_MEMBER, time=f"{at:.3f}")
+        return {s["metric"].get("member", "?"): int(float(s["value"][1])) for s in data["result"]}
+
     def stop(self):
         if self.proc:
             self.proc.terminate()
@@ -125,7 +132,8 @@ class Prometheus:
 def panel(prom, start, end, t0, out: Path, title, log):
     """Draws PANELS from `prom` over [start, end] (times shown from t0) into out/metrics.png;
     returns the report's data: the number of non-empty series per panel and the bytes by source."""
-    result = {"series": {}, "received_bytes_by_source": prom.totals(end)}
+    result = {"series": {}, "received_bytes_by_source": prom.totals(end),
+              "members": prom.members_with_series(end), "targets": prom.expected}
     plotted = []
     for name, q, _label, div, unit in PANELS:
         s = prom.series(start, end, q, t0)

@@ -222,3 +222,54 @@ async fn the_ui_listener_wants_the_token_and_changes_nothing() -> Result<()> {
     n.stop().await;
     Ok(())
 }
+
+/// The page with a 10 000-piece task (40 GiB at 4 MiB pieces): its drawing code fed fake data
+/// (testnet/tests/page/perf.js) in headless Chromium. A refresh must leave the page responsive:
+/// well under the one second between refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_stays_responsive_with_a_ten_thousand_piece_task() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ui = root.join("node/src/api/ui").canonicalize()?;
+    let perf = root.join("testnet/tests/page/perf.js").canonicalize()?;
+    let html = std::fs::read_to_string(ui.join("index.html"))?;
+    let script = r#"<script src="ui.js" defer></script>"#;
+    assert!(
+        html.contains(script),
+        "index.html no longer loads ui.js as the test expects"
+    );
+    let html = html
+        .replace(
+            script,
+            &format!(
+                r#"<script src="file://{}" defer></script><script src="file://{}" defer></script>"#,
+                ui.join("ui.js").display(),
+                perf.display()
+            ),
+        )
+        .replace(
+            r#"href="ui.css""#,
+            &format!(r#"href="file://{}""#, ui.join("ui.css").display()),
+        );
+    let dir = tempfile::tempdir()?;
+    let page = dir.path().join("perf.html");
+    std::fs::write(&page, html)?;
+    let url = format!("file://{}", page.display());
+    let dom = tokio::task::spawn_blocking(move || chromium(&url, &["--dump-dom"])).await??;
+    let get = |name: &str| attr(&dom, "perf", name).unwrap_or_default();
+    let (first, max, mean) = (get("data-first"), get("data-max"), get("data-mean"));
+    eprintln!("10 000 pieces: first draw {first} ms, redraw mean {mean} ms, max {max} ms");
+    assert_eq!(get("data-cells"), "10000", "{dom}");
+    assert_eq!(get("data-summary"), "10000");
+    assert_eq!(
+        get("data-shown"),
+        "http://origin.example/big.iso",
+        "query string shown"
+    );
+    let ms = |v: &str| v.parse::<f64>().unwrap_or(f64::MAX);
+    assert!(ms(&first) < 1500.0, "the first draw took {first} ms");
+    assert!(
+        ms(&max) < 250.0,
+        "a refresh took {max} ms of the second between refreshes"
+    );
+    Ok(())
+}
