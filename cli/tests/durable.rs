@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use df_node::ApiAddr;
@@ -13,24 +13,9 @@ use df_protocols::task::{TaskKey, canonical_url, parse_url};
 use df_testnet::{TestOrigin, content, sha256_hex};
 
 const MIB: usize = 1 << 20;
-const DF: &str = env!("CARGO_BIN_EXE_df");
+mod support;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::{DF, Daemon, free_port};
 
 /// The node's standard error goes to `<dir>.log` (appended), shown when a check fails.
 fn node_log(dir: &Path) -> Stdio {

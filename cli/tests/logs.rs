@@ -4,30 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use df_protocols::task::{TaskKey, canonical_url, parse_url};
 use df_testnet::{TestOrigin, content};
 
-const DF: &str = env!("CARGO_BIN_EXE_df");
+mod support;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::{DF, Daemon, free_port};
 
 /// Runs a node with `format` logging to `log`, downloads `url` through it, stops it; returns the
 /// log's text.

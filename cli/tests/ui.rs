@@ -5,19 +5,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DF: &str = env!("CARGO_BIN_EXE_df");
+mod support;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{DF, Daemon};
 
 /// Sends one raw HTTP/1.1 request; returns the status code and the body.
 fn request(addr: &str, method: &str, path: &str, host: &str) -> (u16, String) {
@@ -43,7 +36,7 @@ fn request(addr: &str, method: &str, path: &str, host: &str) -> (u16, String) {
 fn df_ui_relays_the_pages_reads_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let _node = Proc(
+    let _node = Daemon(
         Command::new(DF)
             .args(["node", "--data-dir"])
             .arg(dir.path().join("node"))
@@ -69,7 +62,7 @@ fn df_ui_relays_the_pages_reads_and_nothing_else() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut ui = Proc(
+    let mut ui = Daemon(
         Command::new(DF)
             .arg("ui")
             .arg("--api")

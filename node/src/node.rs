@@ -217,38 +217,14 @@ impl Node {
                 source: e,
             })?;
         let api_addr = api_listener.local_addr();
-        let metrics_listener = match config.metrics_listen {
-            Some(a) => Some(
-                api::server::ApiListener::bind_metrics(a, &config)
-                    .await
-                    .map_err(|e| NodeError::Listen {
-                        addr: a.to_string(),
-                        source: e,
-                    })?,
-            ),
-            None => None,
-        };
-        let ui_listener = match config.ui_listen {
-            Some(a) => Some(
-                api::server::ApiListener::bind_ui(a, &config)
-                    .await
-                    .map_err(|e| NodeError::Listen {
-                        addr: a.to_string(),
-                        source: e,
-                    })?,
-            ),
-            None => None,
-        };
-        let ui_addr = ui_listener.as_ref().and_then(|l| match l.local_addr() {
-            ApiAddr::Tcp(a) => Some(a),
-            ApiAddr::Unix(_) => None,
-        });
-        let metrics_addr = metrics_listener
-            .as_ref()
-            .and_then(|l| match l.local_addr() {
-                ApiAddr::Tcp(a) => Some(a),
-                ApiAddr::Unix(_) => None,
-            });
+        let (metrics_listener, metrics_addr) = bind_extra(config.metrics_listen, |a| {
+            api::server::ApiListener::bind_metrics(a, &config)
+        })
+        .await?;
+        let (ui_listener, ui_addr) = bind_extra(config.ui_listen, |a| {
+            api::server::ApiListener::bind_ui(a, &config)
+        })
+        .await?;
 
         let node = Node {
             inner: Arc::new(NodeInner {
@@ -584,6 +560,30 @@ impl Node {
             .await
             .unwrap_or_default()
     }
+}
+
+/// Binds an optional extra HTTP listener (`metrics_listen`, `ui_listen`); returns it and the
+/// address it got.
+async fn bind_extra<F, Fut>(
+    addr: Option<SocketAddr>,
+    bind: F,
+) -> Result<(Option<api::server::ApiListener>, Option<SocketAddr>), NodeError>
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<api::server::ApiListener>>,
+{
+    let Some(a) = addr else {
+        return Ok((None, None));
+    };
+    let l = bind(a).await.map_err(|e| NodeError::Listen {
+        addr: a.to_string(),
+        source: e,
+    })?;
+    let at = match l.local_addr() {
+        ApiAddr::Tcp(a) => Some(a),
+        ApiAddr::Unix(_) => None,
+    };
+    Ok((Some(l), at))
 }
 
 async fn dispatch(

@@ -50,6 +50,12 @@ fn chromium(url: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `GET url` with the bearer token, as JSON.
+async fn get_json(c: &reqwest::Client, url: &str, token: &str) -> Result<serde_json::Value> {
+    let text = c.get(url).bearer_auth(token).send().await?.text().await?;
+    Ok(serde_json::from_str(&text)?)
+}
+
 /// The value of attribute `name` on the element with `id` in `dom`.
 fn attr(dom: &str, id: &str, name: &str) -> Option<String> {
     let at = dom.find(&format!("id=\"{id}\""))?;
@@ -159,14 +165,7 @@ async fn the_ui_listener_wants_the_token_and_changes_nothing() -> Result<()> {
             .contains("default-src 'none'")
     );
     assert!(r.text().await?.contains("ui.js"));
-    let tasks: serde_json::Value = serde_json::from_str(
-        &c.get(format!("http://{ui}/v1/tasks"))
-            .bearer_auth(token)
-            .send()
-            .await?
-            .text()
-            .await?,
-    )?;
+    let tasks = get_json(&c, &format!("http://{ui}/v1/tasks"), token).await?;
     let shown = tasks.to_string();
     assert!(shown.contains("/seen"), "{shown}");
     assert!(
@@ -206,14 +205,7 @@ async fn the_ui_listener_wants_the_token_and_changes_nothing() -> Result<()> {
         .await?;
     assert_eq!(r.status().as_u16(), 403);
     // The piece map of the finished task: every piece fetched from the origin by this seed.
-    let map: serde_json::Value = serde_json::from_str(
-        &c.get(format!("http://{ui}/v1/tasks/{id}/pieces"))
-            .bearer_auth(token)
-            .send()
-            .await?
-            .text()
-            .await?,
-    )?;
+    let map = get_json(&c, &format!("http://{ui}/v1/tasks/{id}/pieces"), token).await?;
     let pieces = map["pieces"].as_str().unwrap_or_default();
     assert!(
         !pieces.is_empty() && pieces.chars().all(|c| c == 'o'),

@@ -80,7 +80,17 @@ impl ApiListener {
                 )))
             }
         };
-        Ok(ApiListener {
+        Ok(ApiListener::new(socket, access, config, ListenerKind::Api))
+    }
+
+    /// A listener under the API's connection cap and header timeout.
+    fn new(
+        socket: Socket,
+        access: Option<Arc<Access>>,
+        config: &NodeConfig,
+        kind: ListenerKind,
+    ) -> ApiListener {
+        ApiListener {
             socket,
             access,
             header_read_timeout: config.local_api.header_read_timeout,
@@ -88,8 +98,8 @@ impl ApiListener {
                 .local_api
                 .max_connections
                 .clamp(1, Semaphore::MAX_PERMITS),
-            kind: ListenerKind::Api,
-        })
+            kind,
+        }
     }
 
     /// Binds `addr` for scrapers and probes: read-only routes that reveal no URL, task or peer,
@@ -98,16 +108,8 @@ impl ApiListener {
         addr: std::net::SocketAddr,
         config: &NodeConfig,
     ) -> std::io::Result<ApiListener> {
-        Ok(ApiListener {
-            socket: Socket::Tcp(TcpListener::bind(addr).await?),
-            access: None,
-            header_read_timeout: config.local_api.header_read_timeout,
-            max_connections: config
-                .local_api
-                .max_connections
-                .clamp(1, Semaphore::MAX_PERMITS),
-            kind: ListenerKind::Scrape,
-        })
+        let socket = Socket::Tcp(TcpListener::bind(addr).await?);
+        Ok(ApiListener::new(socket, None, config, ListenerKind::Scrape))
     }
 
     /// Binds `ui_listen`: the status page, read-only, with the API's `Host`/`Origin` checks and,
@@ -124,19 +126,14 @@ impl ApiListener {
             let token = ApiToken::load_or_create(&path).map_err(std::io::Error::other)?;
             Some(TokenVerifier::new(&token))
         };
-        Ok(ApiListener {
-            socket: Socket::Tcp(TcpListener::bind(addr).await?),
-            access: Some(Arc::new(Access::new(
-                token,
-                &config.local_api.allowed_hosts,
-            ))),
-            header_read_timeout: config.local_api.header_read_timeout,
-            max_connections: config
-                .local_api
-                .max_connections
-                .clamp(1, Semaphore::MAX_PERMITS),
-            kind: ListenerKind::Ui,
-        })
+        let socket = Socket::Tcp(TcpListener::bind(addr).await?);
+        let access = Arc::new(Access::new(token, &config.local_api.allowed_hosts));
+        Ok(ApiListener::new(
+            socket,
+            Some(access),
+            config,
+            ListenerKind::Ui,
+        ))
     }
 
     pub(crate) fn local_addr(&self) -> ApiAddr {
