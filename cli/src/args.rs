@@ -71,6 +71,10 @@ pub(crate) struct SwarmArgs {
     /// `[trust] producers` are trusted then).
     #[arg(long)]
     pub open_swarm: bool,
+    /// The cluster to join (config key `cluster`, default `default`): members of other clusters
+    /// are never seeds or sources of this node.
+    #[arg(long, value_name = "NAME", env = "DF_CLUSTER")]
+    pub cluster: Option<String>,
 }
 
 impl SwarmArgs {
@@ -83,6 +87,9 @@ impl SwarmArgs {
         if self.open_swarm {
             cfg.network.open_swarm = true;
             cfg.network.swarm_key = None;
+        }
+        if let Some(c) = &self.cluster {
+            cfg.cluster = c.clone();
         }
     }
 }

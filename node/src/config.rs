@@ -137,6 +137,11 @@ pub fn default_data_dir() -> PathBuf {
 pub struct NodeConfig {
     /// Default: `node`. Set by the subcommand (`df node`, `df seed`), not usually in the file.
     pub role: Role,
+    /// The cluster this node belongs to (1-64 of `A-Z a-z 0-9 . _ -`). Members of other clusters
+    /// are never used as seeds or sources, even with the same swarm key: the cluster is part of
+    /// the names of df's libp2p protocols (DHT, control, gossip), so they cannot talk. Default:
+    /// `default`.
+    pub cluster: String,
     /// Default: see [`default_data_dir`]. Holds the identity key, the RocksDB store, the API socket.
     pub data_dir: PathBuf,
     /// libp2p listen addresses. Default: `/ip4/0.0.0.0/tcp/4001` and `/ip4/0.0.0.0/udp/4001/quic-v1`.
@@ -175,6 +180,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             role: Role::Node,
+            cluster: DEFAULT_CLUSTER.to_owned(),
             data_dir: default_data_dir(),
             listen: vec![
                 "/ip4/0.0.0.0/tcp/4001"
@@ -200,6 +206,24 @@ impl Default for NodeConfig {
             limits: crate::limits::LimitsConfig::default(),
             faults: FaultInjection::default(),
         }
+    }
+}
+
+/// The cluster of a node that names none.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+/// Checks a cluster name: 1-64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn validate_cluster(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "cluster {name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"
+        ))
     }
 }
 
@@ -523,6 +547,16 @@ pub struct FaultInjection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_names_are_short_and_plain() {
+        for ok in ["default", "eu-1", "A.b_c", &"x".repeat(64)] {
+            assert!(validate_cluster(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "ü", &"x".repeat(65)] {
+            assert!(validate_cluster(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn pieces_in_flight_keep_to_the_byte_budget() {

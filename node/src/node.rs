@@ -127,6 +127,7 @@ impl Node {
     /// Starts a node: opens the store, starts listening (libp2p, data plane, API) and joins the swarm.
     pub async fn start(config: NodeConfig, origin: Arc<dyn Origin>) -> Result<Node, NodeError> {
         config.storage.validate().map_err(NodeError::Config)?;
+        crate::config::validate_cluster(&config.cluster).map_err(NodeError::Config)?;
         let dir = &config.data_dir;
         create_private_dir(dir).map_err(|e| NodeError::DataDir {
             path: dir.display().to_string(),
@@ -158,6 +159,7 @@ impl Node {
 
         let metrics = Arc::new(Metrics::new());
         let (net, events, event_loop) = network::spawn(NetworkSettings {
+            cluster: config.cluster.clone(),
             metrics: metrics.clone(),
             keypair: keypair.clone(),
             role: config.role,

@@ -515,3 +515,65 @@ async fn an_origin_replaced_mid_download_without_validators_never_gives_a_mixed_
     swarm.stop().await;
     Ok(())
 }
+
+/// A node of cluster "b" joined through a seed of cluster "a" (same swarm key): it uses neither the
+/// seed nor cluster a's nodes, and fetches the origin itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_of_another_cluster_are_not_seeds_or_sources() -> Result<()> {
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    let data = content(3 * MIB, 31);
+    origin.put("/clustered", data.clone());
+    let url = origin.url("/clustered");
+    let in_cluster =
+        |name: &'static str| move |c: &mut df_node::NodeConfig| c.cluster = name.into();
+    let seed = TestNode::start(Role::Seed, Vec::new(), in_cluster("a")).await?;
+    let boot = vec![seed.bootstrap_addr()];
+    let a1 = TestNode::start(Role::Node, boot.clone(), in_cluster("a")).await?;
+    let b1 = TestNode::start(Role::Node, boot, in_cluster("b")).await?;
+    assert!(a1.node.wait_for_peers(1, Duration::from_secs(10)).await);
+    assert_all_ok(
+        vec![a1.fetch_url(&url).await],
+        &sha256_hex(&data),
+        data.len(),
+    );
+    assert_eq!(origin.bytes_sent(), data.len() as u64);
+
+    // b1 reached the seed, learnt its cluster and dropped it: it identifies no peer.
+    assert!(
+        !b1.node.wait_for_peers(1, Duration::from_secs(3)).await,
+        "a member of another cluster counts as a peer"
+    );
+    let st = b1.api.status().await?;
+    assert_eq!((st.known_seeds, st.connected_peers), (0, 0), "{st:?}");
+    // Without the origin it has no source at all...
+    let e = task_error(
+        b1.fetch(DownloadRequest {
+            url: url.clone(),
+            disable_back_to_source: true,
+            ..DownloadRequest::default()
+        })
+        .await,
+    );
+    assert!(matches!(e, TaskError::NoSource { .. }), "unexpected {e:?}");
+    // ...and with it, it fetches the origin itself: nothing from cluster a.
+    assert_all_ok(
+        vec![b1.fetch_url(&url).await],
+        &sha256_hex(&data),
+        data.len(),
+    );
+    assert_eq!(origin.bytes_sent(), 2 * data.len() as u64);
+    assert_eq!(b1.api.status().await?.bytes.from_peers, 0);
+    // A name that cannot be part of a protocol name is refused at start.
+    let bad = TestNode::start(Role::Node, Vec::new(), in_cluster("a/b")).await;
+    assert!(
+        bad.as_ref()
+            .err()
+            .is_some_and(|e| format!("{e:#}").contains("cluster")),
+        "a bad cluster name was accepted"
+    );
+    for n in [b1, a1, seed] {
+        n.stop().await;
+    }
+    Ok(())
+}

@@ -47,7 +47,9 @@ const MAX_PENDING_EVENTS: usize = 4096;
 
 /// Kademlia key under which seeds register as providers.
 pub const SEEDS_KEY: &[u8] = b"/df/seeds/1";
-const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/df/kad/1.0.0");
+const KAD_PROTOCOL: &str = "/df/kad/1.0.0";
+/// gossipsub's protocol names are `PREFIX/1.1.0` etc.; its default prefix is `/meshsub`.
+const GOSSIP_PREFIX: &str = "/df/meshsub";
 const IDENTIFY_PROTOCOL: &str = "/df/id/1.0.0";
 
 /// Errors of the network layer.
@@ -72,6 +74,8 @@ pub enum NetworkError {
 pub struct NetworkSettings {
     pub keypair: libp2p::identity::Keypair,
     pub role: Role,
+    /// The cluster (see [`crate::config::NodeConfig::cluster`]): part of every df protocol name.
+    pub cluster: String,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub idle_timeout: Duration,
@@ -314,8 +318,35 @@ struct Behaviour {
     control: request_response::Behaviour<ControlCodec>,
 }
 
-fn agent_version(role: Role) -> String {
-    format!("df/{} {}", env!("CARGO_PKG_VERSION"), role.as_str())
+fn agent_version(role: Role, cluster: &str) -> String {
+    format!(
+        "df/{} {} cluster={cluster}",
+        env!("CARGO_PKG_VERSION"),
+        role.as_str()
+    )
+}
+
+/// The cluster a df agent string names (`default` for agents that name none).
+fn cluster_from_agent(agent: &str) -> Option<&str> {
+    let rest = agent.strip_prefix("df/")?;
+    Some(
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix("cluster="))
+            .unwrap_or(crate::config::DEFAULT_CLUSTER),
+    )
+}
+
+/// A df protocol's name in `cluster`: `/df/NAME/…` as it always was in the default cluster,
+/// `/df/CLUSTER/NAME/…` in another, so that members of different clusters share no protocol
+/// but identify (and ping).
+fn cluster_protocol(base: &str, cluster: &str) -> Result<StreamProtocol, NetworkError> {
+    let name = if cluster == crate::config::DEFAULT_CLUSTER {
+        base.to_owned()
+    } else {
+        let rest = base.strip_prefix("/df/").unwrap_or(base);
+        format!("/df/{cluster}/{rest}")
+    };
+    StreamProtocol::try_from_owned(name).map_err(|e| NetworkError::Build(e.to_string()))
 }
 
 fn role_from_agent(agent: &str) -> Option<Role> {
@@ -327,14 +358,15 @@ fn role_from_agent(agent: &str) -> Option<Role> {
 fn behaviour(
     key: &libp2p::identity::Keypair,
     role: Role,
+    cluster: &str,
     request_timeout: Duration,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
-            .with_agent_version(agent_version(role)),
+            .with_agent_version(agent_version(role, cluster)),
     );
-    let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+    let mut kad_cfg = kad::Config::new(cluster_protocol(KAD_PROTOCOL, cluster)?);
     kad_cfg.set_query_timeout(Duration::from_secs(20));
     kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(120)));
     kad_cfg.set_provider_publication_interval(Some(Duration::from_secs(600)));
@@ -346,7 +378,11 @@ fn behaviour(
     } else {
         kad::Mode::Server
     }));
-    let gossip_cfg = gossipsub::ConfigBuilder::default()
+    let mut gossip_builder = gossipsub::ConfigBuilder::default();
+    if cluster != crate::config::DEFAULT_CLUSTER {
+        gossip_builder.protocol_id_prefix(cluster_protocol(GOSSIP_PREFIX, cluster)?.to_string());
+    }
+    let gossip_cfg = gossip_builder
         .validate_messages()
         .validation_mode(gossipsub::ValidationMode::Strict)
         .max_transmit_size(MAX_GOSSIP_MESSAGE + 4096)
@@ -367,7 +403,10 @@ fn behaviour(
     gossipsub.with_peer_score(peer_score_params(), peer_score_thresholds())?;
     let control = request_response::Behaviour::with_codec(
         ControlCodec,
-        [(codec::PROTOCOL, ProtocolSupport::Full)],
+        [(
+            cluster_protocol(codec::PROTOCOL.as_ref(), cluster)?,
+            ProtocolSupport::Full,
+        )],
         request_response::Config::default().with_request_timeout(request_timeout),
     );
     Ok(Behaviour {
@@ -430,6 +469,7 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn build_swarm(s: &NetworkSettings) -> Result<Swarm<Behaviour>, NetworkError> {
     let role = s.role;
+    let cluster = s.cluster.clone();
     let request_timeout = s.request_timeout;
     let build = |e: String| NetworkError::Build(e);
     let builder = libp2p::SwarmBuilder::with_existing_identity(s.keypair.clone()).with_tokio();
@@ -453,7 +493,7 @@ fn build_swarm(s: &NetworkSettings) -> Result<Swarm<Behaviour>, NetworkError> {
                 .map_err(|e| build(e.to_string()))?
                 .with_dns()
                 .map_err(|e| build(e.to_string()))?
-                .with_behaviour(|key| behaviour(key, role, request_timeout))
+                .with_behaviour(|key| behaviour(key, role, &cluster, request_timeout))
                 .map_err(|e| build(e.to_string()))?
                 .with_swarm_config(|c| c.with_idle_connection_timeout(s.idle_timeout))
                 .build()
@@ -468,7 +508,7 @@ fn build_swarm(s: &NetworkSettings) -> Result<Swarm<Behaviour>, NetworkError> {
             .with_quic()
             .with_dns()
             .map_err(|e| build(e.to_string()))?
-            .with_behaviour(|key| behaviour(key, role, request_timeout))
+            .with_behaviour(|key| behaviour(key, role, &cluster, request_timeout))
             .map_err(|e| build(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(s.idle_timeout))
             .build(),
@@ -533,6 +573,7 @@ pub async fn spawn(
         bootstrapped: false,
         bootstrap: Vec::new(),
         metrics: settings.metrics.clone(),
+        cluster: settings.cluster.clone(),
     };
     ev_loop.await_listeners(listen.len()).await?;
     let client = NetworkClient {
@@ -571,6 +612,7 @@ pub struct EventLoop {
     /// Bootstrap addresses, redialled while no peer is connected.
     bootstrap: Vec<Multiaddr>,
     metrics: Arc<crate::metrics::Metrics>,
+    cluster: String,
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
@@ -872,6 +914,15 @@ impl EventLoop {
                 self.swarm.close_connection(connection);
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let cluster = cluster_from_agent(&info.agent_version);
+                if cluster.is_some_and(|c| c != self.cluster) {
+                    // Same swarm key, another cluster: no df protocol in common. Not a seed, not a
+                    // source, not in the routing table.
+                    tracing::info!(%peer_id, cluster = ?cluster, ours = %self.cluster, "peer of another cluster: disconnecting");
+                    self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 let role = role_from_agent(&info.agent_version);
                 let conn_ip = self
                     .state
@@ -1052,13 +1103,42 @@ mod tests {
     #[test]
     fn agent_version_carries_the_role() {
         assert_eq!(
-            role_from_agent(&agent_version(Role::Seed)),
+            role_from_agent(&agent_version(Role::Seed, "default")),
             Some(Role::Seed)
         );
         assert_eq!(
-            role_from_agent(&agent_version(Role::Node)),
+            role_from_agent(&agent_version(Role::Node, "default")),
             Some(Role::Node)
         );
         assert_eq!(role_from_agent("rust-libp2p/0.1"), None);
+    }
+
+    #[test]
+    fn the_cluster_is_in_the_agent_and_in_every_protocol_name() {
+        assert_eq!(
+            cluster_from_agent(&agent_version(Role::Seed, "eu-1")),
+            Some("eu-1")
+        );
+        // A df agent that names no cluster is in the default one; other agents are not df.
+        assert_eq!(cluster_from_agent("df/0.1.0 node"), Some("default"));
+        assert_eq!(cluster_from_agent("rust-libp2p/0.1"), None);
+        assert_eq!(
+            cluster_protocol(KAD_PROTOCOL, "default").unwrap().as_ref(),
+            "/df/kad/1.0.0"
+        );
+        assert_eq!(
+            cluster_protocol(KAD_PROTOCOL, "eu-1").unwrap().as_ref(),
+            "/df/eu-1/kad/1.0.0"
+        );
+        assert_eq!(
+            cluster_protocol(codec::PROTOCOL.as_ref(), "eu-1")
+                .unwrap()
+                .as_ref(),
+            "/df/eu-1/control/1"
+        );
+        assert_eq!(
+            cluster_protocol(GOSSIP_PREFIX, "eu-1").unwrap().as_ref(),
+            "/df/eu-1/meshsub"
+        );
     }
 }
