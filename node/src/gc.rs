@@ -47,6 +47,59 @@ fn filesystem_use(dir: &Path) -> Option<(u64, u64)> {
     Some((used, used + avail))
 }
 
+/// The store as `df status` shows it: use, limits, and what would go first.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StorageReport {
+    /// Bytes the piece store holds.
+    pub bytes: u64,
+    /// `storage.quota` (0: none).
+    pub quota: u64,
+    /// The data directory's filesystem: bytes used (by anyone) and in all.
+    pub filesystem_used: u64,
+    pub filesystem_total: u64,
+    /// `storage.disk_high_watermark` / `disk_low_watermark`, percent.
+    pub disk_high_watermark: f64,
+    pub disk_low_watermark: f64,
+    /// `storage.task_ttl` in seconds (0: keep).
+    pub task_ttl_secs: u64,
+    /// The next tasks eviction would remove, least recently used first (at most 5).
+    pub eviction_candidates: Vec<EvictionCandidate>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct EvictionCandidate {
+    pub id: String,
+    pub bytes: u64,
+    /// Seconds since it was last downloaded or served.
+    pub idle_secs: u64,
+}
+
+/// What `df status` reports of the store (reads the task records: call off the async threads).
+pub(crate) fn report(ctx: &TaskContext) -> StorageReport {
+    let cfg = &ctx.config.storage;
+    let (filesystem_used, filesystem_total) =
+        filesystem_use(&ctx.config.data_dir).unwrap_or((0, 0));
+    let now = now_unix();
+    StorageReport {
+        bytes: ctx.store.disk_usage(),
+        quota: cfg.quota.as_u64(),
+        filesystem_used,
+        filesystem_total,
+        disk_high_watermark: cfg.disk_high_watermark,
+        disk_low_watermark: cfg.disk_low_watermark,
+        task_ttl_secs: cfg.task_ttl.as_secs(),
+        eviction_candidates: candidates(ctx)
+            .into_iter()
+            .take(5)
+            .map(|(k, used, len)| EvictionCandidate {
+                id: k.to_string(),
+                bytes: len,
+                idle_secs: now.saturating_sub(used),
+            })
+            .collect(),
+    }
+}
+
 /// What one pass must free, from the cache's size and the filesystem's fill.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Pressure {

@@ -362,6 +362,7 @@ impl Node {
             known_seeds: ctx.net.state().seeds().len(),
             active_tasks: ctx.registry.active_count(),
             bytes: ctx.metrics.bytes(),
+            storage: Some(crate::gc::report(ctx)),
         }
     }
 

@@ -195,6 +195,27 @@ async fn the_ui_listener_wants_the_token_and_changes_nothing() -> Result<()> {
         .await?;
     assert_eq!(r.status().as_u16(), 404);
     assert!(n.node.progress(&url_task_key(&url)?).await.is_some());
+    // `df status` (the API's status) shows the store: its use, the disk, what goes first.
+    // (A task is a candidate once its runner has exited, a moment after it completed.)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let storage = loop {
+        let st = n.api.status().await?;
+        let storage = st.storage.context("no storage in the status")?;
+        if !storage.eviction_candidates.is_empty() || tokio::time::Instant::now() > deadline {
+            break storage;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(storage.bytes >= 300_000, "{storage:?}");
+    assert!(storage.filesystem_total > 0 && storage.filesystem_used > 0);
+    assert_eq!(storage.disk_high_watermark, 90.0);
+    let next: Vec<&str> = storage
+        .eviction_candidates
+        .iter()
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(next, [id.as_str()], "{storage:?}");
+    assert_eq!(storage.eviction_candidates[0].bytes, 300_000);
     assert_eq!(n.node.tasks().len(), 1, "a task was started");
     // A page from another site (DNS rebinding) is refused even with the token.
     let r = c

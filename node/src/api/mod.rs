@@ -71,6 +71,9 @@ pub struct NodeStatus {
     pub known_seeds: usize,
     pub active_tasks: usize,
     pub bytes: ByteCounters,
+    /// The store: use, quota, disk watermarks, next eviction candidates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::gc::StorageReport>,
 }
 
 /// A task as the API reports it.

@@ -679,6 +679,7 @@ mod tests {
                 known_seeds: 1,
                 active_tasks: 1,
                 bytes: ByteCounters::default(),
+                storage: None,
             }
         }
         fn metrics_text(&self, openmetrics: bool) -> String {
