@@ -48,6 +48,9 @@ pub(crate) enum Command {
     Seed(ServeArgs),
     /// Print a node's status as JSON.
     Status(StatusArgs),
+    /// Remove a task (e.g. a bad artifact) from this node and, with --scope, from the cluster's
+    /// seeds or every member holding it; prints one line per host.
+    Purge(PurgeArgs),
     /// Open the node's status page in a local browser: relays a loopback port to the node's API
     /// (read-only routes only). For remote viewing, run the node with --ui-listen instead.
     Ui(UiArgs),
@@ -223,6 +226,21 @@ pub(crate) struct StatusArgs {
     /// `--api HOST:PORT` when that file exists.
     #[arg(long, value_name = "FILE")]
     pub api_token: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PurgeArgs {
+    /// The task: its ID (as `df status` and the API show it), or the URL `df get` fetched it by.
+    pub task: String,
+    /// Where: local, all_seeds or all_peers.
+    #[arg(long, default_value = "all_peers", value_parser = parse_scope)]
+    pub scope: df_node::node::PurgeScope,
+    #[command(flatten)]
+    pub node: StatusArgs,
+}
+
+fn parse_scope(s: &str) -> Result<df_node::node::PurgeScope, String> {
+    s.parse()
 }
 
 #[derive(Debug, Args)]

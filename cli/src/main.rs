@@ -19,11 +19,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use df_node::Role;
+use df_node::{DownloadRequest, Role};
 
 use args::{
-    Cli, ClientApi, Command, LogFormat, ServeArgs, StatusArgs, SwarmKeyArgs, mirror_config,
-    node_config,
+    Cli, ClientApi, Command, LogFormat, PurgeArgs, ServeArgs, StatusArgs, SwarmKeyArgs,
+    mirror_config, node_config,
 };
 
 #[global_allocator]
@@ -101,6 +101,10 @@ fn main() -> ExitCode {
             Command::Status(a) => {
                 init_logging("warn", log_format);
                 status(a).await
+            }
+            Command::Purge(a) => {
+                init_logging("warn", log_format);
+                purge(a).await
             }
             Command::Ui(a) => {
                 init_logging("warn", log_format);
@@ -180,6 +184,38 @@ async fn status(args: StatusArgs) -> Result<()> {
     let api = ClientApi::from_env(args.api.as_deref(), args.api_token.as_deref())?.client()?;
     let v = api.status_json().await.map_err(get::describe)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+async fn purge(args: PurgeArgs) -> Result<()> {
+    let id = if args.task.contains("://") {
+        DownloadRequest {
+            url: args.task.clone(),
+            ..DownloadRequest::default()
+        }
+        .task_key()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .to_string()
+    } else {
+        args.task.clone()
+    };
+    let api =
+        ClientApi::from_env(args.node.api.as_deref(), args.node.api_token.as_deref())?.client()?;
+    let hosts = api.purge(&id, args.scope).await.map_err(get::describe)?;
+    let mut bad = 0;
+    for h in &hosts {
+        let role = h.role.map(|r| r.to_string()).unwrap_or_else(|| "?".into());
+        match &h.error {
+            Some(e) => println!("{:<11} {} ({role}): {e}", h.outcome, h.peer),
+            None => println!("{:<11} {} ({role})", h.outcome, h.peer),
+        }
+        if !matches!(h.outcome.as_str(), "deleted" | "absent") {
+            bad += 1;
+        }
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} of {} hosts did not purge task {id}", hosts.len());
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! A running node: the network loop, the request/gossip dispatcher, the data server, the API
 //! server and the task runners, wired together. [`Node::start`] returns once all of them listen.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -26,7 +27,9 @@ use crate::metrics::{Gauges, Metrics};
 use crate::network::{self, NetworkEvent, NetworkSettings};
 use crate::origin::{Origin, Requester};
 use crate::store::{RocksStore, Store, StoreError};
-use crate::task::{DownloadRequest, Progress, RunnerMsg, TaskContext, TaskError, TaskRegistry};
+use crate::task::{
+    DownloadRequest, Phase, Progress, RunnerMsg, TaskContext, TaskError, TaskRegistry,
+};
 use crate::transfer::{DataClient, DataServer, ServeMode, TokenIssuer};
 use crate::trust::{SwarmAccess, TrustPolicy};
 
@@ -423,6 +426,103 @@ impl Node {
         crate::task::delete_task(&self.inner.ctx, key).await
     }
 
+    /// Deletes a task here for a purge: a finished task whose runner is still winding down is
+    /// deleted once it has exited (a download in progress is not: that is an error).
+    async fn purge_here(&self, key: &TaskKey) -> Result<bool, TaskError> {
+        let ctx = &self.inner.ctx;
+        if ctx.registry.live(key).is_some()
+            && let Some(mut rx) = self.progress(key).await
+        {
+            // Wait while it winds down (all pieces held, or finished); the runner drops its end of
+            // the progress channel as it exits.
+            let _ = tokio::time::timeout(PURGE_WAIT, async {
+                loop {
+                    let winding_down = {
+                        let p = rx.borrow();
+                        matches!(p.phase, Phase::Complete | Phase::Failed(_))
+                            || (!p.have.is_empty() && p.have.count() == p.have.len())
+                    };
+                    if !winding_down || rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        crate::task::delete_task(ctx, key).await
+    }
+
+    /// Removes a task here and, with `scope`, on the cluster's seeds or on every member that holds
+    /// it (the seeds, the connected peers and the task's DHT providers): one line per host.
+    pub async fn purge(&self, key: &TaskKey, scope: PurgeScope) -> Vec<api::PurgeHost> {
+        let ctx = &self.inner.ctx;
+        let me = self.peer_id();
+        let outcome = |r: Result<bool, TaskError>| match r {
+            Ok(true) => ("deleted".to_owned(), None),
+            Ok(false) => ("absent".to_owned(), None),
+            Err(e) => ("failed".to_owned(), Some(e.to_string())),
+        };
+        let (o, error) = outcome(self.purge_here(key).await);
+        let mut hosts = vec![api::PurgeHost {
+            peer: me.to_string(),
+            role: Some(ctx.config.role),
+            outcome: o,
+            error,
+        }];
+        let mut targets: HashSet<PeerId> = ctx.net.state().seeds().into_iter().collect();
+        if scope == PurgeScope::AllPeers {
+            targets.extend(ctx.net.state().connected_peers());
+            if let Ok(p) =
+                tokio::time::timeout(PURGE_WAIT, ctx.net.get_providers(key.to_bytes())).await
+            {
+                targets.extend(p.unwrap_or_default());
+            }
+        }
+        targets.remove(&me);
+        if scope == PurgeScope::Local {
+            targets.clear();
+        }
+        let asks = targets.into_iter().map(|peer| {
+            let net = ctx.net.clone();
+            let role = ctx.net.state().peer(&peer).and_then(|p| p.role);
+            async move {
+                let r = tokio::time::timeout(
+                    PURGE_WAIT * 2,
+                    net.request(peer, ControlRequest::Purge { task: *key }),
+                )
+                .await;
+                let (outcome, error) = match r {
+                    Ok(Ok((ControlResponse::Purged { deleted }, _))) => {
+                        (if deleted { "deleted" } else { "absent" }.to_owned(), None)
+                    }
+                    Ok(Ok((ControlResponse::Error(e), _))) if e.code == ErrorCode::Refused => {
+                        ("refused".to_owned(), Some(e.message))
+                    }
+                    Ok(Ok((ControlResponse::Error(e), _))) => {
+                        ("failed".to_owned(), Some(e.message))
+                    }
+                    Ok(Ok((other, _))) => (
+                        "failed".to_owned(),
+                        Some(format!("unexpected answer {other:?}")),
+                    ),
+                    Ok(Err(e)) => ("unreachable".to_owned(), Some(e.to_string())),
+                    Err(_) => (
+                        "unreachable".to_owned(),
+                        Some("no answer in time".to_owned()),
+                    ),
+                };
+                api::PurgeHost {
+                    peer: peer.to_string(),
+                    role,
+                    outcome,
+                    error,
+                }
+            }
+        });
+        hosts.extend(futures::future::join_all(asks).await);
+        hosts
+    }
+
     /// Waits for the task's header, then streams `range` of its content (given as an HTTP `Range`
     /// header value; `None` for the whole content) as its pieces arrive. The task itself must have
     /// been started (see [`Node::download`]) or be complete in the store; dropping the stream
@@ -484,6 +584,23 @@ impl Node {
     async fn handle_request(&self, peer: PeerId, request: ControlRequest) -> ControlResponse {
         let ctx = &self.inner.ctx;
         match request {
+            ControlRequest::Purge { task } => {
+                if !ctx.trust.trusts_producer(&peer) {
+                    tracing::warn!(%peer, %task, "purge refused: the asker is not a trusted member");
+                    return ControlResponse::Error(ControlError {
+                        code: ErrorCode::Refused,
+                        message: "purge refused: not a trusted member".into(),
+                        origin_status: None,
+                    });
+                }
+                match self.purge_here(&task).await {
+                    Ok(deleted) => {
+                        tracing::info!(%peer, %task, deleted, "purged on a member's request");
+                        ControlResponse::Purged { deleted }
+                    }
+                    Err(e) => ControlResponse::Error(e.to_control()),
+                }
+            }
             ControlRequest::GetTask { task } => {
                 let mut state = match ctx.registry.live(&task) {
                     Some(h) => {
@@ -562,6 +679,34 @@ impl Node {
         tokio::task::spawn_blocking(move || this.task_state_from_store(&task))
             .await
             .unwrap_or_default()
+    }
+}
+
+/// How long a purge waits for a finishing runner, for the DHT's providers, and (twice this) for
+/// each host's answer.
+const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a purge applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PurgeScope {
+    /// This node only.
+    Local,
+    /// This node and every seed it knows.
+    AllSeeds,
+    /// This node, the seeds, the connected peers and every provider of the task.
+    AllPeers,
+}
+
+impl std::str::FromStr for PurgeScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" => Ok(PurgeScope::Local),
+            "all_seeds" => Ok(PurgeScope::AllSeeds),
+            "all_peers" => Ok(PurgeScope::AllPeers),
+            _ => Err(format!("scope {s:?}: use local, all_seeds or all_peers")),
+        }
     }
 }
 
@@ -675,6 +820,10 @@ impl api::NodeApi for Node {
 
     fn readiness(&self) -> Result<(), String> {
         Node::readiness(self)
+    }
+
+    async fn purge(&self, key: &TaskKey, scope: PurgeScope) -> Vec<api::PurgeHost> {
+        Node::purge(self, key, scope).await
     }
 
     fn peers(&self) -> Vec<api::PeerView> {

@@ -86,6 +86,11 @@ pub enum ControlRequest {
         /// Pieces nobody can serve; empty (or absent) means the whole task.
         missing: Vec<u32>,
     },
+    /// Delete the task's content and metadata (a cluster-wide purge of, e.g., a bad artifact).
+    /// Honoured only from trusted members.
+    Purge {
+        task: TaskKey,
+    },
 }
 
 // Messages are parsed through a struct holding every variant's fields rather than serde's
@@ -98,6 +103,7 @@ pub enum ControlRequest {
 enum RequestKind {
     GetTask,
     StartTask,
+    Purge,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +122,7 @@ impl<'de> Deserialize<'de> for ControlRequest {
         let w = RequestWire::deserialize(d)?;
         Ok(match w.kind {
             RequestKind::GetTask => ControlRequest::GetTask { task: w.task },
+            RequestKind::Purge => ControlRequest::Purge { task: w.task },
             RequestKind::StartTask => ControlRequest::StartTask {
                 task: w.task,
                 origin: w.origin.ok_or_else(|| D::Error::missing_field("origin"))?,
@@ -128,7 +135,7 @@ impl<'de> Deserialize<'de> for ControlRequest {
 impl ControlRequest {
     pub fn validate(&self) -> Result<(), ControlCodecError> {
         match self {
-            ControlRequest::GetTask { .. } => Ok(()),
+            ControlRequest::GetTask { .. } | ControlRequest::Purge { .. } => Ok(()),
             ControlRequest::StartTask {
                 origin, missing, ..
             } => {
@@ -193,6 +200,8 @@ pub enum ErrorCode {
     Declined,
     /// Anything else (storage, internal).
     Internal,
+    /// The asker may not ask this (e.g. a purge from a member this peer does not trust).
+    Refused,
 }
 
 /// An error answer.
@@ -209,8 +218,14 @@ pub struct ControlError {
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum ControlResponse {
     Task(TaskState),
-    Started { header: SignedHeader },
+    Started {
+        header: SignedHeader,
+    },
     Error(ControlError),
+    /// A purge was carried out: whether this peer held anything of the task.
+    Purged {
+        deleted: bool,
+    },
 }
 
 #[derive(Deserialize)]
@@ -219,6 +234,7 @@ enum ResponseKind {
     Task,
     Started,
     Error,
+    Purged,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +257,8 @@ struct ResponseWire {
     message: Option<String>,
     #[serde(default)]
     origin_status: Option<u16>,
+    #[serde(default)]
+    deleted: bool,
 }
 
 impl<'de> Deserialize<'de> for ControlResponse {
@@ -264,6 +282,7 @@ impl<'de> Deserialize<'de> for ControlResponse {
                     .ok_or_else(|| D::Error::missing_field("message"))?,
                 origin_status: w.origin_status,
             }),
+            ResponseKind::Purged => ControlResponse::Purged { deleted: w.deleted },
         })
     }
 }
@@ -342,6 +361,14 @@ mod tests {
         };
         let body = encode(&req).unwrap();
         assert_eq!(decode_request(&body).unwrap(), req);
+        let purge = ControlRequest::Purge { task: key() };
+        assert_eq!(decode_request(&encode(&purge).unwrap()).unwrap(), purge);
+        for r in [
+            ControlResponse::Purged { deleted: true },
+            ControlResponse::Purged { deleted: false },
+        ] {
+            assert_eq!(decode_response(&encode(&r).unwrap()).unwrap(), r);
+        }
     }
 
     #[test]

@@ -237,7 +237,7 @@ fn arb_hostile_body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..2048),
         (
-            "(get_task|start_task|task|started|error|header|hashes|have|nope)",
+            "(get_task|start_task|purge|task|started|purged|error|header|hashes|have|nope)",
             "[ -~]{0,300}"
         )
             .prop_map(|(t, rest)| format!("{{\"type\":\"{t}\",{rest}}}").into_bytes()),
@@ -256,7 +256,7 @@ fn mutate(bytes: &[u8], at: Index, to: u8) -> Vec<u8> {
 
 fn request_within_limits(req: &ControlRequest) -> bool {
     match req {
-        ControlRequest::GetTask { .. } => true,
+        ControlRequest::GetTask { .. } | ControlRequest::Purge { .. } => true,
         ControlRequest::StartTask {
             origin, missing, ..
         } => {
@@ -282,7 +282,7 @@ fn response_within_limits(resp: &ControlResponse) -> bool {
                 && t.hashes.iter().map(|b| b.hashes.len()).sum::<usize>() <= MAX_PIECES as usize
                 && t.bitfield.as_ref().is_none_or(|b| b.len() <= MAX_PIECES)
         }
-        ControlResponse::Started { .. } => true,
+        ControlResponse::Started { .. } | ControlResponse::Purged { .. } => true,
     }
 }
 

@@ -209,3 +209,74 @@ async fn with_trust_producers_only_listed_seeds_see_credentials() -> Result<()> 
     good.stop().await;
     Ok(())
 }
+
+/// A purge reaches every member holding the task, each reports, and the next download goes to the
+/// origin again; a member that does not trust the asker refuses it and keeps the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purge_is_carried_out_by_members_that_trust_the_asker() -> Result<()> {
+    use df_node::node::PurgeScope;
+    use df_testnet::url_task_key;
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    let data = content(3 * MIB, 41);
+    origin.put("/bad-artifact", data.clone());
+    let url = origin.url("/bad-artifact");
+    let id = url_task_key(&url)?.to_string();
+    let seed = TestNode::start(Role::Seed, Vec::new(), |_| {}).await?;
+    let boot = vec![seed.bootstrap_addr()];
+    let seed_id = seed.node.peer_id();
+    // `a` trusts only the seed; `b` trusts every member (the default).
+    let a = TestNode::start(Role::Node, boot.clone(), move |c| {
+        c.trust.producers = vec![seed_id]
+    })
+    .await?;
+    let b = TestNode::start(Role::Node, boot, |_| {}).await?;
+    for n in [&a, &b] {
+        assert!(n.node.wait_for_peers(1, Duration::from_secs(10)).await);
+        assert_eq!(n.fetch_url(&url).await?.1, sha256_hex(&data));
+    }
+    assert_eq!(origin.bytes_sent(), data.len() as u64);
+
+    // b asks everyone: the seed and b itself delete; a does not trust b and refuses.
+    let hosts = b.api.purge(&id, PurgeScope::AllPeers).await?;
+    let outcome = |peer: df_node::PeerId| {
+        hosts
+            .iter()
+            .find(|h| h.peer == peer.to_string())
+            .map(|h| h.outcome.clone())
+    };
+    assert_eq!(
+        outcome(b.node.peer_id()).as_deref(),
+        Some("deleted"),
+        "{hosts:?}"
+    );
+    assert_eq!(outcome(seed_id).as_deref(), Some("deleted"), "{hosts:?}");
+    assert_eq!(
+        outcome(a.node.peer_id()).as_deref(),
+        Some("refused"),
+        "{hosts:?}"
+    );
+    assert_eq!(a.api.task(&id).await?.state, "complete", "a lost the task");
+    assert!(b.api.task(&id).await.is_err(), "b still has the task");
+
+    // The seed (trusted by a) purges everywhere; then a download fetches the origin again.
+    let hosts = seed.api.purge(&id, PurgeScope::AllPeers).await?;
+    assert!(
+        hosts
+            .iter()
+            .all(|h| matches!(h.outcome.as_str(), "deleted" | "absent")),
+        "{hosts:?}"
+    );
+    assert_eq!(
+        hosts.iter().filter(|h| h.outcome == "deleted").count(),
+        1,
+        "only a still held it: {hosts:?}"
+    );
+    assert!(a.api.task(&id).await.is_err(), "a still has the task");
+    assert_eq!(b.fetch_url(&url).await?.1, sha256_hex(&data));
+    assert_eq!(origin.bytes_sent(), 2 * data.len() as u64);
+    for n in [a, b, seed] {
+        n.stop().await;
+    }
+    Ok(())
+}

@@ -152,6 +152,25 @@ impl ApiClient {
         }
     }
 
+    /// `DELETE /v1/tasks/{id}?scope=…`: a purge here and on other members, one line per host.
+    pub async fn purge(
+        &self,
+        id: &str,
+        scope: crate::node::PurgeScope,
+    ) -> Result<Vec<super::PurgeHost>, ApiError> {
+        let scope = match scope {
+            crate::node::PurgeScope::Local => "local",
+            crate::node::PurgeScope::AllSeeds => "all_seeds",
+            crate::node::PurgeScope::AllPeers => "all_peers",
+        };
+        self.json(
+            Method::DELETE,
+            &format!("/v1/tasks/{id}?scope={scope}"),
+            None,
+        )
+        .await
+    }
+
     /// `DELETE /v1/tasks/{id}`: evicts a finished task; false when the node did not have it.
     pub async fn delete_task(&self, id: &str) -> Result<bool, ApiError> {
         let resp = self

@@ -12,6 +12,7 @@
 //! | `GET /v1/tasks/{id}` | one task's [`TaskInfo`] (progress, sources, error) |
 //! | `GET`/`HEAD /v1/tasks/{id}/content` | the content, in order, streamed as pieces arrive; `Range: bytes=…` supported. A task that fails mid-stream aborts the response. |
 //! | `DELETE /v1/tasks/{id}` | evicts a finished task from the cache |
+//! | `DELETE /v1/tasks/{id}?scope=all_seeds\|all_peers` | purges it here and on the seeds / every member holding it; answers [`PurgeHost`] per host |
 //!
 //! The unix socket (mode 0600) is guarded by its file mode alone. A TCP API checks every request
 //! but `GET /healthz` and `GET /readyz`: the `Host` header must name the listener, an `Origin` header
@@ -44,6 +45,8 @@ pub trait NodeApi: Send + Sync + 'static {
     fn metrics_text(&self, openmetrics: bool) -> String;
     /// `GET /readyz`: `Err(reason)` while the node cannot serve yet.
     fn readiness(&self) -> Result<(), String>;
+    /// `DELETE /v1/tasks/{id}?scope=all_seeds|all_peers`: a purge here and on other members.
+    async fn purge(&self, key: &TaskKey, scope: crate::node::PurgeScope) -> Vec<PurgeHost>;
     /// `GET /v1/peers`: the peers connected now.
     fn peers(&self) -> Vec<PeerView>;
     /// `GET /v1/tasks/{id}/pieces`: one [`PieceMark`](crate::task::PieceMark) character per piece.
@@ -107,6 +110,19 @@ pub struct TaskInfo {
     pub producing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+}
+
+/// One host's part in a purge (`DELETE /v1/tasks/{id}?scope=…`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PurgeHost {
+    pub peer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// `deleted`, `absent` (it held nothing of the task), `refused` (it does not trust the asker),
+    /// `failed` (e.g. a download of the task in progress there) or `unreachable`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A connected peer (`GET /v1/peers`).

@@ -529,11 +529,22 @@ async fn route(
                 return error(TaskError::bad_request(format!("malformed task id {id:?}")));
             };
             match (method, rest) {
-                (Method::DELETE, []) => match node.delete_task(&key).await {
-                    Ok(true) => full(StatusCode::NO_CONTENT, "text/plain", ""),
-                    Ok(false) => not_found("task"),
-                    Err(e) => error(e),
-                },
+                (Method::DELETE, []) => {
+                    let scope = req.uri().query().and_then(|q| {
+                        url::form_urlencoded::parse(q.as_bytes())
+                            .find(|(k, _)| k == "scope")
+                            .map(|(_, v)| v.into_owned())
+                    });
+                    match scope.as_deref().map(str::parse::<crate::node::PurgeScope>) {
+                        None => match node.delete_task(&key).await {
+                            Ok(true) => full(StatusCode::NO_CONTENT, "text/plain", ""),
+                            Ok(false) => not_found("task"),
+                            Err(e) => error(e),
+                        },
+                        Some(Ok(scope)) => json(StatusCode::OK, &node.purge(&key, scope).await),
+                        Some(Err(e)) => error(TaskError::bad_request(e)),
+                    }
+                }
                 (m @ (Method::GET | Method::HEAD), ["content"]) => {
                     content(node, key, &req, m == Method::HEAD).await
                 }
@@ -693,6 +704,13 @@ mod tests {
             Ok(())
         }
         fn peers(&self) -> Vec<crate::api::PeerView> {
+            Vec::new()
+        }
+        async fn purge(
+            &self,
+            _key: &TaskKey,
+            _scope: crate::node::PurgeScope,
+        ) -> Vec<crate::api::PurgeHost> {
             Vec::new()
         }
         async fn piece_map(&self, key: &TaskKey) -> Option<String> {

@@ -127,7 +127,7 @@ impl TaskError {
             ErrorCode::OriginUnreachable => TaskError::OriginUnreachable { message },
             ErrorCode::ContentChanged => TaskError::ContentChanged { message },
             ErrorCode::BadRequest => TaskError::BadRequest { message },
-            ErrorCode::Declined | ErrorCode::Internal => return None,
+            ErrorCode::Declined | ErrorCode::Internal | ErrorCode::Refused => return None,
         })
     }
 }
