@@ -453,7 +453,7 @@ def peer_ids(members):
     return ids
 
 
-PIECE_RE = re.compile(r"^(\S+)\s+DEBUG\s+df_piece:.*?index=(\d+).*?from=(\S+)")
+PIECE_RE = re.compile(r"^(\S+)\s+DEBUG\s+(?:task\{[^}]*\}:\s+)?df_piece:.*?index=(\d+).*?from=(\S+)")
 
 
 def piece_timeline(members, since):
