@@ -347,11 +347,6 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// A piece this node fetched from origin was hashed and stored.
-    pub fn piece_produced(&self) {
-        self.pieces_verified.inc();
-    }
-
     pub fn piece_corrupt(&self) {
         self.pieces_corrupt.inc();
     }

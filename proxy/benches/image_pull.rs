@@ -151,6 +151,39 @@ async fn main() -> Result<()> {
         100.0 * (1.0 - df_bytes as f64 / direct_bytes.max(1) as f64),
         served_by_mirrors as f64 / 1048576.0
     );
+    // Where the df pulls' time went, from the nodes' own metrics: mean time from a blob task's
+    // start to its first verified piece and to its end, and mean piece transfer time by source.
+    let mut sums: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for n in &swarm.nodes {
+        let text = n.node.metrics_text(false);
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, v)) = l.rsplit_once(' ') else {
+                continue;
+            };
+            let v: f64 = v.parse().unwrap_or(0.0);
+            for (family, what) in [
+                (
+                    "df_task_first_byte_seconds",
+                    "blob task: start to first piece",
+                ),
+                ("df_task_duration_seconds", "blob task: start to end"),
+                ("df_piece_transfer_seconds", "piece transfer"),
+            ] {
+                let label = series
+                    .split_once('{')
+                    .map(|(_, l)| l.trim_end_matches('}').to_owned())
+                    .unwrap_or_default();
+                if series.starts_with(&format!("{family}_sum")) {
+                    sums.entry(format!("{what} {{{label}}}")).or_default().0 += v;
+                } else if series.starts_with(&format!("{family}_count")) {
+                    sums.entry(format!("{what} {{{label}}}")).or_default().1 += v;
+                }
+            }
+        }
+    }
+    for (what, (sum, count)) in sums.iter().filter(|(_, (_, c))| *c > 0.0) {
+        println!("{what}: mean {:.0} ms over {count}", 1000.0 * sum / count);
+    }
     for m in mirrors {
         m.shutdown().await;
     }
