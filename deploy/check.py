@@ -58,6 +58,8 @@ def check_references(all_docs):
         if not labels_match(w["spec"]["selector"]["matchLabels"], tlabels):
             problem(f"{name}: selector does not match its pod labels")
         c = spec["containers"][0]
+        if c.get("command") != ["/usr/bin/df"]:
+            problem(f"{name}: command must be [/usr/bin/df] (the image's entry point is the testnet's)")
         args = c["args"]
         cfg_path = args[args.index("--config") + 1]
         mounts = {m["name"]: m for m in c["volumeMounts"]}

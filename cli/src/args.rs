@@ -438,6 +438,30 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_manifests_run_valid_commands() {
+        for (yaml, want) in [
+            (include_str!("../../deploy/k8s/seed.yaml"), "seed"),
+            (include_str!("../../deploy/k8s/node.yaml"), "node"),
+        ] {
+            let line = yaml
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("args: "))
+                .expect("an args: line");
+            let args: Vec<String> = serde_json::from_str(line).expect("args as a JSON list");
+            let cli = Cli::try_parse_from(std::iter::once("df".to_owned()).chain(args))
+                .unwrap_or_else(|e| panic!("{want}: {e}"));
+            assert_eq!(cli.log_format, LogFormat::Json);
+            match (cli.command, want) {
+                (Command::Seed(a), "seed") | (Command::Node(a), "node") => assert_eq!(
+                    a.config.as_deref(),
+                    Some(std::path::Path::new(&format!("/etc/df/config/{want}.toml")))
+                ),
+                (other, _) => panic!("{want}: runs {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn the_kubernetes_configmap_is_a_valid_config() {
         let files = configmap_files();
         assert_eq!(files.len(), 2, "{files:?}");
