@@ -350,6 +350,7 @@ impl Node {
         self.inner.metrics_addr
     }
 
+    /// The status without the store report (`GET /v1/status` adds it, read off the async threads).
     pub fn status(&self) -> NodeStatus {
         let ctx = &self.inner.ctx;
         NodeStatus {
@@ -365,7 +366,7 @@ impl Node {
             known_seeds: ctx.net.state().seeds().len(),
             active_tasks: ctx.registry.active_count(),
             bytes: ctx.metrics.bytes(),
-            storage: Some(crate::gc::report(ctx)),
+            storage: None,
         }
     }
 
@@ -810,8 +811,14 @@ async fn dispatch(
 /// The API serves what the node implements here ([`api::NodeApi`]); it does not import the node.
 #[async_trait::async_trait]
 impl api::NodeApi for Node {
-    fn status(&self) -> NodeStatus {
-        Node::status(self)
+    async fn status(&self) -> NodeStatus {
+        let mut status = Node::status(self);
+        // The store report reads every task record and the filesystem: off the async threads.
+        let ctx = self.inner.ctx.clone();
+        status.storage = tokio::task::spawn_blocking(move || crate::gc::report(&ctx))
+            .await
+            .ok();
+        status
     }
 
     fn metrics_text(&self, openmetrics: bool) -> String {

@@ -40,7 +40,7 @@ use crate::task::{DownloadRequest, Phase, Progress, TaskError};
 #[async_trait::async_trait]
 pub trait NodeApi: Send + Sync + 'static {
     /// `GET /v1/status`.
-    fn status(&self) -> NodeStatus;
+    async fn status(&self) -> NodeStatus;
     /// `GET /metrics`: Prometheus text 0.0.4, or OpenMetrics text when `openmetrics`.
     fn metrics_text(&self, openmetrics: bool) -> String;
     /// `GET /readyz`: `Err(reason)` while the node cannot serve yet.

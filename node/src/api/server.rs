@@ -407,7 +407,7 @@ async fn read_only_route(
         [""] => ui_file("text/html; charset=utf-8", UI_HTML),
         ["ui.js"] => ui_file("text/javascript; charset=utf-8", UI_JS),
         ["ui.css"] => ui_file("text/css; charset=utf-8", UI_CSS),
-        ["v1", "status"] => json(StatusCode::OK, &node.status()),
+        ["v1", "status"] => json(StatusCode::OK, &node.status().await),
         ["v1", "peers"] => json(StatusCode::OK, &node.peers()),
         ["v1", "tasks"] => {
             let list: Vec<TaskInfo> = node.tasks().iter().map(|(k, p)| info(k, p)).collect();
@@ -680,7 +680,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl NodeApi for Fake {
-        fn status(&self) -> NodeStatus {
+        async fn status(&self) -> NodeStatus {
             NodeStatus {
                 peer_id: "fake".into(),
                 role: Role::Node,
