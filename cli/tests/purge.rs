@@ -2,14 +2,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use df_testnet::{TestOrigin, content};
 
 mod support;
 
-use support::{DF, Daemon, free_port};
+use support::{DF, free_port, start_node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_by_url_removes_the_task_and_reports_each_host() {
@@ -18,23 +18,7 @@ async fn purge_by_url_removes_the_task_and_reports_each_host() {
     let url = origin.url("/purged");
     let dir = tempfile::tempdir().unwrap();
     let api = format!("127.0.0.1:{}", free_port());
-    let _node = Daemon(
-        Command::new(DF)
-            .args(["node", "--data-dir"])
-            .arg(dir.path().join("node"))
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--data-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--api", &api])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _node = start_node(&dir.path().join("node"), &api);
     let df = move |args: &[&str]| {
         let mut c = Command::new(DF);
         c.args(args);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{DF, Daemon};
+use support::{DF, Daemon, start_node};
 
 /// Sends one raw HTTP/1.1 request; returns the status code and the body.
 fn request(addr: &str, method: &str, path: &str, host: &str) -> (u16, String) {
@@ -36,24 +36,7 @@ fn request(addr: &str, method: &str, path: &str, host: &str) -> (u16, String) {
 fn df_ui_relays_the_pages_reads_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let _node = Daemon(
-        Command::new(DF)
-            .args(["node", "--data-dir"])
-            .arg(dir.path().join("node"))
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--data-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--api")
-            .arg(&sock)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _node = start_node(&dir.path().join("node"), &sock);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
         assert!(

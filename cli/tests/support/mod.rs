@@ -3,7 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::process::Child;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 pub(crate) const DF: &str = env!("CARGO_BIN_EXE_df");
 
@@ -24,4 +26,27 @@ pub(crate) fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// `df node` on loopback with its data in `data_dir` and its API at `api` (HOST:PORT or a socket
+/// path), warnings only, output discarded.
+pub(crate) fn start_node(data_dir: &Path, api: impl AsRef<OsStr>) -> Daemon {
+    Daemon(
+        Command::new(DF)
+            .args(["node", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--data-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--api")
+            .arg(api)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
