@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use df_node::ApiAddr;
@@ -15,7 +15,7 @@ use df_testnet::{TestOrigin, content, sha256_hex};
 const MIB: usize = 1 << 20;
 mod support;
 
-use support::{DF, Daemon, free_port};
+use support::{DF, Daemon, free_port, get};
 
 /// The node's standard error goes to `<dir>.log` (appended), shown when a check fails.
 fn node_log(dir: &Path) -> Stdio {
@@ -58,22 +58,6 @@ fn start_node(dir: &Path, api: &str) -> Daemon {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("df node did not answer on {api}");
-}
-
-fn get(url: &str, out: &Path, api: &str) -> Output {
-    Command::new(DF)
-        .args([
-            "get",
-            url,
-            "-o",
-            out.to_str().unwrap(),
-            "--api",
-            api,
-            "--no-progress",
-        ])
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

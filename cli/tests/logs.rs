@@ -12,7 +12,7 @@ use df_testnet::{TestOrigin, content};
 
 mod support;
 
-use support::{DF, Daemon, free_port};
+use support::{DF, Daemon, free_port, get};
 
 /// Runs a node with `format` logging to `log`, downloads `url` through it, stops it; returns the
 /// log's text.
@@ -52,12 +52,7 @@ fn node_log_of_a_download(dir: &Path, format: &str, url: &str) -> String {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = dir.join(format!("{format}.out"));
-    let got = Command::new(DF)
-        .args(["get", url, "-o"])
-        .arg(&out)
-        .args(["--api", &api, "--no-progress"])
-        .output()
-        .unwrap();
+    let got = get(url, &out, &api);
     assert!(
         got.status.success(),
         "{}",

@@ -9,7 +9,7 @@ use df_testnet::{TestOrigin, content};
 
 mod support;
 
-use support::{DF, free_port, start_node};
+use support::{DF, free_port, get, start_node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_by_url_removes_the_task_and_reports_each_host() {
@@ -35,17 +35,7 @@ async fn purge_by_url_removes_the_task_and_reports_each_host() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = dir.path().join("out");
-    let got = df(&[
-        "get",
-        &url,
-        "-o",
-        out.to_str().unwrap(),
-        "--api",
-        &api,
-        "--no-progress",
-    ])
-    .output()
-    .unwrap();
+    let got = get(&url, &out, &api);
     assert!(
         got.status.success(),
         "{}",

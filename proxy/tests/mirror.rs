@@ -11,19 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use df_proxy::{Mirror, MirrorConfig};
 use df_testnet::registry::{self, Image, Registry, require_programs};
-use df_testnet::{Swarm, TestNode};
+use df_testnet::{Swarm, TestNode, init_test_logs};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
 
 async fn mirror_on(node: &TestNode, tweak: impl FnOnce(&mut MirrorConfig)) -> Mirror {
     let mut cfg = MirrorConfig {
@@ -209,7 +199,7 @@ fn assert_layers_served_once(reg: &Registry, image: &Image) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn containerd_and_skopeo_pull_through_two_mirrors_and_each_layer_leaves_the_registry_once()
 -> Result<()> {
-    init_tracing();
+    init_test_logs();
     let work = tempfile::tempdir()?;
     let reg = Registry::start(None).await?;
     // Layers of several pieces, one of one piece, one tiny.
@@ -288,7 +278,7 @@ async fn oci_code(r: reqwest::Response) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_pull_api_passes_manifests_through_and_serves_blobs_with_ranges() -> Result<()> {
-    init_tracing();
+    init_test_logs();
     let work = tempfile::tempdir()?;
     let reg = Registry::start(None).await?;
     let image =
@@ -515,7 +505,7 @@ fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_password_protected_registry_is_pulled_with_the_clients_credentials() -> Result<()> {
-    init_tracing();
+    init_test_logs();
     const USER: &str = "puller";
     const PASS: &str = "s3cret-df-test-pw";
     let work = tempfile::tempdir()?;

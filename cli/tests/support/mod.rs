@@ -5,7 +5,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 pub(crate) const DF: &str = env!("CARGO_BIN_EXE_df");
 
@@ -49,4 +49,15 @@ pub(crate) fn start_node(data_dir: &Path, api: impl AsRef<OsStr>) -> Daemon {
             .spawn()
             .unwrap(),
     )
+}
+
+/// `df get URL -o OUT --api API --no-progress`, with the default log filter.
+pub(crate) fn get(url: &str, out: &Path, api: &str) -> Output {
+    Command::new(DF)
+        .args(["get", url, "-o"])
+        .arg(out)
+        .args(["--api", api, "--no-progress"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
 }
