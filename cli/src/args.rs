@@ -193,6 +193,10 @@ pub(crate) struct ServeArgs {
     /// Serve --ui-listen without the API token.
     #[arg(long)]
     pub ui_public: bool,
+    /// Seeds owning each task (a seed reads it): the first fetches the origin, the others hold
+    /// replicas and take over if it dies (config key `replicas`, default 2; 1 = no replicas).
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<usize>,
     /// Serve a registry mirror (OCI pull API) on HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub mirror_listen: Option<SocketAddr>,
@@ -286,6 +290,9 @@ pub(crate) fn node_config(role: Role, file: Option<&str>, args: &ServeArgs) -> R
     }
     if let Some(a) = args.ui_listen {
         cfg.ui_listen = Some(a);
+    }
+    if let Some(n) = args.replicas {
+        cfg.replicas = n;
     }
     if args.ui_public {
         cfg.ui_public = true;
@@ -518,6 +525,15 @@ mod tests {
         );
         assert_eq!(cfg.download.max_inflight_pieces, 3);
         assert_eq!(cfg.download.max_inflight_per_source, 4);
+        assert_eq!(cfg.replicas, 2, "the default owner count");
+        let args = ServeArgs {
+            replicas: Some(3),
+            ..ServeArgs::default()
+        };
+        let cfg = node_config(Role::Seed, Some("replicas = 1"), &args).unwrap();
+        assert_eq!(cfg.replicas, 3, "the flag wins over the file");
+        let cfg = node_config(Role::Seed, Some("replicas = 1"), &ServeArgs::default()).unwrap();
+        assert_eq!(cfg.replicas, 1);
     }
 
     #[test]

@@ -142,6 +142,12 @@ pub struct NodeConfig {
     /// the names of df's libp2p protocols (DHT, control, gossip), so they cannot talk. Default:
     /// `default`.
     pub cluster: String,
+    /// How many seeds own each task (a seed reads it). A task's owners are the live seeds in XOR
+    /// order of distance to the task key; the first fetches the origin and asks the next
+    /// `replicas - 1` to hold a copy, which they fetch from it and the swarm (never the origin)
+    /// and from which they take over the origin fetch if the first owner vanishes. `1`: no
+    /// replicas. Default: `2`.
+    pub replicas: usize,
     /// Default: see [`default_data_dir`]. Holds the identity key, the RocksDB store, the API socket.
     pub data_dir: PathBuf,
     /// libp2p listen addresses. Default: `/ip4/0.0.0.0/tcp/4001` and `/ip4/0.0.0.0/udp/4001/quic-v1`.
@@ -181,6 +187,7 @@ impl Default for NodeConfig {
         NodeConfig {
             role: Role::Node,
             cluster: DEFAULT_CLUSTER.to_owned(),
+            replicas: DEFAULT_REPLICAS,
             data_dir: default_data_dir(),
             listen: vec![
                 "/ip4/0.0.0.0/tcp/4001"
@@ -208,6 +215,11 @@ impl Default for NodeConfig {
         }
     }
 }
+
+/// Seeds owning each task unless `replicas` says otherwise.
+pub const DEFAULT_REPLICAS: usize = 2;
+/// The most owners a task can have (each replica is a full copy).
+pub const MAX_REPLICAS: usize = 16;
 
 /// The cluster of a node that names none.
 pub const DEFAULT_CLUSTER: &str = "default";

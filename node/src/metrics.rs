@@ -74,6 +74,9 @@ fn piece_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
+/// The outcomes of a replica request (`df_replica_requests_total{outcome}`).
+pub const REPLICA_OUTCOMES: [&str; 4] = ["accepted", "refused", "declined", "failed"];
+
 /// Every metric the node exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -90,6 +93,7 @@ pub struct Metrics {
     evictions: Counter,
     evicted_bytes: Counter,
     mirror_requests: Family<Labels2, Counter>,
+    replica_requests: Family<Labels1, Counter>,
     piece_requests_in_flight: Gauge,
     uploads_in_flight: Gauge,
     data_connections: Gauge,
@@ -248,6 +252,16 @@ impl Metrics {
             "Registry mirror requests answered, by route (base, manifest, blob, tags, other) and status code",
             mirror_requests.clone(),
         );
+        let replica_requests = Family::<Labels1, Counter>::default();
+        for outcome in REPLICA_OUTCOMES {
+            let _ = replica_requests.get_or_create(&[("outcome", outcome)]);
+        }
+        r.register(
+            "replica_requests",
+            "Requests from a task's first owner to hold a replica, by outcome (accepted; refused: \
+             the asker is not a trusted producer; declined: not a seed, or too many tasks; failed)",
+            replica_requests.clone(),
+        );
         let gauge = |r: &mut Registry, name: &str, help: &str, unit: Option<Unit>| {
             let g = Gauge::default();
             match unit {
@@ -305,6 +319,7 @@ impl Metrics {
             evictions,
             evicted_bytes,
             mirror_requests,
+            replica_requests,
             piece_requests_in_flight,
             uploads_in_flight,
             data_connections,
@@ -385,6 +400,20 @@ impl Metrics {
         self.mirror_requests
             .get_or_create(&[("route", route), ("status", status_label(status))])
             .inc();
+    }
+
+    /// A replica request answered; `outcome` is one of [`REPLICA_OUTCOMES`].
+    pub fn replica_request(&self, outcome: &'static str) {
+        self.replica_requests
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// Replica requests answered with `outcome` so far.
+    pub fn replica_requests(&self, outcome: &'static str) -> u64 {
+        self.replica_requests
+            .get_or_create(&[("outcome", outcome)])
+            .get()
     }
 
     /// Counts a piece request until the returned guard is dropped.

@@ -131,6 +131,13 @@ impl Node {
     pub async fn start(config: NodeConfig, origin: Arc<dyn Origin>) -> Result<Node, NodeError> {
         config.storage.validate().map_err(NodeError::Config)?;
         crate::config::validate_cluster(&config.cluster).map_err(NodeError::Config)?;
+        if !(1..=crate::config::MAX_REPLICAS).contains(&config.replicas) {
+            return Err(NodeError::Config(format!(
+                "replicas = {}: use 1 (no replicas) to {}",
+                config.replicas,
+                crate::config::MAX_REPLICAS
+            )));
+        }
         let dir = &config.data_dir;
         create_private_dir(dir).map_err(|e| NodeError::DataDir {
             path: dir.display().to_string(),
@@ -194,6 +201,7 @@ impl Node {
             activity: activity.clone(),
             registry: TaskRegistry::default(),
             trust,
+            shutdown: shutdown.child_token(),
         });
 
         tracker.spawn(event_loop.run(shutdown.clone()));
@@ -560,6 +568,11 @@ impl Node {
         self.inner.ctx.net.state().wait_identified(n, timeout).await
     }
 
+    /// Waits until `n` seeds are connected and identified; false after `timeout`.
+    pub async fn wait_for_seeds(&self, n: usize, timeout: std::time::Duration) -> bool {
+        self.inner.ctx.net.state().wait_for_seeds(n, timeout).await
+    }
+
     /// Resolves when the node has been asked to stop.
     pub async fn stopped(&self) {
         self.inner.shutdown.cancelled().await;
@@ -624,6 +637,21 @@ impl Node {
                 }
                 ControlResponse::Task(state)
             }
+            ControlRequest::Replicate {
+                task,
+                origin,
+                header,
+            } => {
+                let answer = self.replicate_here(peer, task, origin, header).await;
+                let outcome = match &answer {
+                    ControlResponse::Replicating => "accepted",
+                    ControlResponse::Error(e) if e.code == ErrorCode::Refused => "refused",
+                    ControlResponse::Error(e) if e.code == ErrorCode::Declined => "declined",
+                    _ => "failed",
+                };
+                ctx.metrics.replica_request(outcome);
+                answer
+            }
             ControlRequest::StartTask {
                 task,
                 origin,
@@ -672,6 +700,68 @@ impl Node {
                 }
                 ControlResponse::Error(TaskError::internal("task stopped").to_control())
             }
+        }
+    }
+
+    /// A task's first owner asks this node to hold a replica (`ControlRequest::Replicate`).
+    async fn replicate_here(
+        &self,
+        peer: PeerId,
+        task: TaskKey,
+        origin: df_protocols::control::OriginRequest,
+        header: Box<SignedHeader>,
+    ) -> ControlResponse {
+        let ctx = &self.inner.ctx;
+        if ctx.config.role != Role::Seed {
+            return ControlResponse::Error(ControlError {
+                code: ErrorCode::Declined,
+                message: "only seeds hold replicas".into(),
+                origin_status: None,
+            });
+        }
+        // The asker hands over origin credentials and wants this seed to take over its
+        // origin fetch: only a trusted producer may, and only for its own header.
+        if !ctx.trust.trusts_producer(&peer) || header.header.producer != peer {
+            tracing::warn!(%peer, %task, "replica request refused: the asker is not a trusted producer of this task");
+            return ControlResponse::Error(ControlError {
+                code: ErrorCode::Refused,
+                message: "replica refused: not a trusted member, or not the header's producer"
+                    .into(),
+                origin_status: None,
+            });
+        }
+        let requester = Requester::peer_at(ctx.net.state().peer(&peer).and_then(|p| p.ip));
+        let store = ctx.store.clone();
+        if let Ok(Ok(Some(rec))) = tokio::task::spawn_blocking(move || store.task(&task)).await
+            && rec.complete
+        {
+            return ControlResponse::Replicating;
+        }
+        let Some(runner) = ctx.registry.get_or_start_for(ctx, task, Some(peer)) else {
+            return ControlResponse::Error(ControlError {
+                code: ErrorCode::Declined,
+                message: "too many tasks started by this peer".into(),
+                origin_status: None,
+            });
+        };
+        let (tx, rx) = oneshot::channel();
+        let sent = runner.tx.send(RunnerMsg::Replicate {
+            origin,
+            header: *header,
+            from: peer,
+            requester,
+            reply: tx,
+        });
+        if sent.is_ok()
+            && let Ok(answer) = rx.await
+        {
+            return answer;
+        }
+        // The runner ended just as the request reached it: complete, or failed.
+        let store = ctx.store.clone();
+        match tokio::task::spawn_blocking(move || store.task(&task)).await {
+            Ok(Ok(Some(rec))) if rec.complete => ControlResponse::Replicating,
+            _ => ControlResponse::Error(TaskError::internal("task stopped").to_control()),
         }
     }
 

@@ -10,6 +10,8 @@
 //! |---|---|---|
 //! | `get_task` | `task` | what the peer knows of a task (header, signed piece hashes), which pieces it holds, whether it is fetching the origin now, and how to fetch pieces from it on the data plane |
 //! | `start_task` | `started` or `error` | "you are responsible for this task: fetch it from its origin". Answered once the origin's first response arrived (so origin errors such as 404 come back here). `missing` asks a producer taking over from a vanished one for just those pieces. |
+//! | `replicate` | `replicating` or `error` | from a seed that fetches a task's origin to the task's other owners (the next seeds in the task's owner order): "hold a copy of this task: fetch it from me and the swarm, not from the origin, and take over the origin fetch if I vanish". Carries the producer's signed header and the origin request. Honoured only by seeds, and only from trusted members. |
+//! | `purge` | `purged` or `error` | delete the task's content and metadata. Honoured only from trusted members. |
 //!
 //! Credentials in `start_task` (the origin URL and headers) are used for that origin fetch only and
 //! never stored, logged or gossiped.
@@ -91,6 +93,12 @@ pub enum ControlRequest {
     Purge {
         task: TaskKey,
     },
+    /// Hold a replica of the task (see the module docs). `header` is signed by the sender.
+    Replicate {
+        task: TaskKey,
+        origin: OriginRequest,
+        header: Box<SignedHeader>,
+    },
 }
 
 // Messages are parsed through a struct holding every variant's fields rather than serde's
@@ -104,6 +112,7 @@ enum RequestKind {
     GetTask,
     StartTask,
     Purge,
+    Replicate,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +124,8 @@ struct RequestWire {
     origin: Option<OriginRequest>,
     #[serde(default, deserialize_with = "at_most_max_pieces")]
     missing: Vec<u32>,
+    #[serde(default)]
+    header: Option<Box<SignedHeader>>,
 }
 
 impl<'de> Deserialize<'de> for ControlRequest {
@@ -127,6 +138,11 @@ impl<'de> Deserialize<'de> for ControlRequest {
                 task: w.task,
                 origin: w.origin.ok_or_else(|| D::Error::missing_field("origin"))?,
                 missing: w.missing,
+            },
+            RequestKind::Replicate => ControlRequest::Replicate {
+                task: w.task,
+                origin: w.origin.ok_or_else(|| D::Error::missing_field("origin"))?,
+                header: w.header.ok_or_else(|| D::Error::missing_field("header"))?,
             },
         })
     }
@@ -141,6 +157,16 @@ impl ControlRequest {
             } => {
                 if missing.len() > MAX_PIECES as usize {
                     return Err(ControlCodecError::Invalid("too many missing pieces"));
+                }
+                origin.validate()
+            }
+            ControlRequest::Replicate {
+                task,
+                origin,
+                header,
+            } => {
+                if header.header.task != *task {
+                    return Err(ControlCodecError::Invalid("header is for another task"));
                 }
                 origin.validate()
             }
@@ -226,6 +252,8 @@ pub enum ControlResponse {
     Purged {
         deleted: bool,
     },
+    /// The peer holds (or is fetching) a replica of the task.
+    Replicating,
 }
 
 #[derive(Deserialize)]
@@ -235,6 +263,7 @@ enum ResponseKind {
     Started,
     Error,
     Purged,
+    Replicating,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +312,7 @@ impl<'de> Deserialize<'de> for ControlResponse {
                 origin_status: w.origin_status,
             }),
             ResponseKind::Purged => ControlResponse::Purged { deleted: w.deleted },
+            ResponseKind::Replicating => ControlResponse::Replicating,
         })
     }
 }
@@ -366,9 +396,62 @@ mod tests {
         for r in [
             ControlResponse::Purged { deleted: true },
             ControlResponse::Purged { deleted: false },
+            ControlResponse::Replicating,
         ] {
             assert_eq!(decode_response(&encode(&r).unwrap()).unwrap(), r);
         }
+    }
+
+    fn origin() -> OriginRequest {
+        OriginRequest {
+            url: "http://h/f".into(),
+            headers: vec![],
+            tag: String::new(),
+            filtered_query_params: vec![],
+            digest: None,
+        }
+    }
+
+    fn signed_header(task: TaskKey) -> SignedHeader {
+        let key = libp2p_identity::Keypair::generate_ed25519();
+        crate::manifest::TaskHeader {
+            task,
+            source_url: "http://h/f".into(),
+            content_length: 10,
+            piece_length: 4 << 20,
+            content_digest: None,
+            validators: Default::default(),
+            producer: key.public().to_peer_id(),
+        }
+        .sign(&key)
+        .unwrap()
+    }
+
+    #[test]
+    fn replicate_round_trips_and_needs_its_tasks_header() {
+        let req = ControlRequest::Replicate {
+            task: key(),
+            origin: origin(),
+            header: Box::new(signed_header(key())),
+        };
+        assert_eq!(decode_request(&encode(&req).unwrap()).unwrap(), req);
+        // A header for another task is refused while parsing, before the node sees it.
+        let other = TaskKey::for_url(&parse_url("http://h/other").unwrap(), "");
+        let req = ControlRequest::Replicate {
+            task: key(),
+            origin: origin(),
+            header: Box::new(signed_header(other)),
+        };
+        assert!(matches!(
+            decode_request(&serde_json::to_vec(&req).unwrap()),
+            Err(ControlCodecError::Invalid(_))
+        ));
+        // Without its header or origin it does not parse.
+        let body = format!(
+            r#"{{"type":"replicate","task":{}}}"#,
+            serde_json::to_string(&key()).unwrap()
+        );
+        assert!(decode_request(body.as_bytes()).is_err());
     }
 
     #[test]

@@ -169,6 +169,14 @@ fn arb_request() -> impl Strategy<Value = ControlRequest> {
                 origin,
                 missing,
             }),
+        arb_task_key().prop_map(|task| ControlRequest::Purge { task }),
+        (arb_signed_header(), arb_origin()).prop_map(|(header, origin)| {
+            ControlRequest::Replicate {
+                task: header.header.task,
+                origin,
+                header: Box::new(header),
+            }
+        }),
     ]
 }
 
@@ -216,6 +224,8 @@ fn arb_response() -> impl Strategy<Value = ControlResponse> {
         error,
         task,
         arb_signed_header().prop_map(|header| ControlResponse::Started { header }),
+        any::<bool>().prop_map(|deleted| ControlResponse::Purged { deleted }),
+        Just(ControlResponse::Replicating),
     ]
 }
 
@@ -237,7 +247,7 @@ fn arb_hostile_body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..2048),
         (
-            "(get_task|start_task|purge|task|started|purged|error|header|hashes|have|nope)",
+            "(get_task|start_task|purge|replicate|task|started|purged|replicating|error|header|hashes|have|nope)",
             "[ -~]{0,300}"
         )
             .prop_map(|(t, rest)| format!("{{\"type\":\"{t}\",{rest}}}").into_bytes()),
@@ -257,21 +267,27 @@ fn mutate(bytes: &[u8], at: Index, to: u8) -> Vec<u8> {
 fn request_within_limits(req: &ControlRequest) -> bool {
     match req {
         ControlRequest::GetTask { .. } | ControlRequest::Purge { .. } => true,
+        ControlRequest::Replicate {
+            task,
+            origin,
+            header,
+        } => header.header.task == *task && origin_within_limits(origin),
         ControlRequest::StartTask {
             origin, missing, ..
-        } => {
-            missing.len() <= MAX_PIECES as usize
-                && origin.url.len() <= MAX_URL_LEN
-                && origin.headers.len() <= MAX_ORIGIN_HEADERS
-                && origin
-                    .headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-                    <= MAX_ORIGIN_HEADER_BYTES
-                && origin.filtered_query_params.len() <= MAX_ORIGIN_HEADERS
-        }
+        } => missing.len() <= MAX_PIECES as usize && origin_within_limits(origin),
     }
+}
+
+fn origin_within_limits(origin: &df_protocols::control::OriginRequest) -> bool {
+    origin.url.len() <= MAX_URL_LEN
+        && origin.headers.len() <= MAX_ORIGIN_HEADERS
+        && origin
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            <= MAX_ORIGIN_HEADER_BYTES
+        && origin.filtered_query_params.len() <= MAX_ORIGIN_HEADERS
 }
 
 fn response_within_limits(resp: &ControlResponse) -> bool {
@@ -282,7 +298,9 @@ fn response_within_limits(resp: &ControlResponse) -> bool {
                 && t.hashes.iter().map(|b| b.hashes.len()).sum::<usize>() <= MAX_PIECES as usize
                 && t.bitfield.as_ref().is_none_or(|b| b.len() <= MAX_PIECES)
         }
-        ControlResponse::Started { .. } | ControlResponse::Purged { .. } => true,
+        ControlResponse::Started { .. }
+        | ControlResponse::Purged { .. }
+        | ControlResponse::Replicating => true,
     }
 }
 

@@ -101,6 +101,8 @@ pub struct NetState {
     seeds: RwLock<HashSet<PeerId>>,
     /// Number of connected peers that completed identify.
     identified: watch::Sender<usize>,
+    /// Number of connected peers that identified as seeds.
+    connected_seeds: watch::Sender<usize>,
 }
 
 impl Default for NetState {
@@ -110,6 +112,7 @@ impl Default for NetState {
             listen_addrs: RwLock::default(),
             seeds: RwLock::default(),
             identified: watch::channel(0).0,
+            connected_seeds: watch::channel(0).0,
         }
     }
 }
@@ -123,13 +126,26 @@ impl NetState {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Waits until at least `n` seeds are connected and identified; false on timeout.
+    pub async fn wait_for_seeds(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.connected_seeds.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|&c| c >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     fn update_identified(&self) {
-        let n = self
+        let (n, seeds) = self
             .peers
             .read()
-            .map(|p| p.values().filter(|i| i.role.is_some()).count())
-            .unwrap_or(0);
+            .map(|p| {
+                let n = p.values().filter(|i| i.role.is_some()).count();
+                let s = p.values().filter(|i| i.role == Some(Role::Seed)).count();
+                (n, s)
+            })
+            .unwrap_or((0, 0));
         self.identified.send_replace(n);
+        self.connected_seeds.send_replace(seeds);
     }
 
     pub fn connected_peers(&self) -> Vec<PeerId> {
@@ -168,12 +184,6 @@ impl NetState {
             .read()
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default()
-    }
-
-    pub fn forget_seed(&self, peer: &PeerId) {
-        if let Ok(mut s) = self.seeds.write() {
-            s.remove(peer);
-        }
     }
 
     fn add_seed(&self, peer: PeerId) {
@@ -728,6 +738,24 @@ impl EventLoop {
         }
         let id = kad.get_providers(RecordKey::new(&SEEDS_KEY));
         self.seed_queries.insert(id);
+        // Elections and replicas use connected seeds only, and every node must rank the same
+        // set: keep a connection to each known seed (a dead one fails to dial and stays out).
+        for s in self.state.seeds() {
+            self.dial_seed(s);
+        }
+    }
+
+    /// Dials a known seed that is not connected (by peer ID: the DHT has its addresses).
+    fn dial_seed(&mut self, peer: PeerId) {
+        if peer == *self.swarm.local_peer_id() || self.state.is_connected(&peer) {
+            return;
+        }
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "cannot dial a known seed");
+        }
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -1024,6 +1052,7 @@ impl EventLoop {
             for p in found {
                 if p != me {
                     self.state.add_seed(p);
+                    self.dial_seed(p);
                 }
             }
             if last {

@@ -7,7 +7,9 @@
 //! | [`picker`] | rarest-first piece picking and source choice (pure) |
 //! | [`source`] | one source's bookkeeping: measured rate, failures and pauses, busy pieces |
 //! | [`produce`] | fetching pieces from origin (ranges, retries), hashing and storing them |
+//! | [`owners`] | which seeds own a task (XOR order), for elections and replicas |
 
+pub mod owners;
 pub(crate) mod picker;
 pub(crate) mod produce;
 pub(crate) mod runner;
@@ -337,6 +339,14 @@ pub(crate) enum RunnerMsg {
         requester: Requester,
         reply: oneshot::Sender<ControlResponse>,
     },
+    /// Hold a replica of the task; `from` produces it (see `ControlRequest::Replicate`).
+    Replicate {
+        origin: OriginRequest,
+        header: SignedHeader,
+        from: PeerId,
+        requester: Requester,
+        reply: oneshot::Sender<ControlResponse>,
+    },
     GetState {
         reply: oneshot::Sender<TaskState>,
     },
@@ -390,6 +400,8 @@ pub(crate) struct TaskContext {
     pub activity: Arc<crate::activity::Activity>,
     pub registry: TaskRegistry,
     pub trust: crate::trust::TrustPolicy,
+    /// Cancelled when the node stops: runners end and abort their origin and peer fetches.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Live runners one peer may have started on this node with `start_task`.

@@ -37,7 +37,6 @@ use df_protocols::piece::{Bitfield, PieceHash, PieceLayout};
 use df_protocols::task::{TaskKey, canonical_url, parse_url};
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
-use libp2p::kad::KBucketKey;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -135,6 +134,7 @@ pub(crate) struct Runner {
     /// Pieces being fetched from origin by this node, and how many production jobs run.
     producing: Option<Bitfield>,
     production_jobs: usize,
+    production_handles: Vec<AbortHandle>,
     opening: bool,
     discovering: bool,
     awaiting_probes: usize,
@@ -146,6 +146,8 @@ pub(crate) struct Runner {
     /// Producers this node asked to fetch the origin and that accepted.
     elected: HashSet<PeerId>,
     producer: Option<PeerId>,
+    /// This node holds a replica for this producer (it asked with `replicate`).
+    replica_of: Option<PeerId>,
     /// Peers that said they are fetching from origin, and when.
     live_producers: HashMap<PeerId, Instant>,
     pending_have: Vec<u32>,
@@ -213,6 +215,7 @@ impl Runner {
             start_waiters: Vec::new(),
             producing: None,
             production_jobs: 0,
+            production_handles: Vec::new(),
             opening: false,
             discovering: false,
             awaiting_probes: 0,
@@ -221,6 +224,7 @@ impl Runner {
             failed_producers: HashSet::new(),
             elected: HashSet::new(),
             producer: None,
+            replica_of: None,
             live_producers: HashMap::new(),
             pending_have: Vec::new(),
             last_have_sent: None,
@@ -263,6 +267,7 @@ impl Runner {
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick().await,
+                _ = self.ctx.shutdown.cancelled() => break,
             }
             if self.should_exit() {
                 break;
@@ -286,6 +291,10 @@ impl Runner {
             for (_, h) in reqs {
                 h.abort();
             }
+        }
+        // Only a stopping node ends a runner with production jobs left.
+        for h in self.production_handles.drain(..) {
+            h.abort();
         }
         let err = match &self.phase {
             Phase::Failed(e) => e.clone(),
@@ -422,6 +431,16 @@ impl Runner {
                 requester,
                 reply,
             } => self.on_start_task(origin, missing, requester, reply),
+            RunnerMsg::Replicate {
+                origin,
+                header,
+                from,
+                requester,
+                reply,
+            } => {
+                let answer = self.on_replicate(origin, header, from, requester).await;
+                let _ = reply.send(answer);
+            }
             RunnerMsg::GetState { reply } => {
                 let _ = reply.send(self.state());
             }
@@ -536,6 +555,15 @@ impl Runner {
         match self.header.clone() {
             Some(h) => {
                 let _ = reply.send(ControlResponse::Started { header: h });
+                // A replica whose producer is still connected fetches the whole task from it:
+                // an asker that did not reach that producer (its election ranked this seed
+                // first) makes it a second origin fetcher only for pieces nobody can serve.
+                let producer_alive = self
+                    .replica_of
+                    .is_some_and(|p| self.ctx.net.state().is_connected(&p));
+                if missing.is_empty() && producer_alive {
+                    return;
+                }
                 self.start_production(missing);
             }
             None => {
@@ -544,6 +572,111 @@ impl Runner {
                     self.start_production(Vec::new());
                 }
             }
+        }
+    }
+
+    /// A task owner asks this seed to hold a replica: adopt its header, fetch the content from
+    /// it and the swarm, and keep the origin request for a takeover (the stall path elects this
+    /// seed when the producer vanishes with pieces nobody holds).
+    async fn on_replicate(
+        &mut self,
+        origin: OriginRequest,
+        header: SignedHeader,
+        from: PeerId,
+        requester: Requester,
+    ) -> ControlResponse {
+        let req = DownloadRequest::from_origin_request(&origin, requester);
+        match req.task_key() {
+            Ok(k) if k == self.key => {}
+            Ok(_) => {
+                return ControlResponse::Error(
+                    TaskError::bad_request("origin request does not match the task key")
+                        .to_control(),
+                );
+            }
+            Err(e) => return ControlResponse::Error(e.to_control()),
+        }
+        if header.header.producer != from || !self.accept_header(header, Some(from)).await {
+            return ControlResponse::Error(
+                TaskError::bad_request("the replica's header is not the asker's or is invalid")
+                    .to_control(),
+            );
+        }
+        if self.request.is_none() {
+            self.request = Some(req);
+        }
+        if self.have.is_complete() {
+            return ControlResponse::Replicating;
+        }
+        tracing::info!(task = %self.key, producer = %from, "holding a replica");
+        self.replica_of = Some(from);
+        self.wanted = true;
+        if matches!(self.phase, Phase::Starting) {
+            self.phase = Phase::Running;
+            self.publish_progress();
+        }
+        self.producer = Some(from);
+        self.elected.insert(from);
+        self.live_producers.insert(from, Instant::now());
+        self.last_progress = Instant::now();
+        self.probing.remove(&from);
+        self.probe(from);
+        ControlResponse::Replicating
+    }
+
+    /// As the task's producer, asks the next `replicas - 1` owners (the live trusted seeds in
+    /// XOR order of distance to the task key) to hold a replica.
+    fn replicate(&self, header: &SignedHeader) {
+        let extra = self.ctx.config.replicas.saturating_sub(1);
+        if self.ctx.config.role != Role::Seed || extra == 0 {
+            return;
+        }
+        let Some(req) = &self.request else {
+            return;
+        };
+        let state = self.ctx.net.state();
+        let connected: HashSet<PeerId> = state.connected_peers().into_iter().collect();
+        let mut owners: Vec<PeerId> = state
+            .seeds()
+            .into_iter()
+            .filter(|s| {
+                *s != self.ctx.peer_id
+                    && connected.contains(s)
+                    && !self.banned.contains(s)
+                    && self.ctx.trust.trusts_producer(s)
+            })
+            .collect();
+        super::owners::owner_order(&self.key, &mut owners);
+        owners.truncate(extra);
+        if owners.is_empty() {
+            tracing::debug!(task = %self.key, "no other live seed to hold a replica");
+            return;
+        }
+        let msg = ControlRequest::Replicate {
+            task: self.key,
+            origin: req.origin_request(),
+            header: Box::new(header.clone()),
+        };
+        for peer in owners {
+            let net = self.ctx.net.clone();
+            let msg = msg.clone();
+            let key = self.key;
+            tokio::spawn(async move {
+                match tokio::time::timeout(ELECT_ASK_TIMEOUT, net.request(peer, msg)).await {
+                    Ok(Ok((ControlResponse::Replicating, _))) => {
+                        tracing::debug!(task = %key, seed = %peer, "replica owner accepted");
+                    }
+                    Ok(Ok((other, _))) => {
+                        tracing::info!(task = %key, seed = %peer, answer = ?other, "replica owner declined");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(task = %key, seed = %peer, error = %e, "replica owner unreachable");
+                    }
+                    Err(_) => {
+                        tracing::info!(task = %key, seed = %peer, "replica owner did not answer in time");
+                    }
+                }
+            });
         }
     }
 
@@ -1112,6 +1245,7 @@ impl Runner {
             if !self.accept_header(signed.clone(), None).await {
                 return;
             }
+            self.replicate(&signed);
             let _ = self
                 .ctx
                 .net
@@ -1179,7 +1313,9 @@ impl Runner {
         self.producing = Some(marks);
         self.production_jobs += 1;
         self.publish_progress();
-        tokio::spawn(job.run(first));
+        self.production_handles.retain(|h| !h.is_finished());
+        self.production_handles
+            .push(tokio::spawn(job.run(first)).abort_handle());
     }
 
     fn check_unchanged(&self, len: u64, v: &Validators) -> Result<(), TaskError> {
@@ -1793,8 +1929,9 @@ impl Runner {
                 }
                 if let Some(p) = self.producer.take() {
                     tracing::info!(task = %self.key, producer = %p, "producer is gone; electing another");
+                    // Out of this task's elections only: the seed may serve other tasks well
+                    // (an unreachable one is not connected, and elections ask connected seeds).
                     self.failed_producers.insert(p);
-                    self.ctx.net.state().forget_seed(&p);
                 }
                 if let Some(h) = &self.header
                     && h.header.producer != self.ctx.peer_id
@@ -1827,11 +1964,6 @@ async fn verify_and_store(
     })
     .await
     .map_err(|e| FetchFailure::Store(crate::store::StoreError::Io(e.to_string())))?
-}
-
-fn distance_order(key: &TaskKey, peers: &mut [PeerId]) {
-    let target = KBucketKey::new(key.to_bytes());
-    peers.sort_by_key(|p| KBucketKey::from(*p).distance(&target));
 }
 
 /// Who an election may ask.
@@ -1908,7 +2040,7 @@ async fn run_election(
         .into_iter()
         .filter(|s| *s != me && candidates.admits(s) && connected.contains(s))
         .collect();
-    distance_order(&key, &mut seeds);
+    super::owners::owner_order(&key, &mut seeds);
     let seeds_asked = seeds.len();
     let mut seed_refusal: Option<String> = None;
     if role == Role::Seed && !candidates.exclude.contains(&me) {
@@ -1957,7 +2089,7 @@ async fn run_election(
         if local_ok && role != Role::Ephemeral {
             candidates.push(me);
         }
-        distance_order(&key, &mut candidates);
+        super::owners::owner_order(&key, &mut candidates);
         for c in candidates {
             if c == me {
                 return Election::Local;
