@@ -51,6 +51,10 @@ pub(crate) enum Command {
     /// Remove a task (e.g. a bad artifact) from this node and, with --scope, from the cluster's
     /// seeds or every member holding it; prints one line per host.
     Purge(PurgeArgs),
+    /// Put a file or an image into the cluster's caches before anyone asks for it: the task's
+    /// owning seeds fetch it (with --scope, every seed or every member too). Prints the job ID, or
+    /// with --wait follows it with a progress bar and exits non-zero if it fails.
+    Preheat(PreheatArgs),
     /// Open the node's status page in a local browser: relays a loopback port to the node's API
     /// (read-only routes only). For remote viewing, run the node with --ui-listen instead.
     Ui(UiArgs),
@@ -245,6 +249,58 @@ pub(crate) struct PurgeArgs {
 
 fn parse_scope(s: &str) -> Result<df_node::node::PurgeScope, String> {
     s.parse()
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PreheatArgs {
+    /// The file's URL (http or https).
+    #[arg(required_unless_present_any = ["image", "job"], conflicts_with_all = ["image", "job"])]
+    pub url: Option<String>,
+    /// An image instead: REGISTRY/REPO:TAG or REGISTRY/REPO@DIGEST (http://REGISTRY/… for a
+    /// plain-HTTP registry). Its manifests, config and layers become the tasks a mirror pull uses.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "job")]
+    pub image: Option<String>,
+    /// The image's platform, OS/ARCH[/VARIANT]; every platform of an index when absent.
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// Registry user name for a private image (the password from $DF_REGISTRY_PASSWORD).
+    #[arg(long, value_name = "NAME")]
+    pub username: Option<String>,
+    /// Extra request header for the file's origin, `Name: value` (repeatable).
+    #[arg(
+        short = 'H',
+        long = "header",
+        value_name = "HEADER",
+        conflicts_with = "image"
+    )]
+    pub headers: Vec<String>,
+    /// Expected digest of the file (`sha256:HEX`): the digest names the task.
+    #[arg(long, conflicts_with = "image")]
+    pub digest: Option<String>,
+    /// Tag separating tasks of the same URL (as `df get --tag`).
+    #[arg(long, default_value = "", conflicts_with = "image")]
+    pub tag: String,
+    /// Query parameter ignored when naming the task (repeatable), as `df get`'s.
+    #[arg(
+        long = "filtered-query-param",
+        value_name = "NAME",
+        conflicts_with = "image"
+    )]
+    pub filtered_query_params: Vec<String>,
+    /// Who holds it afterwards: seed (the task's owners), all_seeds or all_peers.
+    #[arg(long, default_value = "seed")]
+    pub scope: String,
+    /// Follow the job to its end with a progress bar; exit 1 if it fails.
+    #[arg(long)]
+    pub wait: bool,
+    /// Report on (or with --wait, follow) an existing job instead of starting one.
+    #[arg(long, value_name = "ID")]
+    pub job: Option<String>,
+    /// Give up after this many seconds (the job's deadline). Default: 3600.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub node: StatusArgs,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@
 
 mod args;
 mod get;
+mod preheat;
 mod progress;
 mod ui;
 
@@ -105,6 +106,10 @@ fn main() -> ExitCode {
             Command::Purge(a) => {
                 init_logging("warn", log_format);
                 purge(a).await
+            }
+            Command::Preheat(a) => {
+                init_logging("warn", log_format);
+                preheat::run(a).await
             }
             Command::Ui(a) => {
                 init_logging("warn", log_format);

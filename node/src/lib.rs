@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod origin;
+pub mod preheat;
 pub mod store;
 pub mod superseed;
 pub mod task;

@@ -67,6 +67,7 @@ struct NodeInner {
     ui_addr: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    preheats: Arc<crate::preheat::Preheats>,
 }
 
 /// A running node; cheap to clone.
@@ -249,6 +250,7 @@ impl Node {
                 ui_addr,
                 shutdown: shutdown.clone(),
                 tracker: tracker.clone(),
+                preheats: Arc::default(),
             }),
         };
         tracker.spawn(dispatch(node.clone(), events, shutdown.clone()));
@@ -568,6 +570,20 @@ impl Node {
         self.inner.ctx.net.state().wait_identified(n, timeout).await
     }
 
+    /// Starts a preheat job (`POST /v1/preheat`); the job reports its progress through
+    /// [`Node::preheat_job`].
+    pub fn preheat(
+        &self,
+        req: crate::preheat::PreheatRequest,
+    ) -> Result<crate::preheat::PreheatJob, TaskError> {
+        crate::preheat::start(&self.inner.ctx, &self.inner.preheats, req)
+    }
+
+    /// A preheat job's report, while the node keeps it (the last 256 jobs).
+    pub fn preheat_job(&self, id: &str) -> Option<crate::preheat::PreheatJob> {
+        self.inner.preheats.get(id)
+    }
+
     /// Waits until `n` seeds are connected and identified; false after `timeout`.
     pub async fn wait_for_seeds(&self, n: usize, timeout: std::time::Duration) -> bool {
         self.inner.ctx.net.state().wait_for_seeds(n, timeout).await
@@ -636,6 +652,9 @@ impl Node {
                     });
                 }
                 ControlResponse::Task(state)
+            }
+            ControlRequest::Preheat { task, origin } => {
+                crate::preheat::on_request(&self.inner.ctx, peer, task, origin).await
             }
             ControlRequest::Replicate {
                 task,
@@ -987,5 +1006,16 @@ impl api::NodeApi for Node {
 
     async fn content(&self, key: &TaskKey, range: Option<&str>) -> Result<Content, ContentError> {
         Node::content(self, key, range).await
+    }
+
+    fn preheat(
+        &self,
+        req: crate::preheat::PreheatRequest,
+    ) -> Result<crate::preheat::PreheatJob, TaskError> {
+        Node::preheat(self, req)
+    }
+
+    fn preheat_job(&self, id: &str) -> Option<crate::preheat::PreheatJob> {
+        Node::preheat_job(self, id)
     }
 }

@@ -62,6 +62,8 @@ pub enum OriginError {
         status: u16,
         reason: String,
         url: String,
+        /// A 401's `WWW-Authenticate` challenge (a registry names its token service there).
+        challenge: Option<String>,
     },
     #[error("cannot reach origin {url}: {reason}")]
     Unreachable { url: String, reason: String },

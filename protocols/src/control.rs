@@ -12,6 +12,7 @@
 //! | `start_task` | `started` or `error` | "you are responsible for this task: fetch it from its origin". Answered once the origin's first response arrived (so origin errors such as 404 come back here). `missing` asks a producer taking over from a vanished one for just those pieces. |
 //! | `replicate` | `replicating` or `error` | from a seed that fetches a task's origin to the task's other owners (the next seeds in the task's owner order): "hold a copy of this task: fetch it from me and the swarm, not from the origin, and take over the origin fetch if I vanish". Carries the producer's signed header and the origin request. Honoured only by seeds, and only from trusted members. |
 //! | `purge` | `purged` or `error` | delete the task's content and metadata. Honoured only from trusted members. |
+//! | `preheat` | `started` or `error` | "download this task into your cache from the swarm" (a preheat job with scope `all_seeds` or `all_peers`, sent once the task's owner has it). The receiver never fetches the origin for it (a seed may take over from a vanished owner as usual). Honoured only from trusted members; the origin headers are sent only to members the sender trusts as producers. Answered once the receiver knows the task's header. |
 //!
 //! Credentials in `start_task` (the origin URL and headers) are used for that origin fetch only and
 //! never stored, logged or gossiped.
@@ -93,6 +94,11 @@ pub enum ControlRequest {
     Purge {
         task: TaskKey,
     },
+    /// Download the task into the receiver's cache from the swarm (see the module docs).
+    Preheat {
+        task: TaskKey,
+        origin: OriginRequest,
+    },
     /// Hold a replica of the task (see the module docs). `header` is signed by the sender.
     Replicate {
         task: TaskKey,
@@ -113,6 +119,7 @@ enum RequestKind {
     StartTask,
     Purge,
     Replicate,
+    Preheat,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +146,10 @@ impl<'de> Deserialize<'de> for ControlRequest {
                 origin: w.origin.ok_or_else(|| D::Error::missing_field("origin"))?,
                 missing: w.missing,
             },
+            RequestKind::Preheat => ControlRequest::Preheat {
+                task: w.task,
+                origin: w.origin.ok_or_else(|| D::Error::missing_field("origin"))?,
+            },
             RequestKind::Replicate => ControlRequest::Replicate {
                 task: w.task,
                 origin: w.origin.ok_or_else(|| D::Error::missing_field("origin"))?,
@@ -160,6 +171,7 @@ impl ControlRequest {
                 }
                 origin.validate()
             }
+            ControlRequest::Preheat { origin, .. } => origin.validate(),
             ControlRequest::Replicate {
                 task,
                 origin,
@@ -393,6 +405,18 @@ mod tests {
         assert_eq!(decode_request(&body).unwrap(), req);
         let purge = ControlRequest::Purge { task: key() };
         assert_eq!(decode_request(&encode(&purge).unwrap()).unwrap(), purge);
+        let preheat = ControlRequest::Preheat {
+            task: key(),
+            origin: OriginRequest {
+                url: "http://h/f".into(),
+                headers: vec![],
+                tag: String::new(),
+                filtered_query_params: vec![],
+                digest: None,
+            },
+        };
+        assert_eq!(decode_request(&encode(&preheat).unwrap()).unwrap(), preheat);
+        assert!(decode_request(br#"{"type":"preheat","task":"x"}"#).is_err());
         for r in [
             ControlResponse::Purged { deleted: true },
             ControlResponse::Purged { deleted: false },

@@ -170,6 +170,8 @@ fn arb_request() -> impl Strategy<Value = ControlRequest> {
                 missing,
             }),
         arb_task_key().prop_map(|task| ControlRequest::Purge { task }),
+        (arb_task_key(), arb_origin())
+            .prop_map(|(task, origin)| ControlRequest::Preheat { task, origin }),
         (arb_signed_header(), arb_origin()).prop_map(|(header, origin)| {
             ControlRequest::Replicate {
                 task: header.header.task,
@@ -247,7 +249,7 @@ fn arb_hostile_body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..2048),
         (
-            "(get_task|start_task|purge|replicate|task|started|purged|replicating|error|header|hashes|have|nope)",
+            "(get_task|start_task|purge|replicate|preheat|task|started|purged|replicating|error|header|hashes|have|nope)",
             "[ -~]{0,300}"
         )
             .prop_map(|(t, rest)| format!("{{\"type\":\"{t}\",{rest}}}").into_bytes()),
@@ -272,6 +274,7 @@ fn request_within_limits(req: &ControlRequest) -> bool {
             origin,
             header,
         } => header.header.task == *task && origin_within_limits(origin),
+        ControlRequest::Preheat { origin, .. } => origin_within_limits(origin),
         ControlRequest::StartTask {
             origin, missing, ..
         } => missing.len() <= MAX_PIECES as usize && origin_within_limits(origin),

@@ -68,6 +68,9 @@ pub struct MirrorStats {
     pub requests: AtomicU64,
     pub manifests_from_cache: AtomicU64,
     pub manifests_from_upstream: AtomicU64,
+    /// Manifests served from the swarm because the registry could not be reached (a preheated
+    /// image pulls with its registry down).
+    pub manifests_from_swarm: AtomicU64,
     pub blobs_served: AtomicU64,
     pub blob_bytes_sent: AtomicU64,
     pub rejected_busy: AtomicU64,
@@ -679,8 +682,19 @@ async fn manifest(
     let url = format!("{}/v2/{name}/manifests/{reference}", u.base);
     let method = if head { Method::HEAD } else { Method::GET };
     let r = match upstream_request(ctx, req, method, &url).send().await {
+        Ok(r) if r.status().is_server_error() => {
+            if let Some(m) = from_swarm(ctx, &url, reference).await {
+                return serve_from_swarm(ctx, key, m, reference, head);
+            }
+            r
+        }
         Ok(r) => r,
-        Err(e) => return unavailable(u, &e),
+        Err(e) => {
+            if let Some(m) = from_swarm(ctx, &url, reference).await {
+                return serve_from_swarm(ctx, key, m, reference, head);
+            }
+            return unavailable(u, &e);
+        }
     };
     ctx.stats
         .manifests_from_upstream
@@ -759,6 +773,76 @@ async fn manifest(
         let by_digest = CacheKey::new(&u.base, name, &m.digest, &accept, auth);
         ctx.cache.put(by_digest, m.clone(), None);
     }
+    ctx.cache.put(key, m.clone(), ttl);
+    manifest_response(&m, head)
+}
+
+/// A manifest the swarm holds (a preheat puts the tag's manifest there as a URL task and each
+/// manifest as a digest task), for when the registry cannot be reached. Never fetches the
+/// registry itself: `None` when no member holds it.
+async fn from_swarm(ctx: &Ctx, url: &str, reference: &Reference) -> Option<CachedManifest> {
+    let dreq = DownloadRequest {
+        url: url.to_owned(),
+        digest: match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => None,
+        },
+        disable_back_to_source: true,
+        requester: Requester::Registry,
+        ..DownloadRequest::default()
+    };
+    let content = match ctx.source.fetch(dreq, None).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%url, error = %e, "manifest not in the swarm either");
+            return None;
+        }
+    };
+    let max = ctx.cfg.max_manifest_size.as_u64();
+    if content.content_length > max {
+        tracing::warn!(%url, len = content.content_length, "swarm manifest too large");
+        return None;
+    }
+    let mut body = BytesMut::new();
+    let mut s = content.stream;
+    while let Some(chunk) = s.next().await {
+        body.extend_from_slice(&chunk.ok()?);
+    }
+    let body = body.freeze();
+    let alg = match reference {
+        Reference::Digest(d) => d.algorithm(),
+        Reference::Tag(_) => df_protocols::task::DigestAlgorithm::Sha256,
+    };
+    let mut hasher = alg.hasher();
+    hasher.update(&body);
+    let digest = hasher.finish();
+    if let Reference::Digest(d) = reference
+        && *d != digest
+    {
+        return None;
+    }
+    Some(CachedManifest {
+        content_type: media_type_of(&body),
+        digest: digest.to_string(),
+        body,
+    })
+}
+
+fn serve_from_swarm(
+    ctx: &Ctx,
+    key: CacheKey,
+    m: CachedManifest,
+    reference: &Reference,
+    head: bool,
+) -> Response<Body> {
+    tracing::info!(reference = %reference, "registry unreachable: manifest served from the swarm");
+    ctx.stats
+        .manifests_from_swarm
+        .fetch_add(1, Ordering::Relaxed);
+    let ttl = match reference {
+        Reference::Tag(_) => Some(ctx.cfg.tag_ttl),
+        Reference::Digest(_) => None,
+    };
     ctx.cache.put(key, m.clone(), ttl);
     manifest_response(&m, head)
 }

@@ -177,10 +177,16 @@ impl HttpOrigin {
         if status.is_success() || status == StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
         }
+        let challenge = (status == StatusCode::UNAUTHORIZED)
+            .then(|| resp.headers().get(reqwest::header::WWW_AUTHENTICATE))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(1024).collect());
         Err(OriginError::Status {
             status: status.as_u16(),
             reason: status.canonical_reason().unwrap_or("").to_owned(),
             url: display_url(&spec.url),
+            challenge,
         })
     }
 }
@@ -192,6 +198,7 @@ fn refused(spec: &OriginSpec, e: &GuardError) -> OriginError {
         status: 403,
         reason: format!("refused: {e}"),
         url: display_url(&spec.url),
+        challenge: None,
     }
 }
 

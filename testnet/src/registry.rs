@@ -271,6 +271,204 @@ pub async fn build_and_push(
     })
 }
 
+/// One platform's image inside an [`IndexImage`]: digests and sizes as stored in the layout.
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    /// `os/architecture`, e.g. `linux/amd64`.
+    pub platform: String,
+    /// The platform's image manifest digest (`sha256:…`).
+    pub manifest: String,
+    /// Config blob digest and size.
+    pub config: (String, u64),
+    /// Layer blob digests and sizes (compressed, as stored).
+    pub layers: Vec<(String, u64)>,
+}
+
+/// A multi-platform image: an OCI image index over one image per platform.
+#[derive(Debug, Clone)]
+pub struct IndexImage {
+    /// `host/repo:tag`.
+    pub reference: String,
+    /// Digest of the index as the registry serves it for `tag` (`sha256:…`).
+    pub index_digest: String,
+    pub platforms: Vec<PlatformImage>,
+}
+
+/// Builds one image per `(os, architecture)` in `platforms` (layers of `layer_sizes` bytes of
+/// incompressible data each, different contents per platform, all derived from `seed`), ties them
+/// together with an OCI image index (`application/vnd.oci.image.index.v1+json`) and pushes it all to
+/// `registry` as `repo:tag` with `skopeo copy --all`.
+///
+/// The index is written by hand into the layout's blobs and referenced from its `index.json` under
+/// `tag`; `skopeo` pushes it unchanged, so `index_digest` is the sha256 of the bytes written here
+/// (the registry's answer is checked to be the same index before returning).
+#[allow(clippy::too_many_arguments)]
+pub async fn build_and_push_index(
+    work: &Path,
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    platforms: &[(&str, &str)],
+    layer_sizes: &[usize],
+    seed: u64,
+    creds: Option<(&str, &str)>,
+) -> Result<IndexImage> {
+    use sha2::{Digest, Sha256};
+
+    require_programs(&["umoci", "skopeo"])?;
+    if platforms.is_empty() {
+        bail!("an index needs at least one platform");
+    }
+    let layout = work.join(format!("index-layout-{seed}"));
+    run(tokio::process::Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout))
+    .await?;
+    let blob = |d: &str| layout.join("blobs").join(d.replace(':', "/"));
+    let read_json = |p: &Path| -> Result<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {p:?}"))?)
+            .with_context(|| format!("parsing {p:?}"))
+    };
+    let mut built = Vec::new();
+    let mut descriptors = Vec::new();
+    for (i, (os, arch)) in platforms.iter().enumerate() {
+        let ptag = format!("{tag}-{os}-{arch}").replace(['/', ':'], "-");
+        let image = format!("{}:{ptag}", layout.display());
+        let bundle = work.join(format!("index-bundle-{seed}-{i}"));
+        run(tokio::process::Command::new("umoci").args(["new", "--image", &image])).await?;
+        run(tokio::process::Command::new("umoci").args([
+            "config",
+            "--no-history",
+            "--os",
+            os,
+            "--architecture",
+            arch,
+            "--image",
+            &image,
+        ]))
+        .await?;
+        run(tokio::process::Command::new("umoci")
+            .args(["unpack", "--image", &image])
+            .arg(&bundle))
+        .await?;
+        // A seed of its own per platform, so no two platforms share a layer.
+        let pseed = seed ^ ((i as u64 + 1) << 40);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(pseed);
+        for (j, size) in layer_sizes.iter().enumerate() {
+            let mut data = vec![0u8; *size];
+            rng.fill_bytes(&mut data);
+            std::fs::write(bundle.join("rootfs").join(format!("layer{j}.bin")), data)?;
+            run(tokio::process::Command::new("umoci")
+                .args(["repack", "--refresh-bundle", "--image", &image])
+                .arg(&bundle))
+            .await?;
+        }
+        let index = read_json(&layout.join("index.json"))?;
+        let desc = index["manifests"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == ptag)
+            })
+            .context("platform manifest not in the layout")?;
+        let mdigest = desc["digest"]
+            .as_str()
+            .context("manifest digest")?
+            .to_owned();
+        let msize = desc["size"].as_u64().context("manifest size")?;
+        let media_type = desc["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_owned();
+        let manifest = read_json(&blob(&mdigest))?;
+        let config = (
+            manifest["config"]["digest"]
+                .as_str()
+                .context("config digest")?
+                .to_owned(),
+            manifest["config"]["size"].as_u64().context("config size")?,
+        );
+        let cfg = read_json(&blob(&config.0))?;
+        if cfg["os"] != *os || cfg["architecture"] != *arch {
+            bail!(
+                "umoci wrote os {} / architecture {} for {os}/{arch}",
+                cfg["os"],
+                cfg["architecture"]
+            );
+        }
+        let mut layers = Vec::new();
+        for l in manifest["layers"].as_array().context("no layers")? {
+            let d = l["digest"].as_str().context("layer digest")?.to_owned();
+            let s = l["size"].as_u64().context("layer size")?;
+            layers.push((d, s));
+        }
+        descriptors.push(serde_json::json!({
+            "mediaType": media_type,
+            "digest": mdigest,
+            "size": msize,
+            "platform": { "architecture": arch, "os": os },
+        }));
+        built.push(PlatformImage {
+            platform: format!("{os}/{arch}"),
+            manifest: mdigest,
+            config,
+            layers,
+        });
+    }
+
+    // The index itself: a blob of the layout, referenced from `index.json` under `tag`.
+    const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+    let index_bytes = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_TYPE,
+        "manifests": descriptors,
+    }))?;
+    let index_digest = format!("sha256:{}", hex::encode(Sha256::digest(&index_bytes)));
+    std::fs::write(blob(&index_digest), &index_bytes)?;
+    let mut top = read_json(&layout.join("index.json"))?;
+    let entries = top["manifests"]
+        .as_array_mut()
+        .context("layout index.json has no manifests")?;
+    entries.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != tag);
+    entries.push(serde_json::json!({
+        "mediaType": INDEX_TYPE,
+        "digest": index_digest,
+        "size": index_bytes.len(),
+        "annotations": { "org.opencontainers.image.ref.name": tag },
+    }));
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
+
+    let dest = format!("docker://{}/{repo}:{tag}", registry.host);
+    let mut push = tokio::process::Command::new("skopeo");
+    push.args(["copy", "--all", "--dest-tls-verify=false"]);
+    if let Some((u, p)) = creds {
+        push.arg("--dest-creds").arg(format!("{u}:{p}"));
+    }
+    run(push
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(&dest))
+    .await?;
+
+    // What the registry now serves for `tag` must be this very index.
+    let mut inspect = tokio::process::Command::new("skopeo");
+    inspect.args(["inspect", "--raw", "--tls-verify=false"]);
+    if let Some((u, p)) = creds {
+        inspect.arg("--creds").arg(format!("{u}:{p}"));
+    }
+    let served = run(inspect.arg(&dest)).await?;
+    let served_digest = format!("sha256:{}", hex::encode(Sha256::digest(served.as_bytes())));
+    if served_digest != index_digest {
+        bail!(
+            "the registry serves {served_digest} for {repo}:{tag}, not the index {index_digest} pushed:\n{served}"
+        );
+    }
+    Ok(IndexImage {
+        reference: format!("{}/{repo}:{tag}", registry.host),
+        index_digest,
+        platforms: built,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

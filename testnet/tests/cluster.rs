@@ -333,3 +333,179 @@ async fn a_replica_request_from_an_untrusted_producer_is_refused() -> Result<()>
     producer.stop().await;
     Ok(())
 }
+
+/// Polls a preheat job on `api` until it ends.
+async fn finished_job(
+    api: &df_node::api::client::ApiClient,
+    id: &str,
+) -> Result<df_node::preheat::PreheatJob> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let job = api.preheat_job(id).await?;
+        if job.state.is_finished() {
+            return Ok(job);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("preheat job still {:?} after 90 s: {job:?}", job.state);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn file_preheat(
+    url: &str,
+    scope: df_node::preheat::PreheatScope,
+) -> df_node::preheat::PreheatRequest {
+    df_node::preheat::PreheatRequest {
+        target: df_node::preheat::PreheatTarget::File {
+            url: url.to_owned(),
+            headers: Vec::new(),
+            tag: String::new(),
+            filtered_query_params: Vec::new(),
+            digest: None,
+        },
+        scope,
+        timeout_secs: None,
+    }
+}
+
+/// A file preheated through a node's API is held by its two owners; with the origin down, a node
+/// gets it with --disable-back-to-source and the origin sees no request. Failures are in words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_preheated_file_is_served_with_the_origin_down() -> Result<()> {
+    use df_node::preheat::{JobState, PreheatScope};
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    let data = content(8 * MIB, 56);
+    origin.put("/preheated", data.clone());
+    let url = origin.url("/preheated");
+    let key = url_task_key(&url)?;
+    let swarm = Swarm::start(3, 2, |_| {}).await?;
+    seeds_meshed(&swarm).await?;
+    assert!(
+        swarm.nodes[0]
+            .node
+            .wait_for_seeds(3, Duration::from_secs(40))
+            .await
+    );
+    let ids: Vec<PeerId> = swarm.seeds.iter().map(|s| s.node.peer_id()).collect();
+    let order = owners(&key, &ids, 3);
+
+    let api = &swarm.nodes[0].api;
+    let started = api.preheat(&file_preheat(&url, PreheatScope::Seed)).await?;
+    let job = finished_job(api, &started.id).await?;
+    assert_eq!(job.state, JobState::Succeeded, "{job:#?}");
+    let task = &job.tasks[0];
+    assert_eq!(task.id, key.to_string());
+    assert_eq!(task.owner.as_deref(), Some(order[0].to_string().as_str()));
+    let held: Vec<&str> = task.hosts.iter().map(|h| h.peer.as_str()).collect();
+    assert_eq!(
+        held,
+        vec![order[0].to_string(), order[1].to_string()],
+        "the owners hold it"
+    );
+    assert!(
+        task.hosts
+            .iter()
+            .all(|h| h.state == JobState::Succeeded && h.pieces_done == h.pieces_total)
+    );
+    assert_eq!(origin.bytes_sent(), data.len() as u64);
+    assert!(
+        swarm.nodes[0].node.progress(&key).await.is_none(),
+        "scope seed left a copy on the asking node"
+    );
+
+    // The origin goes down: the file still arrives, from the seeds.
+    origin.fail("/preheated", 503);
+    let requests = origin.requests();
+    let (n, digest) = swarm.nodes[1]
+        .fetch(df_node::DownloadRequest {
+            url: url.clone(),
+            disable_back_to_source: true,
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!((n, digest), (data.len() as u64, sha256_hex(&data)));
+    assert_eq!(origin.requests(), requests, "the origin was asked");
+
+    // A 404 fails the job with the origin's answer; so does a node with no live seed.
+    origin.fail("/missing", 404);
+    let job = finished_job(
+        api,
+        &api.preheat(&file_preheat(&origin.url("/missing"), PreheatScope::Seed))
+            .await?
+            .id,
+    )
+    .await?;
+    assert_eq!(job.state, JobState::Failed);
+    let e = job.error.unwrap_or_default();
+    assert!(e.contains("404"), "{e}");
+    let alone = TestNode::start(Role::Node, Vec::new(), |_| {}).await?;
+    let job = finished_job(
+        &alone.api,
+        &alone
+            .api
+            .preheat(&file_preheat(&url, PreheatScope::Seed))
+            .await?
+            .id,
+    )
+    .await?;
+    let e = job.error.unwrap_or_default();
+    assert!(e.contains("no live seed"), "{e}");
+    alone.stop().await;
+    swarm.stop().await;
+    Ok(())
+}
+
+/// Scope all_peers: every member fetches the file from the swarm (the origin sends it once); a
+/// member that does not trust the asker refuses, and the job says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preheat_to_all_peers_reaches_every_member_that_trusts_the_asker() -> Result<()> {
+    use df_node::preheat::{JobState, PreheatScope};
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    let data = content(6 * MIB, 57);
+    origin.put("/everywhere", data.clone());
+    let url = origin.url("/everywhere");
+    let key = url_task_key(&url)?;
+    let swarm = Swarm::start(2, 2, |_| {}).await?;
+    seeds_meshed(&swarm).await?;
+    let boot = vec![swarm.seeds[0].bootstrap_addr()];
+    let stranger = PeerId::random();
+    let wary = TestNode::start(Role::Node, boot, move |c| {
+        c.trust.producers = vec![stranger]
+    })
+    .await?;
+    assert!(wary.node.wait_for_seeds(2, Duration::from_secs(40)).await);
+    let asker = &swarm.nodes[0];
+    assert!(asker.node.wait_for_peers(4, Duration::from_secs(40)).await);
+
+    let started = asker
+        .api
+        .preheat(&file_preheat(&url, PreheatScope::AllPeers))
+        .await?;
+    let job = finished_job(&asker.api, &started.id).await?;
+    assert_eq!(job.state, JobState::Failed, "the wary node cannot succeed");
+    let hosts = &job.tasks[0].hosts;
+    assert_eq!(hosts.len(), 5, "{hosts:#?}");
+    for h in hosts {
+        if h.peer == wary.node.peer_id().to_string() {
+            assert_eq!(h.state, JobState::Failed);
+            assert!(
+                h.error.as_deref().unwrap_or("").contains("refused"),
+                "{h:?}"
+            );
+        } else {
+            assert_eq!(h.state, JobState::Succeeded, "{h:?}");
+        }
+    }
+    for m in swarm.all() {
+        let p = complete(&m.node, &key, Duration::from_secs(10)).await?;
+        assert_eq!(p.have.count(), p.have.len());
+    }
+    assert!(wary.node.progress(&key).await.is_none());
+    assert_eq!(origin.bytes_sent(), data.len() as u64);
+    wary.stop().await;
+    swarm.stop().await;
+    Ok(())
+}

@@ -203,6 +203,21 @@ impl ApiClient {
         self.json(Method::POST, "/v1/tasks", Some(body)).await
     }
 
+    /// `POST /v1/preheat`: starts a preheat job.
+    pub async fn preheat(
+        &self,
+        req: &crate::preheat::PreheatRequest,
+    ) -> Result<crate::preheat::PreheatJob, ApiError> {
+        let body = serde_json::to_vec(req).map_err(|e| ApiError::Protocol(e.to_string()))?;
+        self.json(Method::POST, "/v1/preheat", Some(body)).await
+    }
+
+    /// `GET /v1/preheat/{id}`.
+    pub async fn preheat_job(&self, id: &str) -> Result<crate::preheat::PreheatJob, ApiError> {
+        self.json(Method::GET, &format!("/v1/preheat/{id}"), None)
+            .await
+    }
+
     /// `GET /v1/tasks/{id}`.
     pub async fn task(&self, id: &str) -> Result<TaskInfo, ApiError> {
         self.json(Method::GET, &format!("/v1/tasks/{id}"), None)

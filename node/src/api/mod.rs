@@ -13,6 +13,8 @@
 //! | `GET`/`HEAD /v1/tasks/{id}/content` | the content, in order, streamed as pieces arrive; `Range: bytes=…` supported. A task that fails mid-stream aborts the response. |
 //! | `DELETE /v1/tasks/{id}` | evicts a finished task from the cache |
 //! | `DELETE /v1/tasks/{id}?scope=all_seeds\|all_peers` | purges it here and on the seeds / every member holding it; answers [`PurgeHost`] per host |
+//! | `POST /v1/preheat` | body: [`PreheatRequest`](crate::preheat::PreheatRequest); starts a job, answers `202` with its [`PreheatJob`](crate::preheat::PreheatJob) |
+//! | `GET /v1/preheat/{id}` | the job: state, per task and per host progress, errors in words |
 //!
 //! The unix socket (mode 0600) is guarded by its file mode alone. A TCP API checks every request
 //! but `GET /healthz` and `GET /readyz`: the `Host` header must name the listener, an `Origin` header
@@ -61,6 +63,13 @@ pub trait NodeApi: Send + Sync + 'static {
     async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError>;
     /// A byte range of a task's content (an HTTP `Range` value; `None`: all of it), in order.
     async fn content(&self, key: &TaskKey, range: Option<&str>) -> Result<Content, ContentError>;
+    /// `POST /v1/preheat`: starts a job.
+    fn preheat(
+        &self,
+        req: crate::preheat::PreheatRequest,
+    ) -> Result<crate::preheat::PreheatJob, TaskError>;
+    /// `GET /v1/preheat/{id}`.
+    fn preheat_job(&self, id: &str) -> Option<crate::preheat::PreheatJob>;
 }
 
 /// `GET /v1/status`.

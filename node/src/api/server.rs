@@ -524,6 +524,11 @@ async fn route(
         (Method::GET, ["metrics"]) => metrics(node.as_ref(), &req),
         (Method::GET, ["readyz"]) => readyz(node.as_ref()),
         (Method::POST, ["v1", "tasks"]) => create_task(node, req, read_timeout).await,
+        (Method::POST, ["v1", "preheat"]) => create_preheat(node, req, read_timeout).await,
+        (Method::GET, ["v1", "preheat", id]) => match node.preheat_job(id) {
+            Some(job) => json(StatusCode::OK, &job),
+            None => not_found("preheat job"),
+        },
         (method, ["v1", "tasks", id, rest @ ..]) => {
             let Ok(key) = id.parse::<TaskKey>() else {
                 return error(TaskError::bad_request(format!("malformed task id {id:?}")));
@@ -559,21 +564,47 @@ async fn route(
     }
 }
 
+/// Reads a JSON request body within [`MAX_REQUEST_BODY`] and `read_timeout`.
+async fn read_body(req: Request<Incoming>, read_timeout: Duration) -> Result<Bytes, TaskError> {
+    // A body trickled in slowly must not hold the connection longer than slow headers could.
+    let read = Limited::new(req.into_body(), MAX_REQUEST_BODY).collect();
+    match tokio::time::timeout(read_timeout, read).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => Err(TaskError::bad_request(format!("reading request body: {e}"))),
+        Err(_) => Err(TaskError::bad_request(format!(
+            "the request body took longer than {read_timeout:?}"
+        ))),
+    }
+}
+
+async fn create_preheat(
+    node: Arc<dyn NodeApi>,
+    req: Request<Incoming>,
+    read_timeout: Duration,
+) -> Response<Body> {
+    let body = match read_body(req, read_timeout).await {
+        Ok(b) => b,
+        Err(e) => return error(e),
+    };
+    match serde_json::from_slice::<crate::preheat::PreheatRequest>(&body) {
+        Ok(r) => match node.preheat(r) {
+            Ok(job) => json(StatusCode::ACCEPTED, &job),
+            Err(e) => error(e),
+        },
+        Err(e) => error(TaskError::bad_request(format!(
+            "malformed preheat request: {e}"
+        ))),
+    }
+}
+
 async fn create_task(
     node: Arc<dyn NodeApi>,
     req: Request<Incoming>,
     read_timeout: Duration,
 ) -> Response<Body> {
-    // A body trickled in slowly must not hold the connection longer than slow headers could.
-    let read = Limited::new(req.into_body(), MAX_REQUEST_BODY).collect();
-    let body = match tokio::time::timeout(read_timeout, read).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => return error(TaskError::bad_request(format!("reading request body: {e}"))),
-        Err(_) => {
-            return error(TaskError::bad_request(format!(
-                "the request body took longer than {read_timeout:?}"
-            )));
-        }
+    let body = match read_body(req, read_timeout).await {
+        Ok(b) => b,
+        Err(e) => return error(e),
     };
     let dl: DownloadRequest = match serde_json::from_slice(&body) {
         Ok(d) => d,
@@ -738,6 +769,17 @@ mod tests {
             _range: Option<&str>,
         ) -> Result<crate::content::Content, ContentError> {
             Err(ContentError::UnknownTask)
+        }
+        fn preheat(
+            &self,
+            _req: crate::preheat::PreheatRequest,
+        ) -> Result<crate::preheat::PreheatJob, TaskError> {
+            Err(TaskError::NoSource {
+                message: "no live seed".into(),
+            })
+        }
+        fn preheat_job(&self, _id: &str) -> Option<crate::preheat::PreheatJob> {
+            None
         }
     }
 

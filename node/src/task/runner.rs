@@ -602,7 +602,13 @@ impl Runner {
                     .to_control(),
             );
         }
-        if self.request.is_none() {
+        // An owner may take over the origin fetch: its request must allow the origin (a
+        // preheat's copy, asked for first, does not).
+        if self
+            .request
+            .as_ref()
+            .is_none_or(|r| r.disable_back_to_source)
+        {
             self.request = Some(req);
         }
         if self.have.is_complete() {
@@ -2043,8 +2049,9 @@ async fn run_election(
     super::owners::owner_order(&key, &mut seeds);
     let seeds_asked = seeds.len();
     let mut seed_refusal: Option<String> = None;
-    if role == Role::Seed && !candidates.exclude.contains(&me) {
-        // A seed is responsible for what it is asked to download itself.
+    if role == Role::Seed && local_ok && !candidates.exclude.contains(&me) {
+        // A seed is responsible for what it is asked to download itself (unless the request
+        // forbids the origin: a preheat's copy comes from the task's owner).
         return Election::Local;
     }
     for s in seeds {
