@@ -613,3 +613,153 @@ fn base64_encodes() {
     assert_eq!(base64(b"ab"), "YWI=");
     assert_eq!(base64(b"a"), "YQ==");
 }
+
+/// Polls a preheat job until it ends.
+async fn preheat_to_end(
+    api: &df_node::api::client::ApiClient,
+    req: df_node::preheat::PreheatRequest,
+) -> Result<df_node::preheat::PreheatJob> {
+    let id = api.preheat(&req).await?.id;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = api.preheat_job(&id).await?;
+        if job.state.is_finished() {
+            return Ok(job);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("preheat job not finished: {job:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn image_preheat(
+    image: &str,
+    platform: Option<&str>,
+    creds: Option<(&str, &str)>,
+) -> df_node::preheat::PreheatRequest {
+    df_node::preheat::PreheatRequest {
+        target: df_node::preheat::PreheatTarget::Image {
+            image: image.to_owned(),
+            platform: platform.map(str::to_owned),
+            username: creds.map(|c| c.0.to_owned()),
+            password: creds.map(|c| c.1.to_owned()),
+        },
+        scope: df_node::preheat::PreheatScope::Seed,
+        timeout_secs: None,
+    }
+}
+
+/// A private two-platform image (OCI index) is preheated through a node's API; the registry is
+/// then stopped, and skopeo still pulls the arm64 image through the node's mirror: the tag's
+/// index, the platform manifest, config and layers all come from the swarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_preheated_private_multi_platform_image_is_pulled_with_the_registry_stopped() -> Result<()>
+{
+    use df_node::preheat::JobState;
+    init_test_logs();
+    const USER: &str = "preheater";
+    const PASS: &str = "s3cret-preheat-pw";
+    let work = tempfile::tempdir()?;
+    let reg = Registry::start(Some((USER, PASS))).await?;
+    let image = registry::build_and_push_index(
+        work.path(),
+        &reg,
+        "private/multi",
+        "v1",
+        &[("linux", "amd64"), ("linux", "arm64")],
+        &[3 << 20, 10_000],
+        8,
+        Some((USER, PASS)),
+    )
+    .await?;
+    let swarm = Swarm::start(2, 1, |_| {}).await?;
+    for m in swarm.all() {
+        assert!(m.node.wait_for_seeds(1, Duration::from_secs(40)).await);
+    }
+    let api = &swarm.nodes[0].api;
+    let name = format!("http://{}/private/multi:v1", reg.host);
+
+    // Errors in words: no credentials for a private image, a platform the image lacks.
+    let job = preheat_to_end(api, image_preheat(&name, None, None)).await?;
+    assert_eq!(job.state, JobState::Failed);
+    let e = job.error.unwrap_or_default();
+    assert!(e.contains("private") && e.contains("password"), "{e}");
+    let job = preheat_to_end(
+        api,
+        image_preheat(&name, Some("linux/s390x"), Some((USER, PASS))),
+    )
+    .await?;
+    let e = job.error.unwrap_or_default();
+    assert!(
+        e.contains("linux/s390x") && e.contains("linux/amd64, linux/arm64"),
+        "{e}"
+    );
+
+    // Every platform: the tag, the index, 2 manifests, 2 configs, 4 layers.
+    let job = preheat_to_end(api, image_preheat(&name, None, Some((USER, PASS)))).await?;
+    assert_eq!(job.state, JobState::Succeeded, "{job:#?}");
+    assert_eq!(job.tasks.len(), 10, "{:#?}", job.tasks);
+    let ids: Vec<&str> = job.tasks.iter().map(|t| t.id.as_str()).collect();
+    let arm = image
+        .platforms
+        .iter()
+        .find(|p| p.platform == "linux/arm64")
+        .context("no arm64 image")?;
+    for d in arm
+        .layers
+        .iter()
+        .map(|l| &l.0)
+        .chain([&arm.config.0, &arm.manifest])
+    {
+        let key = df_protocols::task::TaskKey::for_digest(&d.parse()?).to_string();
+        assert!(ids.contains(&key.as_str()), "{d} not preheated");
+    }
+
+    // The registry goes away; the mirror pulls from the swarm.
+    let reg_url: url::Url = reg.url.parse()?;
+    let host = reg.host.clone();
+    drop(reg);
+    let m = mirror_on(&swarm.nodes[0], |c| c.upstream = Some(reg_url.clone())).await;
+    let mirror = m.local_addr().to_string();
+    let conf = work.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{host}\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{mirror}\"\ninsecure = true\n"
+        ),
+    )?;
+    let auth = base64(format!("{USER}:{PASS}").as_bytes());
+    let authfile = work.path().join("auth.json");
+    std::fs::write(
+        &authfile,
+        format!(
+            r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}, "{mirror}": {{"auth": "{auth}"}}}}}}"#
+        ),
+    )?;
+    let out = work.path().join("pulled");
+    registry::run(
+        tokio::process::Command::new("skopeo")
+            .arg("--registries-conf")
+            .arg(&conf)
+            .args(["--override-os", "linux", "--override-arch", "arm64"])
+            .args(["copy", "--src-tls-verify=false", "--src-authfile"])
+            .arg(&authfile)
+            .arg(format!("docker://{host}/private/multi:v1"))
+            .arg(format!("oci:{}:pulled", out.display())),
+    )
+    .await?;
+    for (d, size) in arm.layers.iter().chain([&arm.config]) {
+        let p = out.join("blobs").join(d.replace(':', "/"));
+        let data = std::fs::read(&p).with_context(|| format!("{d} missing from the pull"))?;
+        assert_eq!(data.len() as u64, *size);
+        assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&data))), *d);
+    }
+    assert!(
+        m.stats().manifests_from_swarm.load(Ordering::Relaxed) >= 2,
+        "the tag's index and the platform manifest came from the swarm"
+    );
+    m.shutdown().await;
+    swarm.stop().await;
+    Ok(())
+}
