@@ -374,6 +374,7 @@ impl Node {
             data_addr: self.inner.data_addr.to_string(),
             connected_peers: ctx.net.state().connected_peers().len(),
             known_seeds: ctx.net.state().seeds().len(),
+            connected_seeds: ctx.net.state().connected_seeds(),
             active_tasks: ctx.registry.active_count(),
             bytes: ctx.metrics.bytes(),
             storage: None,

@@ -7,10 +7,12 @@ Scenarios:
           `--methods ...,mesh` adds what the shaped links carry all-to-all (the ceiling of any swarm)
   chaos   a df distribution while a seed stops, 30 % of peers are killed and one peer is cut off
   image   every peer pulls one multi-layer image at once, through its mirror and directly
+  cluster a seed cluster (--seeds 3 by default here): a file preheated from a peer then fetched by every peer
+          with back-to-source off; then a fresh file with the task's first owner stopped at 0.3 T*
   down    stop and remove everything
 
 Reports go to testnet/out/: report.json, report.md, timeline.json, cdf.png, timeline.png (bench); chaos.json/.md;
-image.json/.md.
+image.json/.md; cluster.json/.md.
 """
 
 import argparse
@@ -715,12 +717,161 @@ def chaos(a):
         raise SystemExit("a surviving peer did not finish with correct bytes")
 
 
+def api_json(c, path):
+    """GET path on a member's local API (TCP on loopback: no token), as JSON; None on failure."""
+    try:
+        return json.loads(dexec(c, f"curl -sf http://{API}{path}", timeout=10))
+    except Exception:  # noqa: BLE001 - a stopped member answers nothing
+        return None
+
+
+def cluster(a):
+    """Preheat, then a failover bench: which seed fetched and served what, origin bytes, times."""
+    if a.seeds < 2:
+        raise SystemExit("cluster: use --seeds 2 or more")
+    size = a.size
+    _, want = make_file(size)
+    up(a)
+    peers, seeds = containers(a, "peer"), containers(a, "seed")
+    ids = peer_ids(seeds + peers)
+    ts = t_star(a, size, len(peers)) or 10.0
+    run_id = str(int(time.time()))
+    # Every member ranks the seeds it is connected to: wait until each is connected to every seed
+    # (to the others, for a seed), so that all rank alike.
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        counts = {c: (status(c) or {}).get("connected_seeds", 0) for c in seeds + peers}
+        if all(n >= len(seeds) - (c in seeds) for c, n in counts.items()):
+            break
+        time.sleep(1)
+    else:
+        log(f"not every member is connected to every seed: {counts}")
+    rep_mesh = counts
+    rep = {"peers": len(peers), "seeds": len(seeds), "size_bytes": size, "t_star_s": round(ts, 3),
+           "rates": {"origin_up": a.origin_rate or a.rate, "peer": a.rate, "seed": a.seed_rate or a.rate},
+           "connected_seeds": rep_mesh}
+
+    # 1. Preheat from a peer, then every peer fetches with back-to-source off.
+    pre_url = f"http://origin/file.bin?pre={run_id}"
+    t0 = time.time()
+    job = json.loads(dexec(peers[0], f"/usr/bin/df preheat '{pre_url}' --api {API}"))
+    dexec(peers[0], f"/usr/bin/df preheat --job {job['id']} --wait --api {API}", check=False,
+          timeout=a.timeout)
+    job = json.loads(dexec(peers[0], f"/usr/bin/df preheat --job {job['id']} --api {API}"))
+    task = job["tasks"][0] if job["tasks"] else {}
+    rep["preheat"] = {
+        "state": job["state"], "error": job.get("error"), "seconds": round(time.time() - t0, 2),
+        "origin_bytes": origin_body_bytes(f"pre={run_id}"),
+        "owner": ids.get(task.get("owner", ""), task.get("owner")),
+        "hosts": {ids.get(h["peer"], h["peer"][:12]): h["state"] for h in task.get("hosts", [])},
+    }
+    log(f"preheat: {rep['preheat']}")
+    before = origin_body_bytes(f"pre={run_id}")
+    start, res = run_parallel(
+        peers,
+        lambda c: f"/usr/bin/df get '{pre_url}' -o /tmp/df.out --api {API} --no-progress "
+                  f"--disable-back-to-source --timeout {a.timeout}s && {DONE} && sha256sum /tmp/df.out "
+                  f"&& rm -f /tmp/df.out",
+        a.timeout + 30)
+    rep["after_preheat"] = summarize(res, want, origin_body_bytes(f"pre={run_id}") - before)
+    log(f"after preheat: p50={rep['after_preheat']['p50_s']} max={rep['after_preheat']['max_s']} "
+        f"origin_bytes={rep['after_preheat']['origin_bytes']}")
+
+    # 2. A fresh file; its first owner (the seed fetching the origin) is stopped at 0.3 T*.
+    url = f"http://origin/file.bin?fo={run_id}"
+    events = []
+    box = {}
+
+    def stop_first_owner():
+        t_kill = box["start"] + 0.3 * ts
+        owner = None
+        while owner is None and time.time() < t_kill + 30:
+            for s in seeds:
+                tasks = api_json(s, "/v1/tasks") or []
+                if any(t.get("producing") and f"fo={run_id}" in (t.get("source_url") or "") for t in tasks):
+                    owner = s
+                    break
+            else:
+                time.sleep(0.2)
+        if owner is None:
+            events.append((round(time.time() - box["start"], 2), "no seed was seen fetching the origin"))
+            return
+        time.sleep(max(0.0, t_kill - time.time()))
+        sh(["docker", "stop", "-t", "1", owner], check=False)
+        events.append((round(time.time() - box["start"], 2), f"stopped the first owner {owner}"))
+        box["owner"] = owner
+
+    box["start"] = time.time()
+    th = threading.Thread(target=stop_first_owner)
+    th.start()
+    start, res = df_get_all(peers, url, a.timeout)
+    th.join()
+    fo = summarize(res, want, origin_body_bytes(f"fo={run_id}"))
+    served = {}
+    for p in peers:
+        for t in api_json(p, "/v1/tasks") or []:
+            if f"fo={run_id}" in (t.get("source_url") or ""):
+                for s in t.get("received_from", []):
+                    who = ids.get(s["peer"], s["peer"][:12])
+                    served[who] = served.get(who, 0) + s["bytes"]
+    fetched = {}
+    for s in seeds:
+        if s == box.get("owner"):
+            continue
+        for t in api_json(s, "/v1/tasks") or []:
+            if f"fo={run_id}" in (t.get("source_url") or ""):
+                fetched[s] = {"from_origin": t.get("from_origin", 0), "from_peers": t.get("from_peers", 0),
+                              "state": t.get("state")}
+    fo.update(events=events, first_owner=box.get("owner"), served_to_peers=served,
+              surviving_seeds=fetched)
+    rep["failover"] = fo
+    (OUT / "cluster.json").write_text(json.dumps(rep, indent=2) + "\n")
+    md = cluster_md(rep)
+    (OUT / "cluster.md").write_text(md)
+    print(md)
+    if not a.keep:
+        down(a)
+    if not (rep["preheat"]["state"] == "succeeded" and rep["after_preheat"]["ok"] and fo["ok"]):
+        raise SystemExit("cluster: a phase failed (see cluster.md)")
+
+
+def cluster_md(r):
+    ts, size = r["t_star_s"], r["size_bytes"]
+    pre, after, fo = r["preheat"], r["after_preheat"], r["failover"]
+
+    def ratio(x):
+        return f"{x / ts:.2f}" if (ts and x is not None) else "n/a"
+    lines = [f"# cluster: {r['seeds']} seeds, {r['peers']} peers, {size / 2**20:.0f} MiB", "",
+             f"Rates: {r['rates']}. T* = {ts} s.", "",
+             f"Preheat from a peer (scope seed): {pre['state']} in {pre['seconds']} s, origin bytes / S "
+             f"{pre['origin_bytes'] / size:.3f}; first owner {pre['owner']}; hosts {pre['hosts']}"
+             + (f"; error: {pre['error']}" if pre.get("error") else "") + ".", "",
+             "| phase | ok | p50 (s) | max (s) | p50 / T* | max / T* | origin bytes / S |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in (("every peer gets the preheated file, back-to-source off", after),
+                    ("a fresh file, first owner stopped at 0.3 T*", fo)):
+        lines.append(f"| {name} | {m['ok']} | {m['p50_s']} | {m['max_s']} | {ratio(m['p50_s'])} | "
+                     f"{ratio(m['max_s'])} | {m['origin_bytes'] / size:.3f} |")
+    lines += ["", "Failover events (s after start): "
+              + ("; ".join(f"{t}: {e}" for t, e in fo.get("events", [])) or "none") + ".", "",
+              "Bytes the peers received, by source (fresh file): "
+              + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(fo["served_to_peers"].items(),
+                                                                       key=lambda kv: -kv[1])) + ".", "",
+              "Surviving seeds' copies: "
+              + ", ".join(f"{k}: {v['state']}, {v['from_origin'] / 2**20:.1f} MiB from origin, "
+                          f"{v['from_peers'] / 2**20:.1f} MiB from the swarm"
+                          for k, v in sorted(fo["surviving_seeds"].items())) + "."]
+    if fo.get("failed"):
+        lines += ["", f"Failed: {fo['failed']} {fo.get('errors')}"]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(prog="testnet/run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["up", "bench", "chaos", "image", "down"])
+    p.add_argument("scenario", choices=["up", "bench", "chaos", "image", "cluster", "down"])
     p.add_argument("--peers", type=int, default=8)
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=None, help="default 1 (cluster: 3)")
     p.add_argument("--size", type=parse_size, default=parse_size("256MiB"))
     p.add_argument("--rate", default="100mbit", help="every link's rate (tc tbf), '' = unshaped")
     p.add_argument("--origin-rate", default=None, help="origin and registry uplink (default --rate)")
@@ -734,6 +885,8 @@ def main():
                    help="a df config file (TOML) for every seed and peer, e.g. to try [download] limits")
     p.add_argument("--image-layers", default="64,32,16,4", help="image scenario: layer sizes in MiB")
     a = p.parse_args()
+    if a.seeds is None:
+        a.seeds = 3 if a.scenario == "cluster" else 1
     for r in (a.rate, a.origin_rate, a.seed_rate, a.peer_up, a.peer_down):
         parse_rate(r)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -747,6 +900,8 @@ def main():
         chaos(a)
     elif a.scenario == "image":
         image(a)
+    elif a.scenario == "cluster":
+        cluster(a)
 
 
 def registry_blob_bytes(registry):

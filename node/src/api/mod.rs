@@ -81,6 +81,9 @@ pub struct NodeStatus {
     pub data_addr: String,
     pub connected_peers: usize,
     pub known_seeds: usize,
+    /// Seeds connected now (elections and task owners rank these).
+    #[serde(default)]
+    pub connected_seeds: usize,
     pub active_tasks: usize,
     pub bytes: ByteCounters,
     /// The store: use, quota, disk watermarks, next eviction candidates.

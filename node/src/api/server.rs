@@ -719,6 +719,7 @@ mod tests {
                 data_addr: "127.0.0.1:9".into(),
                 connected_peers: 3,
                 known_seeds: 1,
+                connected_seeds: 1,
                 active_tasks: 1,
                 bytes: ByteCounters::default(),
                 storage: None,

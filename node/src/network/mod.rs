@@ -126,6 +126,11 @@ impl NetState {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Seeds connected and identified now.
+    pub fn connected_seeds(&self) -> usize {
+        *self.connected_seeds.borrow()
+    }
+
     /// Waits until at least `n` seeds are connected and identified; false on timeout.
     pub async fn wait_for_seeds(&self, n: usize, timeout: Duration) -> bool {
         let mut rx = self.connected_seeds.subscribe();
@@ -691,7 +696,8 @@ impl EventLoop {
 
     /// Runs until `shutdown` is cancelled or every client handle is dropped.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut seeds_tick = tokio::time::interval(Duration::from_secs(30));
+        // Every member ranks the seeds it is connected to: learn of (and dial) new seeds soon.
+        let mut seeds_tick = tokio::time::interval(Duration::from_secs(10));
         seeds_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Alone (bootstrap peers not up yet, or all gone): redial them, backing off to a minute.
         let mut redial_every = Duration::from_secs(1);

@@ -148,6 +148,8 @@ pub(crate) struct Runner {
     producer: Option<PeerId>,
     /// This node holds a replica for this producer (it asked with `replicate`).
     replica_of: Option<PeerId>,
+    /// The producer that disconnected, and when (see `check_producer_lost`).
+    producer_lost: Option<(PeerId, Instant)>,
     /// Peers that said they are fetching from origin, and when.
     live_producers: HashMap<PeerId, Instant>,
     pending_have: Vec<u32>,
@@ -225,6 +227,7 @@ impl Runner {
             elected: HashSet::new(),
             producer: None,
             replica_of: None,
+            producer_lost: None,
             live_producers: HashMap::new(),
             pending_have: Vec::new(),
             last_have_sent: None,
@@ -462,6 +465,20 @@ impl Runner {
             }
             RunnerMsg::PeerDisconnected(peer) => {
                 self.live_producers.remove(&peer);
+                // The producer is gone: look for the pieces it was fetching now rather than
+                // after `stall_timeout` without progress (the stall path re-probes, waits
+                // STALL_SETTLE for answers, then elects a producer for what nobody holds).
+                let was_producing = self.producer == Some(peer)
+                    || self.replica_of == Some(peer)
+                    || self
+                        .header
+                        .as_ref()
+                        .is_some_and(|h| h.header.producer == peer);
+                if was_producing && self.wanted && !self.have.is_complete() {
+                    tracing::info!(task = %self.key, producer = %peer, "producer disconnected");
+                    self.producer_lost = Some((peer, Instant::now()));
+                    self.reprobe();
+                }
             }
             RunnerMsg::Providers(peers) => self.on_providers(peers),
             RunnerMsg::Probed { peer, result } => self.on_probed(peer, result).await,
@@ -569,7 +586,8 @@ impl Runner {
             None => {
                 self.start_waiters.push(reply);
                 if !self.opening {
-                    self.start_production(Vec::new());
+                    // A producer taking over asks for just the pieces nobody holds.
+                    self.start_production(missing);
                 }
             }
         }
@@ -758,7 +776,11 @@ impl Runner {
         if self.awaiting_probes == 0 {
             if self.header.is_none() {
                 self.elect(Vec::new());
-            } else if self.wanted && self.sources.is_empty() && self.producing.is_none() {
+            } else if self.wanted
+                && self.sources.is_empty()
+                && self.producing.is_none()
+                && !self.someone_producing()
+            {
                 let missing = self.unreachable_pieces();
                 if !missing.is_empty() {
                     self.elect(missing);
@@ -1776,8 +1798,38 @@ impl Runner {
     async fn on_tick(&mut self) {
         self.flush_announcements(false).await;
         self.persist_hashes();
+        self.check_producer_lost();
         self.check_stall();
         self.schedule();
+    }
+
+    /// The producer disconnected STALL_SETTLE ago (its sources were re-probed then): elect a
+    /// producer for what nobody holds now, without waiting for `stall_timeout` (pieces still
+    /// trading between peers would keep postponing a stall).
+    fn check_producer_lost(&mut self) {
+        let Some((gone, at)) = self.producer_lost else {
+            return;
+        };
+        if at.elapsed() < STALL_SETTLE {
+            return;
+        }
+        if self.electing || self.opening || self.producing.is_some() {
+            return;
+        }
+        self.producer_lost = None;
+        if !self.wanted || !matches!(self.phase, Phase::Running) || self.have.is_complete() {
+            return;
+        }
+        self.failed_producers.insert(gone);
+        if self.producer == Some(gone) {
+            self.producer = None;
+        }
+        let missing = self.unreachable_pieces();
+        if missing.is_empty() || self.someone_producing() {
+            return;
+        }
+        tracing::info!(task = %self.key, pieces = missing.len(), "producer gone; electing a producer for what nobody holds");
+        self.elect(missing);
     }
 
     /// Gossips new hashes, and new haves when due (`all`: every pending have, due or not).
@@ -1886,6 +1938,29 @@ impl Runner {
     }
 
     /// Pieces not held that no live source can serve (hash unknown or no holder).
+    /// Asks every source and producer again for what it holds, and the DHT for more holders.
+    fn reprobe(&mut self) {
+        let peers: Vec<PeerId> = self
+            .sources
+            .keys()
+            .copied()
+            .chain(self.producer)
+            .chain(self.live_producers.keys().copied())
+            .collect();
+        for p in peers {
+            self.probe(p);
+        }
+        self.discover();
+    }
+
+    /// A peer said lately (within 2 × STALL_SETTLE) that it is fetching the origin.
+    fn someone_producing(&self) -> bool {
+        let now = Instant::now();
+        self.live_producers
+            .values()
+            .any(|t| now.duration_since(*t) < STALL_SETTLE * 2)
+    }
+
     fn unreachable_pieces(&self) -> Vec<u32> {
         (0..self.piece_count())
             .filter(|&i| !self.have.get(i))
@@ -1912,25 +1987,13 @@ impl Runner {
             None => {
                 tracing::info!(task = %self.key, "no progress; re-probing sources and producers");
                 self.stall_since = Some(now);
-                let peers: Vec<PeerId> = self
-                    .sources
-                    .keys()
-                    .copied()
-                    .chain(self.producer)
-                    .chain(self.live_producers.keys().copied())
-                    .collect();
-                for p in peers {
-                    self.probe(p);
-                }
-                self.discover();
+                self.reprobe();
             }
             Some(t) if now.duration_since(t) >= STALL_SETTLE => {
                 self.stall_since = None;
                 self.last_progress = now;
                 let missing = self.unreachable_pieces();
-                let fresh = |t: &Instant| now.duration_since(*t) < STALL_SETTLE * 2;
-                let someone_producing = self.live_producers.values().any(fresh);
-                if missing.is_empty() || someone_producing {
+                if missing.is_empty() || self.someone_producing() {
                     return;
                 }
                 if let Some(p) = self.producer.take() {
