@@ -1990,6 +1990,16 @@ impl Runner {
                 self.reprobe();
             }
             Some(t) if now.duration_since(t) >= STALL_SETTLE => {
+                // A producer still connected whose answer to the re-probe has not come back is
+                // slow (a loaded seed), not gone: wait for it, up to the probe's own timeout,
+                // rather than ask another seed to fetch the same pieces from the origin.
+                if let Some(p) = self.producer
+                    && self.probing.contains(&p)
+                    && self.ctx.net.state().is_connected(&p)
+                    && now.duration_since(t) < PROBE_TIMEOUT
+                {
+                    return;
+                }
                 self.stall_since = None;
                 self.last_progress = now;
                 let missing = self.unreachable_pieces();
