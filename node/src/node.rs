@@ -689,21 +689,13 @@ impl Node {
                 // than decline (the asker would fetch the origin a second time).
                 let requester = Requester::peer_at(ctx.net.state().peer(&peer).and_then(|p| p.ip));
                 for _ in 0..3 {
-                    if ctx.registry.live(&task).is_none() {
-                        let store = ctx.store.clone();
-                        if let Ok(Ok(Some(rec))) =
-                            tokio::task::spawn_blocking(move || store.task(&task)).await
-                            && rec.complete
-                        {
-                            return ControlResponse::Started { header: rec.header };
-                        }
+                    if ctx.registry.live(&task).is_none()
+                        && let Some(rec) = complete_in_store(ctx, task).await
+                    {
+                        return ControlResponse::Started { header: rec.header };
                     }
                     let Some(runner) = ctx.registry.get_or_start_for(ctx, task, Some(peer)) else {
-                        return ControlResponse::Error(ControlError {
-                            code: ErrorCode::Declined,
-                            message: "too many tasks started by this peer".into(),
-                            origin_status: None,
-                        });
+                        return too_many_tasks();
                     };
                     let (tx, rx) = oneshot::channel();
                     let sent = runner.tx.send(RunnerMsg::StartTask {
@@ -751,18 +743,11 @@ impl Node {
             });
         }
         let requester = Requester::peer_at(ctx.net.state().peer(&peer).and_then(|p| p.ip));
-        let store = ctx.store.clone();
-        if let Ok(Ok(Some(rec))) = tokio::task::spawn_blocking(move || store.task(&task)).await
-            && rec.complete
-        {
+        if complete_in_store(ctx, task).await.is_some() {
             return ControlResponse::Replicating;
         }
         let Some(runner) = ctx.registry.get_or_start_for(ctx, task, Some(peer)) else {
-            return ControlResponse::Error(ControlError {
-                code: ErrorCode::Declined,
-                message: "too many tasks started by this peer".into(),
-                origin_status: None,
-            });
+            return too_many_tasks();
         };
         let (tx, rx) = oneshot::channel();
         let sent = runner.tx.send(RunnerMsg::Replicate {
@@ -778,10 +763,9 @@ impl Node {
             return answer;
         }
         // The runner ended just as the request reached it: complete, or failed.
-        let store = ctx.store.clone();
-        match tokio::task::spawn_blocking(move || store.task(&task)).await {
-            Ok(Ok(Some(rec))) if rec.complete => ControlResponse::Replicating,
-            _ => ControlResponse::Error(TaskError::internal("task stopped").to_control()),
+        match complete_in_store(ctx, task).await {
+            Some(_) => ControlResponse::Replicating,
+            None => ControlResponse::Error(TaskError::internal("task stopped").to_control()),
         }
     }
 
@@ -791,6 +775,27 @@ impl Node {
             .await
             .unwrap_or_default()
     }
+}
+
+/// The task's record when the store holds it complete.
+async fn complete_in_store(
+    ctx: &Arc<TaskContext>,
+    task: TaskKey,
+) -> Option<crate::store::TaskRecord> {
+    let store = ctx.store.clone();
+    match tokio::task::spawn_blocking(move || store.task(&task)).await {
+        Ok(Ok(Some(rec))) if rec.complete => Some(rec),
+        _ => None,
+    }
+}
+
+/// The answer to a peer that has started too many runners here.
+fn too_many_tasks() -> ControlResponse {
+    ControlResponse::Error(ControlError {
+        code: ErrorCode::Declined,
+        message: "too many tasks started by this peer".into(),
+        origin_status: None,
+    })
 }
 
 /// How long a purge waits for a finishing runner, for the DHT's providers, and (twice this) for

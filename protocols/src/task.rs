@@ -287,6 +287,23 @@ impl ContentHasher {
     }
 }
 
+/// An OCI manifest reference, a tag or a digest: what the registry mirror is asked for and what
+/// an image preheat starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestReference {
+    Tag(String),
+    Digest(ContentDigest),
+}
+
+impl fmt::Display for ManifestReference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManifestReference::Tag(t) => f.write_str(t),
+            ManifestReference::Digest(d) => write!(f, "{d}"),
+        }
+    }
+}
+
 /// A whole-content digest, written `sha256:<64 hex>` (the OCI form) or `sha512:<128 hex>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ContentDigest {

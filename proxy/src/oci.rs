@@ -55,20 +55,7 @@ impl Route {
 }
 
 /// A manifest reference: a tag or a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reference {
-    Tag(String),
-    Digest(ContentDigest),
-}
-
-impl std::fmt::Display for Reference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Reference::Tag(t) => f.write_str(t),
-            Reference::Digest(d) => write!(f, "{d}"),
-        }
-    }
-}
+pub use df_protocols::task::ManifestReference as Reference;
 
 /// Parses a request path. `Err` is the error response to send (path under `/v2/` but malformed).
 /// `Ok(None)`: not a registry path at all.

@@ -37,20 +37,7 @@ pub struct ImageRef {
     pub reference: Reference,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reference {
-    Tag(String),
-    Digest(ContentDigest),
-}
-
-impl std::fmt::Display for Reference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Reference::Tag(t) => f.write_str(t),
-            Reference::Digest(d) => write!(f, "{d}"),
-        }
-    }
-}
+pub use df_protocols::task::ManifestReference as Reference;
 
 impl std::fmt::Display for ImageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
