@@ -31,9 +31,14 @@ pub(crate) fn free_port() -> u16 {
 /// `df node` on loopback with its data in `data_dir` and its API at `api` (HOST:PORT or a socket
 /// path), warnings only, output discarded.
 pub(crate) fn start_node(data_dir: &Path, api: impl AsRef<OsStr>) -> Daemon {
+    start_daemon("node", data_dir, api)
+}
+
+/// `df node` or `df seed` on loopback with ephemeral ports, its API at `api`.
+pub(crate) fn start_daemon(role: &str, data_dir: &Path, api: impl AsRef<OsStr>) -> Daemon {
     Daemon(
         Command::new(DF)
-            .args(["node", "--data-dir"])
+            .args([role, "--data-dir"])
             .arg(data_dir)
             .args([
                 "--listen",
