@@ -38,7 +38,9 @@ const MAX_JOBS: usize = 256;
 const TASKS_AT_ONCE: usize = 4;
 /// How long a job may run before its unfinished hosts are reported as timed out.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
-/// How often hosts are asked for their progress.
+/// Control requests one job task has in flight at once (preheat asks, progress questions).
+const REQUESTS_AT_ONCE: usize = 32;
+/// How often hosts are asked for their progress (less often past 64 hosts).
 const POLL_EVERY: Duration = Duration::from_millis(500);
 /// A host that does not answer progress questions for this long has failed.
 const HOST_SILENCE: Duration = Duration::from_secs(30);
@@ -613,21 +615,31 @@ async fn preheat_task(
     // Replica owners also hear from the first owner, but only when it fetches the task now:
     // one that already held it replicates nothing, so every other host is asked here.
     {
-        for (n, &h) in hosts.iter().enumerate().skip(1) {
-            let ctx = ctx.clone();
-            let cell = cell.clone();
-            let mut req = req.clone();
-            tokio::spawn(async move {
-                let r = ask_to_preheat(&ctx, h, key, &mut req).await;
-                if let Err(e) = r {
-                    update(&cell, |j| {
-                        let host = &mut j.tasks[i].hosts[n];
-                        host.state = JobState::Failed;
-                        host.error = Some(e);
-                    });
-                }
-            });
-        }
+        let asks: Vec<(usize, PeerId)> = hosts.iter().copied().enumerate().skip(1).collect();
+        let ctx = ctx.clone();
+        let cell = cell.clone();
+        let req = req.clone();
+        tokio::spawn(async move {
+            let asks: Vec<_> = asks
+                .into_iter()
+                .map(|(n, h)| {
+                    let (ctx, cell, mut req) = (ctx.clone(), cell.clone(), req.clone());
+                    async move {
+                        if let Err(e) = ask_to_preheat(&ctx, h, key, &mut req).await {
+                            update(&cell, |j| {
+                                let host = &mut j.tasks[i].hosts[n];
+                                host.state = JobState::Failed;
+                                host.error = Some(e);
+                            });
+                        }
+                    }
+                })
+                .collect();
+            futures::stream::iter(asks)
+                .buffer_unordered(REQUESTS_AT_ONCE)
+                .for_each(|()| async {})
+                .await;
+        });
     }
     // 3. Progress, until every host holds it or failed.
     let mut silent_since: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
@@ -647,11 +659,18 @@ async fn preheat_task(
         if pending.is_empty() {
             break;
         }
-        let answers = futures::future::join_all(pending.iter().map(|&(n, p)| {
-            let ctx = ctx.clone();
-            async move { (n, p, held(&ctx, p, key).await) }
-        }))
-        .await;
+        let asks: Vec<_> = pending
+            .iter()
+            .map(|&(n, p)| {
+                let ctx = ctx.clone();
+                async move { (n, p, held(&ctx, p, key).await) }
+            })
+            .collect();
+        let answers: Vec<_> = futures::stream::iter(asks)
+            .buffer_unordered(REQUESTS_AT_ONCE)
+            .collect()
+            .await;
+        let hosts_left = answers.len();
         update(cell, |j| {
             for (n, p, a) in answers {
                 let host = &mut j.tasks[i].hosts[n];
@@ -675,7 +694,10 @@ async fn preheat_task(
                 }
             }
         });
-        tokio::time::sleep(POLL_EVERY).await;
+        // Half a second for a few hosts; a large cluster is asked less often (each round asks
+        // every unfinished host once).
+        let rounds = u32::try_from(hosts_left / 64).unwrap_or(u32::MAX).min(20);
+        tokio::time::sleep(POLL_EVERY * (1 + rounds)).await;
     }
     let failed: Vec<String> = cell
         .lock()
