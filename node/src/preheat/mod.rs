@@ -372,12 +372,13 @@ fn finish(cell: &Mutex<PreheatJob>, error: Option<String>) {
             .iter()
             .find(|t| t.state == JobState::Failed)
             .map(|t| {
-                format!(
-                    "{} ({}): {}",
-                    t.what,
-                    t.url,
-                    t.error.clone().unwrap_or_default()
-                )
+                let e = t.error.clone().unwrap_or_default();
+                // Origin errors name the URL already.
+                if e.contains(&t.url) {
+                    format!("{}: {e}", t.what)
+                } else {
+                    format!("{} ({}): {e}", t.what, t.url)
+                }
             });
         j.error = error.or(failed_task);
         j.state = if j.error.is_some() {
