@@ -813,18 +813,15 @@ async fn from_swarm(ctx: &Ctx, url: &str, reference: &Reference) -> Option<Cache
         body.extend_from_slice(&chunk.ok()?);
     }
     let body = body.freeze();
-    let alg = match reference {
-        Reference::Digest(d) => d.algorithm(),
-        Reference::Tag(_) => df_protocols::task::DigestAlgorithm::Sha256,
+    let digest = match reference {
+        // A digest task's content was checked against its digest by the node.
+        Reference::Digest(d) => d.clone(),
+        Reference::Tag(_) => {
+            let mut hasher = df_protocols::task::DigestAlgorithm::Sha256.hasher();
+            hasher.update(&body);
+            hasher.finish()
+        }
     };
-    let mut hasher = alg.hasher();
-    hasher.update(&body);
-    let digest = hasher.finish();
-    if let Reference::Digest(d) = reference
-        && *d != digest
-    {
-        return None;
-    }
     Some(CachedManifest {
         content_type: media_type_of(&body),
         digest: digest.to_string(),

@@ -614,23 +614,13 @@ fn base64_encodes() {
     assert_eq!(base64(b"a"), "YQ==");
 }
 
-/// Polls a preheat job until it ends.
+/// Starts a preheat job and polls it until it ends.
 async fn preheat_to_end(
     api: &df_node::api::client::ApiClient,
     req: df_node::preheat::PreheatRequest,
 ) -> Result<df_node::preheat::PreheatJob> {
     let id = api.preheat(&req).await?.id;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let job = api.preheat_job(&id).await?;
-        if job.state.is_finished() {
-            return Ok(job);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("preheat job not finished: {job:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    df_testnet::finished_preheat(api, &id, Duration::from_secs(120)).await
 }
 
 fn image_preheat(

@@ -11,4 +11,6 @@ pub mod registry;
 pub mod swarm;
 
 pub use origin::TestOrigin;
-pub use swarm::{Swarm, TestNode, content, init_test_logs, sha256_hex, url_task_key};
+pub use swarm::{
+    Swarm, TestNode, content, finished_preheat, init_test_logs, sha256_hex, url_task_key,
+};

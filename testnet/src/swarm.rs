@@ -229,6 +229,26 @@ pub fn init_test_logs() {
         .try_init();
 }
 
+/// Polls preheat job `id` on `api` (the job API has no event to wait on) until it ends; an error
+/// after `within`.
+pub async fn finished_preheat(
+    api: &ApiClient,
+    id: &str,
+    within: Duration,
+) -> Result<df_node::preheat::PreheatJob> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let job = api.preheat_job(id).await?;
+        if job.state.is_finished() {
+            return Ok(job);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("preheat job not finished after {within:?}: {job:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The task key of a plain `df get URL` (no tag, no filtered query parameters).
 pub fn url_task_key(url: &str) -> Result<df_protocols::task::TaskKey> {
     use df_protocols::task::{TaskKey, canonical_url, parse_url};

@@ -339,17 +339,7 @@ async fn finished_job(
     api: &df_node::api::client::ApiClient,
     id: &str,
 ) -> Result<df_node::preheat::PreheatJob> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let job = api.preheat_job(id).await?;
-        if job.state.is_finished() {
-            return Ok(job);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("preheat job still {:?} after 90 s: {job:?}", job.state);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    df_testnet::finished_preheat(api, id, Duration::from_secs(90)).await
 }
 
 fn file_preheat(

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use url::Url;
 
-use crate::origin::{OriginError, OriginSpec, Requester, display_url};
+use crate::origin::{OriginError, OriginResponse, OriginSpec, Requester, display_url};
 use crate::task::{DownloadRequest, TaskContext};
 
 /// The largest manifest or index read (the mirror's default `max_manifest_size` too).
@@ -468,22 +468,7 @@ impl RegistryReader {
             requester: Requester::Local,
         };
         let resp = self.ctx.origin.open(&spec, 0..MAX_MANIFEST).await?;
-        if resp.content_length > MAX_MANIFEST {
-            return Err(OriginError::Protocol(format!(
-                "{} is {} bytes (at most {MAX_MANIFEST})",
-                display_url(&spec.url),
-                resp.content_length
-            )));
-        }
-        let mut body = BytesMut::new();
-        let mut s = resp.body;
-        while let Some(chunk) = s.next().await {
-            body.extend_from_slice(&chunk?);
-            if body.len() as u64 > MAX_MANIFEST {
-                return Err(OriginError::Protocol("manifest too large".into()));
-            }
-        }
-        Ok(body.freeze())
+        read_small(resp, &spec.url).await
     }
 
     /// Answers a 401: Basic with the credentials, or a Bearer token from the registry's token
@@ -550,14 +535,9 @@ impl RegistryReader {
                 OriginError::Status { status: 401, .. } if self.creds.is_none() => no_creds(),
                 e => format!("{}: token service: {e}", self.image),
             })?;
-        let mut body = BytesMut::new();
-        let mut s = resp.body;
-        while let Some(chunk) = s.next().await {
-            body.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
-            if body.len() as u64 > MAX_MANIFEST {
-                return Err("token answer too large".into());
-            }
-        }
+        let body = read_small(resp, &token_url)
+            .await
+            .map_err(|e| format!("{}: token service: {e}", self.image))?;
         #[derive(Deserialize)]
         struct Token {
             token: Option<String>,
@@ -572,6 +552,24 @@ impl RegistryReader {
         self.auth = Some(format!("Bearer {token}"));
         Ok(())
     }
+}
+
+/// Reads an answer of at most [`MAX_MANIFEST`] bytes (a manifest, a token) into memory.
+async fn read_small(resp: OriginResponse, url: &Url) -> Result<Bytes, OriginError> {
+    let too_large =
+        || OriginError::Protocol(format!("{} is over {MAX_MANIFEST} bytes", display_url(url)));
+    if resp.content_length > MAX_MANIFEST {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::new();
+    let mut s = resp.body;
+    while let Some(chunk) = s.next().await {
+        body.extend_from_slice(&chunk?);
+        if body.len() as u64 > MAX_MANIFEST {
+            return Err(too_large());
+        }
+    }
+    Ok(body.freeze())
 }
 
 /// The digest naming `body`: the reference's when it is one, else sha256 of the bytes.

@@ -299,7 +299,7 @@ pub(crate) fn start(
             filtered_query_params,
             digest,
         } => {
-            file_request(url, headers, tag, filtered_query_params, digest)?.task_key()?;
+            file_request(url, headers, tag, filtered_query_params, digest)?;
             shown_url(url)
         }
         PreheatTarget::Image {
@@ -484,18 +484,11 @@ async fn run(ctx: Arc<TaskContext>, cell: Arc<Mutex<PreheatJob>>, req: PreheatRe
 /// The live seeds this node may ask to fetch an origin (trusted producers, connected, this node
 /// when it is a seed), in the task's owner order.
 fn owners(ctx: &TaskContext, key: &TaskKey) -> Vec<PeerId> {
-    let state = ctx.net.state();
-    let connected: std::collections::HashSet<PeerId> =
-        state.connected_peers().into_iter().collect();
-    let mut seeds: Vec<PeerId> = state
-        .seeds()
-        .into_iter()
-        .filter(|s| connected.contains(s) && ctx.trust.trusts_producer(s))
-        .collect();
+    let mut seeds = crate::task::owners::live_trusted_seeds(ctx.net.state(), &ctx.trust, key);
     if ctx.config.role == Role::Seed {
         seeds.push(ctx.peer_id);
+        crate::task::owners::owner_order(key, &mut seeds);
     }
-    crate::task::owners::owner_order(key, &mut seeds);
     seeds
 }
 

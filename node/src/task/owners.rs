@@ -17,6 +17,24 @@ pub fn owner_order(key: &TaskKey, peers: &mut [PeerId]) {
     peers.sort_by_key(|p| KBucketKey::from(*p).distance(&target));
 }
 
+/// The seeds a node is connected to and trusts as producers, in `key`'s owner order: whom it
+/// asks to fetch an origin or to hold a replica.
+pub(crate) fn live_trusted_seeds(
+    state: &crate::network::NetState,
+    trust: &crate::trust::TrustPolicy,
+    key: &TaskKey,
+) -> Vec<PeerId> {
+    let connected: std::collections::HashSet<PeerId> =
+        state.connected_peers().into_iter().collect();
+    let mut seeds: Vec<PeerId> = state
+        .seeds()
+        .into_iter()
+        .filter(|s| connected.contains(s) && trust.trusts_producer(s))
+        .collect();
+    owner_order(key, &mut seeds);
+    seeds
+}
+
 /// The first `n` owners of `key` among `seeds`, in order.
 pub fn owners(key: &TaskKey, seeds: &[PeerId], n: usize) -> Vec<PeerId> {
     let mut v = seeds.to_vec();

@@ -148,8 +148,8 @@ pub(crate) struct Runner {
     producer: Option<PeerId>,
     /// This node holds a replica for this producer (it asked with `replicate`).
     replica_of: Option<PeerId>,
-    /// The producer that disconnected, and when (see `check_producer_lost`).
-    producer_lost: Option<(PeerId, Instant)>,
+    /// The producer disconnected: the stall path runs without waiting for `stall_timeout`.
+    producer_lost: bool,
     /// Peers that said they are fetching from origin, and when.
     live_producers: HashMap<PeerId, Instant>,
     pending_have: Vec<u32>,
@@ -227,7 +227,7 @@ impl Runner {
             elected: HashSet::new(),
             producer: None,
             replica_of: None,
-            producer_lost: None,
+            producer_lost: false,
             live_producers: HashMap::new(),
             pending_have: Vec::new(),
             last_have_sent: None,
@@ -476,7 +476,8 @@ impl Runner {
                         .is_some_and(|h| h.header.producer == peer);
                 if was_producing && self.wanted && !self.have.is_complete() {
                     tracing::info!(task = %self.key, producer = %peer, "producer disconnected");
-                    self.producer_lost = Some((peer, Instant::now()));
+                    self.producer_lost = true;
+                    self.stall_since = Some(Instant::now());
                     self.reprobe();
                 }
             }
@@ -658,20 +659,12 @@ impl Runner {
         let Some(req) = &self.request else {
             return;
         };
-        let state = self.ctx.net.state();
-        let connected: HashSet<PeerId> = state.connected_peers().into_iter().collect();
-        let mut owners: Vec<PeerId> = state
-            .seeds()
-            .into_iter()
-            .filter(|s| {
-                *s != self.ctx.peer_id
-                    && connected.contains(s)
-                    && !self.banned.contains(s)
-                    && self.ctx.trust.trusts_producer(s)
-            })
-            .collect();
-        super::owners::owner_order(&self.key, &mut owners);
-        owners.truncate(extra);
+        let owners: Vec<PeerId> =
+            super::owners::live_trusted_seeds(self.ctx.net.state(), &self.ctx.trust, &self.key)
+                .into_iter()
+                .filter(|s| *s != self.ctx.peer_id && !self.banned.contains(s))
+                .take(extra)
+                .collect();
         if owners.is_empty() {
             tracing::debug!(task = %self.key, "no other live seed to hold a replica");
             return;
@@ -1798,38 +1791,8 @@ impl Runner {
     async fn on_tick(&mut self) {
         self.flush_announcements(false).await;
         self.persist_hashes();
-        self.check_producer_lost();
         self.check_stall();
         self.schedule();
-    }
-
-    /// The producer disconnected STALL_SETTLE ago (its sources were re-probed then): elect a
-    /// producer for what nobody holds now, without waiting for `stall_timeout` (pieces still
-    /// trading between peers would keep postponing a stall).
-    fn check_producer_lost(&mut self) {
-        let Some((gone, at)) = self.producer_lost else {
-            return;
-        };
-        if at.elapsed() < STALL_SETTLE {
-            return;
-        }
-        if self.electing || self.opening || self.producing.is_some() {
-            return;
-        }
-        self.producer_lost = None;
-        if !self.wanted || !matches!(self.phase, Phase::Running) || self.have.is_complete() {
-            return;
-        }
-        self.failed_producers.insert(gone);
-        if self.producer == Some(gone) {
-            self.producer = None;
-        }
-        let missing = self.unreachable_pieces();
-        if missing.is_empty() || self.someone_producing() {
-            return;
-        }
-        tracing::info!(task = %self.key, pieces = missing.len(), "producer gone; electing a producer for what nobody holds");
-        self.elect(missing);
     }
 
     /// Gossips new hashes, and new haves when due (`all`: every pending have, due or not).
@@ -1980,7 +1943,11 @@ impl Runner {
             return;
         }
         let now = Instant::now();
-        if now.duration_since(self.last_progress) < self.ctx.config.download.stall_timeout {
+        // A producer that disconnected is looked for at once (it was re-probed then): pieces
+        // still trading between peers would keep postponing a stall.
+        if !self.producer_lost
+            && now.duration_since(self.last_progress) < self.ctx.config.download.stall_timeout
+        {
             return;
         }
         match self.stall_since {
@@ -2001,6 +1968,7 @@ impl Runner {
                     return;
                 }
                 self.stall_since = None;
+                self.producer_lost = false;
                 self.last_progress = now;
                 let missing = self.unreachable_pieces();
                 if missing.is_empty() || self.someone_producing() {
