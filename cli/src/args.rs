@@ -242,12 +242,12 @@ pub(crate) struct PurgeArgs {
     pub task: String,
     /// Where: local, all_seeds or all_peers.
     #[arg(long, default_value = "all_peers", value_parser = parse_scope)]
-    pub scope: df_node::node::PurgeScope,
+    pub scope: df_node::api::PurgeScope,
     #[command(flatten)]
     pub node: StatusArgs,
 }
 
-fn parse_scope(s: &str) -> Result<df_node::node::PurgeScope, String> {
+fn parse_scope(s: &str) -> Result<df_node::api::PurgeScope, String> {
     s.parse()
 }
 

@@ -222,6 +222,14 @@ async fn download(
 ) -> Result<()> {
     let info = api.create_task(req).await.map_err(describe)?;
     let total = info.content_length.unwrap_or(0);
+    let show = !args.no_progress && std::io::stderr().is_terminal();
+    if let Output::File(target) = out
+        && crate::copy::api_is_local(api.addr())
+        && copy_beside_node(api, &info.id, total, target, show).await?
+    {
+        report(api, &info.id, out, total, started, show).await;
+        return Ok(());
+    }
     let (len, mut stream) = api.content(&info.id, None).await.map_err(describe)?;
     if len != total {
         bail!("the node announced {total} bytes but streams {len}");
@@ -230,7 +238,6 @@ async fn download(
         Output::Stdout => Sink::Stdout(tokio::io::stdout()),
         Output::File(p) => Sink::File(TempOutput::create(p).await?),
     };
-    let show = !args.no_progress && std::io::stderr().is_terminal();
     let progress = show.then(|| Progress::start(api.clone(), info.id.clone(), total));
     let mut hasher = req.digest.as_ref().map(|d| d.algorithm().hasher());
     let mut written = 0u64;
@@ -278,10 +285,64 @@ async fn download(
         (Sink::Stdout(mut s), _) => s.flush().await.context("flushing standard output")?,
         _ => {}
     }
+    report(api, &info.id, out, total, started, show).await;
+    Ok(())
+}
+
+/// `-o FILE` with the node on this host: the pieces copied from the node's files into the
+/// output (see [`crate::copy`]). `Ok(false)`: the node does not offer that; stream instead.
+///
+/// No hash is taken here: with `--digest` the task is a digest task, whose node lists its last
+/// piece only after the whole content has matched the digest.
+async fn copy_beside_node(
+    api: &ApiClient,
+    id: &str,
+    total: u64,
+    target: &Path,
+    show: bool,
+) -> Result<bool> {
+    let temp = TempOutput::create(target).await?;
+    let file = match temp.file.as_ref() {
+        Some(f) => f.try_clone().await.map_err(|e| io_error(e, &temp.path))?,
+        None => bail!("output closed"),
+    };
+    let file = std::sync::Arc::new(file.into_std().await);
+    let progress = show.then(|| Progress::start(api.clone(), id.to_owned(), total));
+    let copied = crate::copy::copy_pieces(api, id, total, file, |n| {
+        if let Some(p) = &progress {
+            p.set(n);
+        }
+    })
+    .await;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    match copied {
+        Ok(crate::copy::Copied::All {
+            from_files,
+            through_api,
+        }) => {
+            tracing::debug!(
+                task = id,
+                from_files,
+                through_api,
+                "pieces copied beside the node"
+            );
+            temp.commit(target).await?;
+            Ok(true)
+        }
+        // `temp` goes, and the content is streamed into a new one.
+        Ok(crate::copy::Copied::Unsupported) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The closing line on a terminal: where the bytes went, how fast, and from whom.
+async fn report(api: &ApiClient, id: &str, out: &Output, total: u64, started: Instant, show: bool) {
     if show {
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         let share = api
-            .task(&info.id)
+            .task(id)
             .await
             .ok()
             .map(|t| {
@@ -306,7 +367,6 @@ async fn download(
             total as f64 / secs / 1e6
         );
     }
-    Ok(())
 }
 
 /// Turns API errors into the one line the user sees.

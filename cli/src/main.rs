@@ -10,6 +10,7 @@
 //! Exit codes: 0 success, 1 failure (one line on standard error), 2 usage error.
 
 mod args;
+mod copy;
 mod get;
 mod preheat;
 mod progress;

@@ -97,6 +97,61 @@ async fn get_to_stdout_streams_in_order_through_a_daemon() {
     assert!(v["bytes"]["from_origin"].as_u64().unwrap() >= data.len() as u64);
 }
 
+/// `-o FILE` beside its node: the CLI copies the node's verified piece files into the output
+/// (`copy_file_range`) instead of taking every byte through the API; the output is whole and
+/// exact, with nothing else left beside it, and a second download of the cached task does the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_beside_a_daemon_copies_the_nodes_piece_files() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(9 * MIB + 3, 7);
+    origin.put("/copy.bin", data.clone());
+    let node = TestNode::start(Role::Node, vec![], |_| {}).await.unwrap();
+    let api = node.node.api_addr().to_string();
+    let url = origin.url("/copy.bin");
+    for round in 0..2 {
+        let home = tempfile::tempdir().unwrap();
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = out_dir.path().join("copy.bin");
+        let o = tokio::task::spawn_blocking({
+            let (out, api, url) = (out.clone(), api.clone(), url.clone());
+            move || {
+                df_env(
+                    &[
+                        "get",
+                        &url,
+                        "-o",
+                        out.to_str().unwrap(),
+                        "--api",
+                        &api,
+                        "--no-progress",
+                    ],
+                    home.path(),
+                    &[("RUST_LOG", "df=debug")],
+                )
+            }
+        })
+        .await
+        .unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success(), "round {round}: df failed: {err}");
+        assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
+        assert_eq!(leftovers(out_dir.path()), vec!["copy.bin".to_owned()]);
+        let line = err
+            .lines()
+            .find(|l| l.contains("pieces copied beside the node"))
+            .unwrap_or_else(|| panic!("round {round}: the content was not copied: {err}"));
+        assert!(line.contains("through_api=0"), "{line}");
+        assert!(!line.contains("from_files=0"), "{line}");
+    }
+    // The second round came from the node's cache: the origin sent the file once.
+    let sent = origin.bytes_sent();
+    assert!(
+        sent >= data.len() as u64 && sent <= data.len() as u64 * 102 / 100,
+        "origin sent {sent} bytes for {}",
+        data.len()
+    );
+}
+
 /// Runs a failing `df get -o FILE` and returns its stderr, checking it left nothing behind.
 async fn fails(args: Vec<String>) -> String {
     let home = tempfile::tempdir().unwrap();

@@ -99,21 +99,7 @@ pub(crate) async fn open(
     key: &TaskKey,
     range: Option<&str>,
 ) -> Result<Content, ContentError> {
-    let mut progress = crate::task::progress(ctx, key)
-        .await
-        .ok_or(ContentError::UnknownTask)?;
-    let header = loop {
-        let p = progress.borrow().clone();
-        if let Phase::Failed(e) = p.phase {
-            return Err(e.into());
-        }
-        if let Some(h) = p.header {
-            break h;
-        }
-        if progress.changed().await.is_err() {
-            return Err(TaskError::internal("task stopped before it started").into());
-        }
-    };
+    let (header, progress) = header_of(ctx, key).await?;
     let len = header.header.content_length;
     let (partial, range) = match parse_range(range, len) {
         Ok(None) => (false, 0..len),
@@ -145,6 +131,169 @@ pub(crate) async fn open(
         partial,
         stream,
     })
+}
+
+/// Waits for a task's header; returns it with the task's progress.
+async fn header_of(
+    ctx: &Arc<TaskContext>,
+    key: &TaskKey,
+) -> Result<(SignedHeader, watch::Receiver<Progress>), ContentError> {
+    let mut progress = crate::task::progress(ctx, key)
+        .await
+        .ok_or(ContentError::UnknownTask)?;
+    loop {
+        let p = progress.borrow().clone();
+        if let Phase::Failed(e) = p.phase {
+            return Err(e.into());
+        }
+        if let Some(h) = p.header {
+            return Ok((h, progress));
+        }
+        if progress.changed().await.is_err() {
+            return Err(TaskError::internal("task stopped before it started").into());
+        }
+    }
+}
+
+/// One verified piece of a task, where a reader on this host finds its bytes:
+/// `GET /v1/tasks/{id}/files` sends one per piece, as JSON lines, in the order pieces arrive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PieceFile {
+    pub index: u32,
+    /// Where the piece's bytes lie in the content.
+    pub offset: u64,
+    pub length: u64,
+    /// The piece's own file, exactly `length` bytes (see [`PieceStore::piece_file`]); `None`
+    /// when the store keeps it elsewhere: read `offset..offset + length` from the content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// Every piece of a task as it becomes readable: what `df get -o FILE` copies from when it runs
+/// on the node's host, instead of taking the bytes through the API a second time.
+pub struct PieceFiles {
+    pub header: SignedHeader,
+    pub content_length: u64,
+    /// Each piece once, lowest ready index first; ends after the last piece. With a whole-content
+    /// digest the last piece comes only after the digest has been verified, as in [`Content`].
+    pub stream: BoxStream<'static, Result<PieceFile, std::io::Error>>,
+}
+
+/// Waits for the task's header, then lists its pieces as they are verified and stored.
+pub(crate) async fn open_files(
+    ctx: &Arc<TaskContext>,
+    key: &TaskKey,
+) -> Result<PieceFiles, ContentError> {
+    let (header, progress) = header_of(ctx, key).await?;
+    let layout = header.header.layout();
+    let count = layout.piece_count();
+    let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
+    let st = FilesState {
+        ctx: ctx.clone(),
+        key: *key,
+        progress,
+        layout,
+        listed: vec![false; count as usize],
+        left: count,
+        gate_last,
+        done: false,
+    };
+    Ok(PieceFiles {
+        content_length: header.header.content_length,
+        header,
+        stream: futures::stream::unfold(st, next_file).boxed(),
+    })
+}
+
+struct FilesState {
+    ctx: Arc<TaskContext>,
+    key: TaskKey,
+    progress: watch::Receiver<Progress>,
+    layout: PieceLayout,
+    /// Pieces already listed.
+    listed: Vec<bool>,
+    left: u32,
+    gate_last: bool,
+    done: bool,
+}
+
+/// The lowest piece that may be listed now; `Err` when the task failed or restarted.
+fn ready_piece(
+    listed: &[bool],
+    gate_last: bool,
+    p: &Progress,
+) -> Result<Option<u32>, std::io::Error> {
+    if let Phase::Failed(e) = &p.phase {
+        return Err(std::io::Error::other(e.to_string()));
+    }
+    if p.header.is_none() {
+        return Err(std::io::Error::other(
+            "content failed its digest; the task restarted without its producer, retry",
+        ));
+    }
+    let last = (listed.len() as u32).saturating_sub(1);
+    let complete = p.phase == Phase::Complete;
+    Ok(p.have.iter_set().find(|&i| {
+        !listed.get(i as usize).copied().unwrap_or(true) && (!gate_last || i != last || complete)
+    }))
+}
+
+async fn next_file(mut st: FilesState) -> Option<(Result<PieceFile, std::io::Error>, FilesState)> {
+    if st.done || st.left == 0 {
+        return None;
+    }
+    let index = loop {
+        let ready = {
+            let p = st.progress.borrow_and_update();
+            ready_piece(&st.listed, st.gate_last, &p)
+        };
+        match ready {
+            Ok(Some(i)) => break i,
+            Ok(None) => {}
+            Err(e) => {
+                st.done = true;
+                return Some((Err(e), st));
+            }
+        }
+        if st.progress.changed().await.is_err() {
+            // The runner is gone: what it left in the progress is final.
+            let ready = ready_piece(&st.listed, st.gate_last, &st.progress.borrow());
+            let why = match ready {
+                Ok(Some(_)) => continue,
+                Ok(None) => "task stopped".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            st.done = true;
+            return Some((Err(std::io::Error::other(why)), st));
+        }
+    };
+    if let Some(l) = st.listed.get_mut(index as usize) {
+        *l = true;
+    }
+    st.left -= 1;
+    // A reader copying the task is a use of it, as serving a peer is (eviction reads this).
+    st.ctx.activity.touch(&st.key);
+    let (store, key) = (st.ctx.store.clone(), st.key);
+    let path = tokio::task::spawn_blocking(move || store.piece_file(&key, index)).await;
+    let path = match path {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            st.done = true;
+            return Some((Err(std::io::Error::other(e.to_string())), st));
+        }
+        Err(e) => {
+            st.done = true;
+            return Some((Err(std::io::Error::other(e.to_string())), st));
+        }
+    };
+    let range = st.layout.piece_range(index);
+    let file = PieceFile {
+        index,
+        offset: range.start,
+        length: range.end - range.start,
+        path,
+    };
+    Some((Ok(file), st))
 }
 
 struct StreamState {

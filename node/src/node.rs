@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{self, NodeStatus};
+use crate::api::{self, NodeStatus, PurgeScope};
 use crate::config::{ApiAddr, NodeConfig, Role};
 use crate::content::{Content, ContentError};
 use crate::metrics::{Gauges, Metrics};
@@ -547,6 +547,15 @@ impl Node {
         crate::content::open(&self.inner.ctx, key, range).await
     }
 
+    /// Lists a task's pieces as they are verified, with the files holding them, for a reader on
+    /// this host (see [`crate::content::PieceFiles`]).
+    pub async fn content_files(
+        &self,
+        key: &TaskKey,
+    ) -> Result<crate::content::PieceFiles, ContentError> {
+        crate::content::open_files(&self.inner.ctx, key).await
+    }
+
     /// Stops everything and flushes the store.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
@@ -802,30 +811,6 @@ fn too_many_tasks() -> ControlResponse {
 /// each host's answer.
 const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Where a purge applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PurgeScope {
-    /// This node only.
-    Local,
-    /// This node and every seed it knows.
-    AllSeeds,
-    /// This node, the seeds, the connected peers and every provider of the task.
-    AllPeers,
-}
-
-impl std::str::FromStr for PurgeScope {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "local" => Ok(PurgeScope::Local),
-            "all_seeds" => Ok(PurgeScope::AllSeeds),
-            "all_peers" => Ok(PurgeScope::AllPeers),
-            _ => Err(format!("scope {s:?}: use local, all_seeds or all_peers")),
-        }
-    }
-}
-
 /// Binds an optional extra HTTP listener (`metrics_listen`, `ui_listen`); returns it and the
 /// address it got.
 async fn bind_extra<F, Fut>(
@@ -1012,6 +997,13 @@ impl api::NodeApi for Node {
 
     async fn content(&self, key: &TaskKey, range: Option<&str>) -> Result<Content, ContentError> {
         Node::content(self, key, range).await
+    }
+
+    async fn content_files(
+        &self,
+        key: &TaskKey,
+    ) -> Result<crate::content::PieceFiles, ContentError> {
+        Node::content_files(self, key).await
     }
 
     fn preheat(

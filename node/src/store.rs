@@ -127,6 +127,14 @@ pub trait PieceStore: Send + Sync + 'static {
     fn piece_data(&self, task: &TaskKey, index: u32) -> Result<Option<PieceData>, StoreError> {
         Ok(self.piece(task, index)?.map(PieceData::Bytes))
     }
+    /// A stored piece's own file, for a reader on this host that copies the bytes itself
+    /// (`copy_file_range`) instead of taking them through the API; `None` when the store keeps
+    /// the piece elsewhere (in memory, as a RocksDB value) or does not hold it. The file is
+    /// replaced whole (renamed into place), never rewritten in place.
+    fn piece_file(&self, task: &TaskKey, index: u32) -> Result<Option<PathBuf>, StoreError> {
+        let _ = (task, index);
+        Ok(None)
+    }
     /// Which of a task's `count` pieces are stored.
     fn bitfield(&self, task: &TaskKey, count: u32) -> Result<Bitfield, StoreError>;
     /// How many pieces of a task are stored.
@@ -580,6 +588,17 @@ impl PieceStore for RocksStore {
         Ok(self.piece(task, index)?.map(PieceData::Bytes))
     }
 
+    fn piece_file(&self, task: &TaskKey, index: u32) -> Result<Option<PathBuf>, StoreError> {
+        let _db = self.db()?;
+        let path = self.piece_path(task, index);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(path)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
     fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         match std::fs::read(self.piece_path(task, index)) {
@@ -962,6 +981,9 @@ mod tests {
         });
         let got = store.piece(&t, 3).unwrap().unwrap();
         assert!(versions.contains(&got), "a piece file mixes writers' bytes");
+        let path = store.piece_file(&t, 3).unwrap().expect("a piece file");
+        assert_eq!(path, store.piece_path(&t, 3));
+        assert_eq!(std::fs::read(&path).unwrap(), got);
         assert!(store.bitfield(&t, 4).unwrap().get(3));
         // No temporary file is left; the usage counts the piece.
         let files: Vec<_> = std::fs::read_dir(store.task_dir(&t)).unwrap().collect();
@@ -1065,6 +1087,11 @@ mod tests {
         };
         assert_eq!(bytes, b"ij");
         assert!(store.piece_data(&ta, 1).unwrap().is_none());
+        // A piece's own file, where the store keeps one, holds exactly the piece.
+        if let Some(path) = store.piece_file(&ta, 2).unwrap() {
+            assert_eq!(std::fs::read(path).unwrap(), b"ij");
+        }
+        assert!(store.piece_file(&ta, 1).unwrap().is_none());
         assert_eq!(
             store
                 .bitfield(&ta, 3)
@@ -1097,6 +1124,7 @@ mod tests {
         store.delete_task(&ta).unwrap();
         assert!(store.task(&ta).unwrap().is_none());
         assert!(store.piece(&ta, 0).unwrap().is_none());
+        assert!(store.piece_file(&ta, 2).unwrap().is_none());
         assert_eq!(store.bitfield(&ta, 3).unwrap().count(), 0);
         assert_eq!(store.held_count(&ta).unwrap(), 0);
         assert_eq!(store.piece(&tb, 1).unwrap().unwrap(), b"zzzz");

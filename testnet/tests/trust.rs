@@ -214,7 +214,7 @@ async fn with_trust_producers_only_listed_seeds_see_credentials() -> Result<()> 
 /// origin again; a member that does not trust the asker refuses it and keeps the task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purge_is_carried_out_by_members_that_trust_the_asker() -> Result<()> {
-    use df_node::node::PurgeScope;
+    use df_node::api::PurgeScope;
     use df_testnet::url_task_key;
     init_test_logs();
     let origin = TestOrigin::start().await?;

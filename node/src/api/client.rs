@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use super::token::ApiToken;
 use super::{ErrorBody, NodeStatus, Refusal, RefusalBody, TaskInfo};
 use crate::config::ApiAddr;
+use crate::content::PieceFile;
 use crate::task::{DownloadRequest, TaskError};
 
 /// Errors talking to the local API.
@@ -156,12 +157,12 @@ impl ApiClient {
     pub async fn purge(
         &self,
         id: &str,
-        scope: crate::node::PurgeScope,
+        scope: crate::api::PurgeScope,
     ) -> Result<Vec<super::PurgeHost>, ApiError> {
         let scope = match scope {
-            crate::node::PurgeScope::Local => "local",
-            crate::node::PurgeScope::AllSeeds => "all_seeds",
-            crate::node::PurgeScope::AllPeers => "all_peers",
+            crate::api::PurgeScope::Local => "local",
+            crate::api::PurgeScope::AllSeeds => "all_seeds",
+            crate::api::PurgeScope::AllPeers => "all_peers",
         };
         self.json(
             Method::DELETE,
@@ -291,6 +292,90 @@ impl ApiClient {
             }
         });
         Ok((len, Box::pin(stream)))
+    }
+
+    /// `GET /v1/tasks/{id}/files`: the task's pieces as they are verified, each with the file
+    /// holding it (see [`PieceFile`]). Returns the content length and the listing; a node without
+    /// the route answers [`ApiError::Http`] 404 or 405.
+    pub async fn content_files(&self, id: &str) -> Result<(u64, PieceFileStream), ApiError> {
+        let resp = self
+            .send(Method::GET, &format!("/v1/tasks/{id}/files"), None, &[])
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = body_bytes(resp).await?;
+            return Err(error_from(status, &bytes));
+        }
+        let len = resp
+            .headers()
+            .get("x-df-content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| ApiError::Protocol("piece listing without a content length".into()))?;
+        let lines = LineReader {
+            body: BodyStream::new(resp.into_body()),
+            buf: Vec::new(),
+            done: false,
+        };
+        Ok((
+            len,
+            Box::pin(futures::stream::unfold(lines, next_piece_file)),
+        ))
+    }
+}
+
+/// The pieces of a task as `GET /v1/tasks/{id}/files` lists them.
+pub type PieceFileStream = Pin<Box<dyn Stream<Item = Result<PieceFile, ApiError>> + Send>>;
+
+/// Longest listing line accepted (a line is a piece's index, offset, length and path).
+const MAX_LINE: usize = 16 << 10;
+
+struct LineReader {
+    body: BodyStream<Incoming>,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+async fn next_piece_file(mut r: LineReader) -> Option<(Result<PieceFile, ApiError>, LineReader)> {
+    if r.done {
+        return None;
+    }
+    let fail = |mut r: LineReader, msg: String| {
+        r.done = true;
+        Some((Err(ApiError::Protocol(msg)), r))
+    };
+    loop {
+        if let Some(end) = r.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = r.buf.drain(..=end).collect();
+            let line = &line[..end];
+            if let Ok(p) = serde_json::from_slice::<PieceFile>(line) {
+                return Some((Ok(p), r));
+            }
+            #[derive(serde::Deserialize)]
+            struct Failed {
+                error: String,
+            }
+            return match serde_json::from_slice::<Failed>(line) {
+                Ok(f) => fail(r, f.error),
+                Err(e) => fail(r, format!("malformed piece listing line: {e}")),
+            };
+        }
+        if r.buf.len() > MAX_LINE {
+            return fail(
+                r,
+                format!("a piece listing line longer than {MAX_LINE} bytes"),
+            );
+        }
+        match r.body.next().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    r.buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => return fail(r, format!("piece listing broken: {e}")),
+            None if r.buf.is_empty() => return None,
+            None => return fail(r, "piece listing ended mid-line".to_owned()),
+        }
     }
 }
 

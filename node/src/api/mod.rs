@@ -11,6 +11,7 @@
 //! | `GET /v1/tasks` | every live and recently finished task, [`TaskInfo`] each |
 //! | `GET /v1/tasks/{id}` | one task's [`TaskInfo`] (progress, sources, error) |
 //! | `GET`/`HEAD /v1/tasks/{id}/content` | the content, in order, streamed as pieces arrive; `Range: bytes=…` supported. A task that fails mid-stream aborts the response. |
+//! | `GET /v1/tasks/{id}/files` | the task's pieces as they are verified, one [`PieceFile`](crate::content::PieceFile) JSON line each (`application/x-ndjson`), lowest ready index first, with the file holding it where the store keeps one: a client on this host copies them into its output itself (`df get -o`). A line `{"error": …}` ends a failed listing. |
 //! | `DELETE /v1/tasks/{id}` | evicts a finished task from the cache |
 //! | `DELETE /v1/tasks/{id}?scope=all_seeds\|all_peers` | purges it here and on the seeds / every member holding it; answers [`PurgeHost`] per host |
 //! | `POST /v1/preheat` | body: [`PreheatRequest`](crate::preheat::PreheatRequest); starts a job, answers `202` with its [`PreheatJob`](crate::preheat::PreheatJob) |
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::Role;
-use crate::content::{Content, ContentError};
+use crate::content::{Content, ContentError, PieceFiles};
 use crate::metrics::ByteCounters;
 use crate::task::{DownloadRequest, Phase, Progress, TaskError};
 
@@ -48,7 +49,7 @@ pub trait NodeApi: Send + Sync + 'static {
     /// `GET /readyz`: `Err(reason)` while the node cannot serve yet.
     fn readiness(&self) -> Result<(), String>;
     /// `DELETE /v1/tasks/{id}?scope=all_seeds|all_peers`: a purge here and on other members.
-    async fn purge(&self, key: &TaskKey, scope: crate::node::PurgeScope) -> Vec<PurgeHost>;
+    async fn purge(&self, key: &TaskKey, scope: PurgeScope) -> Vec<PurgeHost>;
     /// `GET /v1/peers`: the peers connected now.
     fn peers(&self) -> Vec<PeerView>;
     /// `GET /v1/tasks/{id}/pieces`: one [`PieceMark`](crate::task::PieceMark) character per piece.
@@ -63,6 +64,8 @@ pub trait NodeApi: Send + Sync + 'static {
     async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError>;
     /// A byte range of a task's content (an HTTP `Range` value; `None`: all of it), in order.
     async fn content(&self, key: &TaskKey, range: Option<&str>) -> Result<Content, ContentError>;
+    /// `GET /v1/tasks/{id}/files`: the task's pieces as they are verified, with their files.
+    async fn content_files(&self, key: &TaskKey) -> Result<PieceFiles, ContentError>;
     /// `POST /v1/preheat`: starts a job.
     fn preheat(
         &self,
@@ -122,6 +125,30 @@ pub struct TaskInfo {
     pub producing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+}
+
+/// Where a purge applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PurgeScope {
+    /// This node only.
+    Local,
+    /// This node and every seed it knows.
+    AllSeeds,
+    /// This node, the seeds, the connected peers and every provider of the task.
+    AllPeers,
+}
+
+impl std::str::FromStr for PurgeScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" => Ok(PurgeScope::Local),
+            "all_seeds" => Ok(PurgeScope::AllSeeds),
+            "all_peers" => Ok(PurgeScope::AllPeers),
+            _ => Err(format!("scope {s:?}: use local, all_seeds or all_peers")),
+        }
+    }
 }
 
 /// One host's part in a purge (`DELETE /v1/tasks/{id}?scope=…`).

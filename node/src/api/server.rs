@@ -540,7 +540,7 @@ async fn route(
                             .find(|(k, _)| k == "scope")
                             .map(|(_, v)| v.into_owned())
                     });
-                    match scope.as_deref().map(str::parse::<crate::node::PurgeScope>) {
+                    match scope.as_deref().map(str::parse::<crate::api::PurgeScope>) {
                         None => match node.delete_task(&key).await {
                             Ok(true) => full(StatusCode::NO_CONTENT, "text/plain", ""),
                             Ok(false) => not_found("task"),
@@ -553,6 +553,7 @@ async fn route(
                 (m @ (Method::GET | Method::HEAD), ["content"]) => {
                     content(node, key, &req, m == Method::HEAD).await
                 }
+                (Method::GET, ["files"]) => files(node, key).await,
                 _ => full(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "text/plain",
@@ -688,6 +689,46 @@ async fn content(
     r
 }
 
+/// `GET /v1/tasks/{id}/files`: a JSON line per piece as it becomes readable; a failure ends the
+/// listing with a line `{"error": "…"}` (the status line has gone out long before).
+async fn files(node: Arc<dyn NodeApi>, key: TaskKey) -> Response<Body> {
+    let f = match node.content_files(&key).await {
+        Ok(f) => f,
+        Err(ContentError::UnknownTask) => return not_found("task"),
+        Err(ContentError::Task(e)) => return error(e),
+        Err(e @ ContentError::RangeNotSatisfiable { .. }) => {
+            return error(TaskError::internal(e.to_string()));
+        }
+    };
+    let lines = f.stream.scan(false, |failed, item| {
+        if *failed {
+            return futures::future::ready(None);
+        }
+        let mut line = match item {
+            Ok(piece) => serde_json::to_vec(&piece).unwrap_or_default(),
+            Err(e) => {
+                *failed = true;
+                serde_json::to_vec(&serde_json::json!({ "error": e.to_string() }))
+                    .unwrap_or_default()
+            }
+        };
+        line.push(b'\n');
+        futures::future::ready(Some(Ok::<_, std::io::Error>(Frame::data(Bytes::from(
+            line,
+        )))))
+    });
+    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(lines)));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&f.content_length.to_string()) {
+        h.insert("x-df-content-length", v);
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,7 +782,7 @@ mod tests {
         async fn purge(
             &self,
             _key: &TaskKey,
-            _scope: crate::node::PurgeScope,
+            _scope: crate::api::PurgeScope,
         ) -> Vec<crate::api::PurgeHost> {
             Vec::new()
         }
@@ -769,6 +810,12 @@ mod tests {
             _key: &TaskKey,
             _range: Option<&str>,
         ) -> Result<crate::content::Content, ContentError> {
+            Err(ContentError::UnknownTask)
+        }
+        async fn content_files(
+            &self,
+            _key: &TaskKey,
+        ) -> Result<crate::content::PieceFiles, ContentError> {
             Err(ContentError::UnknownTask)
         }
         fn preheat(

@@ -1,0 +1,271 @@
+//! `df get -o FILE` beside its node: the node lists each verified piece with the file holding it
+//! (`GET /v1/tasks/{id}/files`), and the CLI copies the piece into the output at its offset with
+//! `copy_file_range` — in the kernel, a reflink where the filesystem shares extents — instead of
+//! taking every byte through the API's socket and writing it again. Pieces arrive in any order,
+//! so the copy overlaps the download. A piece whose file this process cannot read (another
+//! user's store, a store that keeps pieces elsewhere, a file evicted meanwhile) is fetched as a
+//! byte range through the API instead; a filesystem that cannot copy between the two files gets
+//! a plain read and write.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use df_node::ApiAddr;
+use df_node::api::client::{ApiClient, ApiError};
+use df_node::content::PieceFile;
+use futures::StreamExt;
+use nix::errno::Errno;
+
+/// Whether the API runs on this host, so the files it names are (maybe) ours to read.
+pub(crate) fn api_is_local(addr: &ApiAddr) -> bool {
+    match addr {
+        ApiAddr::Unix(_) => true,
+        ApiAddr::Tcp(a) => a.ip().is_loopback(),
+    }
+}
+
+/// What copying pieces came to.
+pub(crate) enum Copied {
+    /// The whole content is in the output: so many pieces copied from the node's files, so
+    /// many taken through the API.
+    All { from_files: u32, through_api: u32 },
+    /// The node does not list piece files (an older node): stream the content instead.
+    Unsupported,
+}
+
+/// Copies every piece of task `id` (`total` bytes) into `out` as the node lists them; calls
+/// `progress` with the bytes in place so far. On error the output holds an unknown part.
+pub(crate) async fn copy_pieces(
+    api: &ApiClient,
+    id: &str,
+    total: u64,
+    out: Arc<File>,
+    progress: impl Fn(u64),
+) -> Result<Copied> {
+    let (len, mut pieces) = match api.content_files(id).await {
+        Ok(l) => l,
+        Err(ApiError::Http { status, .. })
+            if status == http::StatusCode::NOT_FOUND
+                || status == http::StatusCode::METHOD_NOT_ALLOWED =>
+        {
+            return Ok(Copied::Unsupported);
+        }
+        Err(e) => return Err(crate::get::describe(e)),
+    };
+    if len != total {
+        bail!("the node announced {total} bytes but lists {len}");
+    }
+    let sized = out.clone();
+    tokio::task::spawn_blocking(move || sized.set_len(total))
+        .await?
+        .map_err(output_error)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut written = 0u64;
+    let (mut from_files, mut through_api) = (0u32, 0u32);
+    while let Some(piece) = pieces.next().await {
+        let piece = match piece {
+            Ok(p) => p,
+            // The listing broke: the node knows why (the task failed, or restarted).
+            Err(e) => {
+                let why = api.failure(id, Duration::from_secs(30)).await;
+                return Err(why
+                    .map(|w| anyhow!("{w}"))
+                    .unwrap_or_else(|| crate::get::describe(e)));
+            }
+        };
+        let end = piece.offset.checked_add(piece.length);
+        if end.is_none_or(|e| e > total) || !seen.insert(piece.index) {
+            bail!(
+                "the node listed piece {} at {}+{} of a {total}-byte content twice or out of range",
+                piece.index,
+                piece.offset,
+                piece.length
+            );
+        }
+        let copied = match piece.path.clone() {
+            Some(path) => {
+                let out = out.clone();
+                let (offset, length) = (piece.offset, piece.length);
+                tokio::task::spawn_blocking(move || copy_file(&path, length, &out, offset))
+                    .await??
+            }
+            None => false,
+        };
+        if copied {
+            from_files += 1;
+        } else {
+            fetch_range(api, id, &piece, &out).await?;
+            through_api += 1;
+        }
+        written += piece.length;
+        progress(written);
+    }
+    if written != total {
+        bail!("the node listed {written} of {total} bytes");
+    }
+    Ok(Copied::All {
+        from_files,
+        through_api,
+    })
+}
+
+/// Copies a piece's file (`length` bytes) into `out` at `offset`. `Ok(false)`: the file is not
+/// there for this process (gone, unreadable, another length): take the bytes from the API.
+fn copy_file(path: &PathBuf, length: u64, out: &File, offset: u64) -> Result<bool> {
+    let src = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) => {
+            return Ok(false);
+        }
+        Err(e) => bail!("opening {}: {e}", path.display()),
+    };
+    match src.metadata() {
+        Ok(m) if m.len() == length => {}
+        _ => return Ok(false),
+    }
+    let (mut off_in, mut off_out) = (0i64, offset as i64);
+    let mut left = length;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(&src, Some(&mut off_in), out, Some(&mut off_out), chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => left -= n as u64,
+            Err(Errno::EINTR) => {}
+            // Filesystems (or kernels) that cannot copy between these two files.
+            Err(
+                Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EPERM,
+            ) => {
+                plain_copy(&src, off_in as u64, out, off_out as u64, left).map_err(output_error)?;
+                return Ok(true);
+            }
+            Err(e) => return Err(output_error(e.into())),
+        }
+    }
+    Ok(true)
+}
+
+fn plain_copy(
+    src: &File,
+    mut from: u64,
+    out: &File,
+    mut at: u64,
+    mut left: u64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; (left.min(1 << 20)) as usize];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], from)?;
+        out.write_all_at(&buf[..n], at)?;
+        (from, at, left) = (from + n as u64, at + n as u64, left - n as u64);
+    }
+    Ok(())
+}
+
+/// A piece's bytes through the API, written into `out` at its offset.
+async fn fetch_range(api: &ApiClient, id: &str, piece: &PieceFile, out: &Arc<File>) -> Result<()> {
+    let range = piece.offset..piece.offset + piece.length;
+    let (len, mut stream) = api
+        .content(id, Some(range.clone()))
+        .await
+        .map_err(crate::get::describe)?;
+    if len != piece.length {
+        bail!(
+            "the node streams {len} bytes of piece {} ({} listed)",
+            piece.index,
+            piece.length
+        );
+    }
+    let mut at = range.start;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(crate::get::describe)?;
+        if at + chunk.len() as u64 > range.end {
+            bail!("the node streamed more than piece {}", piece.index);
+        }
+        let out = out.clone();
+        let n = chunk.len() as u64;
+        tokio::task::spawn_blocking(move || out.write_all_at(&chunk, at))
+            .await?
+            .map_err(output_error)?;
+        at += n;
+    }
+    if at != range.end {
+        bail!(
+            "piece {} ended after {} of {} bytes",
+            piece.index,
+            at - range.start,
+            piece.length
+        );
+    }
+    Ok(())
+}
+
+/// An error writing the output, in words (a full disk said so).
+fn output_error(e: std::io::Error) -> anyhow::Error {
+    if e.raw_os_error() == Some(28) {
+        anyhow!("no space left on device writing the output")
+    } else {
+        anyhow!("writing the output: {e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_piece_file_lands_at_its_offset_and_a_missing_one_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let piece = dir.path().join("3");
+        std::fs::write(&piece, b"world").unwrap();
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("out"))
+            .unwrap();
+        out.set_len(11).unwrap();
+        out.write_all_at(b"hello ", 0).unwrap();
+        assert!(copy_file(&piece, 5, &out, 6).unwrap());
+        assert_eq!(
+            std::fs::read(dir.path().join("out")).unwrap(),
+            b"hello world"
+        );
+        // Gone, or of another length than listed: the caller takes the API instead.
+        assert!(!copy_file(&dir.path().join("4"), 5, &out, 0).unwrap());
+        assert!(!copy_file(&piece, 6, &out, 0).unwrap());
+        assert_eq!(
+            std::fs::read(dir.path().join("out")).unwrap(),
+            b"hello world"
+        );
+    }
+
+    #[test]
+    fn the_plain_copy_fallback_moves_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("src"), &data).unwrap();
+        let src = File::open(dir.path().join("src")).unwrap();
+        let out = File::create(dir.path().join("out")).unwrap();
+        plain_copy(&src, 1000, &out, 7, 2_500_000).unwrap();
+        let got = std::fs::read(dir.path().join("out")).unwrap();
+        assert_eq!(got.len(), 2_500_007);
+        assert_eq!(&got[7..], &data[1000..2_501_000]);
+    }
+
+    #[test]
+    fn only_an_api_on_this_host_is_local() {
+        assert!(api_is_local(&ApiAddr::Unix("/d/api.sock".into())));
+        assert!(api_is_local(&ApiAddr::Tcp(
+            "127.0.0.1:65000".parse().unwrap()
+        )));
+        assert!(api_is_local(&ApiAddr::Tcp("[::1]:65000".parse().unwrap())));
+        assert!(!api_is_local(&ApiAddr::Tcp(
+            "10.0.0.2:65000".parse().unwrap()
+        )));
+    }
+}
