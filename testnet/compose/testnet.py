@@ -315,6 +315,24 @@ def t_star(a, size, n):
     return max(terms) if terms else None
 
 
+def goodput_t_star(a, peer, size, ts, run_id):
+    """T* at the rate one TCP transfer really reaches on the shaped links (headers and tbf's
+    accounting take a share of the nominal rate): one peer fetches up to 16 MiB of the file from
+    the origin, timed from its first byte. Returns (goodput-T* in s, goodput in bit/s)."""
+    n = min(size, 16 << 20)
+    out = dexec(peer, f"curl -s -o /dev/null -r 0-{n - 1} -w '%{{size_download}} %{{time_starttransfer}} "
+                      f"%{{time_total}}' 'http://origin/file.bin?goodput={run_id}'", timeout=120)
+    got, first, total = out.split()
+    secs = float(total) - float(first)
+    if int(got) != n or secs <= 0:
+        raise RuntimeError(f"goodput probe fetched {got} of {n} bytes in {secs} s")
+    bps = 8 * n / secs
+    nominal = min(r for r in (parse_rate(a.origin_rate or a.rate), parse_rate(a.peer_down or a.rate)) if r)
+    # parse_rate gives bytes per second; never report a goodput above the nominal rate.
+    eff = min(1.0, bps / 8 / nominal)
+    return ts / eff, bps
+
+
 def df_get_all(peers, url, timeout):
     """`df get` of `url` on every peer at once, each printing the sha256 of what it wrote."""
     return run_parallel(
@@ -549,6 +567,13 @@ def bench(a):
               "rates": {"origin_up": a.origin_rate or a.rate, "peer_up": a.peer_up or a.rate,
                         "peer_down": a.peer_down or a.rate, "seed": a.seed_rate or a.rate},
               "methods": {}}
+    if ts:
+        try:
+            gts, bps = goodput_t_star(a, peers[0], size, ts, run_id)
+            report["goodput_t_star_s"], report["goodput_mbit_s"] = round(gts, 3), round(bps / 1e6, 1)
+            log(f"T* = {ts:.2f} s; one TCP transfer reaches {bps / 1e6:.1f} Mbit/s: goodput-T* = {gts:.2f} s")
+        except Exception as e:
+            log(f"goodput probe failed: {e}")
     timeline = {}
     everyone = seeds + peers + [origin]
     # A real Prometheus scrapes every seed and peer while the methods run.
@@ -609,19 +634,24 @@ def bench(a):
 
 def report_md(r):
     ts = r["t_star_s"]
+    gts = r.get("goodput_t_star_s")
+    goodput = (f" Goodput-T* = {gts} s: T* at the {r['goodput_mbit_s']} Mbit/s one TCP transfer from the "
+               f"origin to a peer reached on these links." if gts else "")
     lines = [f"# testnet bench: {r['peers']} peers, {r['seeds']} seed(s), {r['size_bytes'] / 2**20:.0f} MiB",
              "",
-             f"Rates: {r['rates']}. T* = {ts if ts else 'n/a (unshaped)'} s.",
+             f"Rates: {r['rates']}. T* = {ts if ts else 'n/a (unshaped)'} s.{goodput}",
              "",
-             "| method | ok | p50 (s) | max (s) | p50 / T* | max / T* | origin bytes / S | CPU s (seeds, peers) | host busy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | ok | p50 (s) | max (s) | p50 / T* | max / T* | p50 / goodput-T* | max / goodput-T* "
+             "| origin bytes / S | CPU s (seeds, peers) | host busy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         cpu = m.get("cpu_s_by_role", {})
 
-        def ratio(x):
-            return f"{x / ts:.2f}" if (ts and x is not None) else "n/a"
+        def ratio(x, base=ts):
+            return f"{x / base:.2f}" if (base and x is not None) else "n/a"
         lines.append(f"| {name} | {m['ok']} | {m['p50_s']} | {m['max_s']} | {ratio(m['p50_s'])} | "
-                     f"{ratio(m['max_s'])} | {m['origin_bytes'] / r['size_bytes']:.3f} | "
+                     f"{ratio(m['max_s'])} | {ratio(m['p50_s'], gts)} | {ratio(m['max_s'], gts)} | "
+                     f"{m['origin_bytes'] / r['size_bytes']:.3f} | "
                      f"{cpu.get('seed', 'n/a')}, {cpu.get('peer', 'n/a')} | {m.get('host_busy', 'n/a')} |")
     lines.append("")
     df = r["methods"].get("df", {})
