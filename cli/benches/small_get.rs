@@ -64,41 +64,33 @@ fn main() {
 
     let out = w.join("out.bin");
     let url = |run: usize, who: &str| format!("http://127.0.0.1:{port}/file.bin?{who}={run}");
-    // One warm-up of each, untimed: the first process start pays for page-cache misses.
-    let warm = |run: usize| {
-        timed(Command::new("curl").args(["-sf", "-o", out.to_str().unwrap(), &url(run, "c")]));
-        timed(Command::new(DF).args([
-            "get",
-            &url(run, "d"),
-            "-o",
-            out.to_str().unwrap(),
-            "--api",
-            &api_b,
-            "--no-progress",
-        ]));
+    let curl_get = |run: usize| {
+        let mut c = Command::new("curl");
+        c.args(["-sf", "-o", out.to_str().unwrap(), &url(run, "c")]);
+        c
     };
-    warm(usize::MAX);
+    let df_get = |run: usize| {
+        let mut c = Command::new(DF);
+        c.args(["get", &url(run, "d"), "-o", out.to_str().unwrap()])
+            .args(["--api", &api_b, "--no-progress"]);
+        c
+    };
+    // One warm-up of each, untimed: the first process start pays for page-cache misses.
+    timed(&mut curl_get(usize::MAX));
+    timed(&mut df_get(usize::MAX));
 
     let mut curl = Vec::new();
     let mut df = Vec::new();
     // Interleaved, so both see the same machine load.
     for run in 0..runs {
         let t = std::time::Instant::now();
-        timed(Command::new("curl").args(["-sf", "-o", out.to_str().unwrap(), &url(run, "c")]));
+        timed(&mut curl_get(run));
         timed(Command::new("sync").arg(&out));
         curl.push(ms(t.elapsed()));
         assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
         std::fs::remove_file(&out).unwrap();
 
-        let d = timed(Command::new(DF).args([
-            "get",
-            &url(run, "d"),
-            "-o",
-            out.to_str().unwrap(),
-            "--api",
-            &api_b,
-            "--no-progress",
-        ]));
+        let d = timed(&mut df_get(run));
         df.push(ms(d));
         assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
         std::fs::remove_file(&out).unwrap();
