@@ -226,7 +226,15 @@ fn ready_piece(
     if let Phase::Failed(e) = &p.phase {
         return Err(std::io::Error::other(e.to_string()));
     }
-    if p.header.is_none() {
+    // A task that restarted (its content failed the digest, and it started over without that
+    // producer) dropped what it held: what was listed before is not to be trusted, even when a
+    // new header has come meanwhile.
+    let dropped = p.have.len() as usize != listed.len()
+        || listed
+            .iter()
+            .enumerate()
+            .any(|(i, &l)| l && !p.have.get(i as u32));
+    if p.header.is_none() || dropped {
         return Err(std::io::Error::other(
             "content failed its digest; the task restarted without its producer, retry",
         ));
@@ -439,6 +447,59 @@ fn read_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn progress(have: &[u32], count: u32, phase: Phase) -> Progress {
+        use df_protocols::manifest::{TaskHeader, Validators};
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let u = df_protocols::task::parse_url("http://h/x").unwrap();
+        let header = TaskHeader {
+            task: TaskKey::for_url(&u, ""),
+            source_url: u.to_string(),
+            content_length: u64::from(count) * 4,
+            piece_length: 4,
+            content_digest: None,
+            validators: Validators::default(),
+            producer: key.public().to_peer_id(),
+        }
+        .sign(&key)
+        .unwrap();
+        let mut bits = df_protocols::piece::Bitfield::new(count);
+        for &i in have {
+            bits.set(i);
+        }
+        let mut p = Progress::complete(header);
+        p.have = bits;
+        p.phase = phase;
+        p
+    }
+
+    #[test]
+    fn pieces_are_listed_lowest_ready_first_the_gated_last_at_the_end() {
+        let mut listed = vec![false; 4];
+        let running = progress(&[3, 1], 4, Phase::Running);
+        assert_eq!(ready_piece(&listed, false, &running).unwrap(), Some(1));
+        // With a digest the last piece waits for the task to be complete.
+        listed[1] = true;
+        assert_eq!(ready_piece(&listed, true, &running).unwrap(), None);
+        assert_eq!(ready_piece(&listed, false, &running).unwrap(), Some(3));
+        let done = progress(&[0, 1, 2, 3], 4, Phase::Complete);
+        assert_eq!(ready_piece(&listed, true, &done).unwrap(), Some(0));
+    }
+
+    #[test]
+    fn a_task_that_dropped_a_listed_piece_ends_the_listing() {
+        let listed = vec![true, false, false, false];
+        // Restarted: its pieces are gone, even though a header is there again.
+        let restarted = progress(&[2], 4, Phase::Running);
+        assert!(ready_piece(&listed, false, &restarted).is_err());
+        let resized = progress(&[0], 5, Phase::Running);
+        assert!(ready_piece(&listed, false, &resized).is_err());
+        let mut no_header = progress(&[0], 4, Phase::Running);
+        no_header.header = None;
+        assert!(ready_piece(&listed, false, &no_header).is_err());
+        let failed = progress(&[0], 4, Phase::Failed(TaskError::internal("boom")));
+        assert!(ready_piece(&listed, false, &failed).is_err());
+    }
 
     #[test]
     fn ranges() {
