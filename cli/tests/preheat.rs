@@ -10,7 +10,7 @@ use df_testnet::{TestOrigin, content};
 
 mod support;
 
-use support::{DF, free_port, start_daemon};
+use support::{DF, daemon_log, start_daemon};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preheat_wait_exits_zero_when_the_file_is_held_and_one_when_the_origin_says_404() {
@@ -18,7 +18,8 @@ async fn preheat_wait_exits_zero_when_the_file_is_held_and_one_when_the_origin_s
     origin.put("/release.tar", content(3 << 20, 61));
     origin.fail("/gone.tar", 404);
     let dir = tempfile::tempdir().unwrap();
-    let api = format!("127.0.0.1:{}", free_port());
+    // A socket, not a TCP port picked beforehand (which another bind may take meanwhile).
+    let api = dir.path().join("api.sock").to_str().unwrap().to_owned();
     let _seed = start_daemon("seed", &dir.path().join("seed"), &api);
     let df = |args: &[&str]| {
         Command::new(DF)
@@ -30,7 +31,11 @@ async fn preheat_wait_exits_zero_when_the_file_is_held_and_one_when_the_origin_s
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !df(&["status"]).status.success() {
-        assert!(Instant::now() < deadline, "the seed did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the seed did not start: {}",
+            daemon_log(&dir.path().join("seed"))
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 

@@ -9,7 +9,7 @@ use df_testnet::{TestOrigin, content};
 
 mod support;
 
-use support::{DF, free_port, get, start_node};
+use support::{DF, daemon_log, get, start_node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_by_url_removes_the_task_and_reports_each_host() {
@@ -17,7 +17,8 @@ async fn purge_by_url_removes_the_task_and_reports_each_host() {
     origin.put("/purged", content(200_000, 5));
     let url = origin.url("/purged");
     let dir = tempfile::tempdir().unwrap();
-    let api = format!("127.0.0.1:{}", free_port());
+    // A socket, not a TCP port picked beforehand (which another bind may take meanwhile).
+    let api = dir.path().join("api.sock").to_str().unwrap().to_owned();
     let _node = start_node(&dir.path().join("node"), &api);
     let df = move |args: &[&str]| {
         let mut c = Command::new(DF);
@@ -31,7 +32,11 @@ async fn purge_by_url_removes_the_task_and_reports_each_host() {
         .status
         .success()
     {
-        assert!(Instant::now() < deadline, "the node did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the node did not start: {}",
+            daemon_log(&dir.path().join("node"))
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = dir.path().join("out");

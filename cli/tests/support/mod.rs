@@ -29,13 +29,20 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// `df node` on loopback with its data in `data_dir` and its API at `api` (HOST:PORT or a socket
-/// path), warnings only, output discarded.
+/// path), warnings only, written to [`daemon_log`].
 pub(crate) fn start_node(data_dir: &Path, api: impl AsRef<OsStr>) -> Daemon {
     start_daemon("node", data_dir, api)
 }
 
-/// `df node` or `df seed` on loopback with ephemeral ports, its API at `api`.
+/// Where [`start_daemon`] writes a daemon's warnings and errors: `<data dir>.log`.
+pub(crate) fn daemon_log(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default()
+}
+
+/// `df node` or `df seed` on loopback with ephemeral ports, its API at `api`; its standard error
+/// goes to [`daemon_log`].
 pub(crate) fn start_daemon(role: &str, data_dir: &Path, api: impl AsRef<OsStr>) -> Daemon {
+    let log = std::fs::File::create(data_dir.with_extension("log")).unwrap();
     Daemon(
         Command::new(DF)
             .args([role, "--data-dir"])
@@ -50,7 +57,7 @@ pub(crate) fn start_daemon(role: &str, data_dir: &Path, api: impl AsRef<OsStr>) 
             .arg(api)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap(),
     )
