@@ -8,7 +8,9 @@
 //!
 //! Setup: nginx serves the file; seed A fetches it once (`df get` through A); then, per run, a fresh
 //! node B with `back_to_source = false` joins A and `df get -o FILE --api B` downloads it — every
-//! byte crosses the A→B data plane, is hashed and stored by B, and is written to FILE by the CLI.
+//! byte crosses the A→B data plane, is hashed and stored by B, and is copied into FILE by the CLI
+//! from B's piece files. `-O - > FILE` (streamed through the API, then `sync FILE`) is timed from
+//! another fresh node.
 //! The baseline is `curl -o FILE` from nginx (sendfile), on the same disk, followed by `sync FILE`
 //! (df fsyncs its output before renaming it into place, so both sync); the ratio is df / that.
 
@@ -148,6 +150,8 @@ fn main() {
             .stdout(file)
             .status()
             .unwrap();
+        // Synced as `-o` syncs its output (fsync parity).
+        timed(Command::new("sync").arg(&out));
         let d = t.elapsed();
         assert!(ok.success(), "df get -O - failed");
         let got = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
@@ -164,7 +168,7 @@ fn main() {
     println!("curl  <- nginx (to file, no sync): {curl_nosync:8.0} MB/s");
     println!("curl  <- nginx (to file, + sync) : {curl:8.0} MB/s");
     println!("df B  <- df A  (to file, fsynced): {df:8.0} MB/s");
-    println!("df B  <- df A  (-O - > file)     : {df_stream:8.0} MB/s");
+    println!("df B  <- df A  (-O - > file, sync): {df_stream:8.0} MB/s");
     println!("one-hop ratio df / curl : {:8.2}", df / curl);
     println!("stream ratio (-O -) / (-o) : {:5.2}", df_stream / df);
     println!("peak RSS, receiving node B: {:6.0} MiB", rss_b / 1048576.0);
