@@ -68,8 +68,31 @@ fn limit_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
+/// mimalloc's `purge_delay` option (`mi_option_purge_delay` in its `mi_option_e`, the same index
+/// in the v2 and v3 sources `libmimalloc-sys` bundles; `mimalloc_options_are_where_we_think`
+/// checks it against its documented default).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// A node's piece buffers (up to 48 MiB in flight while a seed fetches 16 MiB pieces) come and go
+/// all the time; by default mimalloc (v3, as `mimalloc` builds it) returns freed memory to the OS
+/// only a second later, so a node fetching or serving keeps a second's worth of freed buffers. Returning it at once took a seed's peak
+/// RSS fetching 4 GiB from 151 to 128 MiB (1 GiB: 112 to 85 MiB).
+fn return_freed_memory_promptly() {
+    // SAFETY: mi_option_set only stores an option value; the index is checked by a test.
+    #[allow(unsafe_code)]
+    unsafe {
+        mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+    }
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    return_freed_memory_promptly();
     let cli = Cli::parse();
     let log_format = cli.log_format;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -238,4 +261,34 @@ fn swarm_key(args: SwarmKeyArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(unsafe_code)]
+    unsafe extern "C" {
+        fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+    }
+
+    #[test]
+    fn mimalloc_options_are_where_we_think() {
+        // SAFETY: reading and setting an option value.
+        #[allow(unsafe_code)]
+        let (default, after) = unsafe {
+            let default = mi_option_get(MI_OPTION_PURGE_DELAY);
+            return_freed_memory_promptly();
+            (default, mi_option_get(MI_OPTION_PURGE_DELAY))
+        };
+        // purge_delay's defaults: 1000 ms in mimalloc v3, 10 ms in v2 (unless the environment
+        // set it).
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            assert!(
+                default == 1000 || default == 10,
+                "index {MI_OPTION_PURGE_DELAY} is not purge_delay: it holds {default}"
+            );
+        }
+        assert_eq!(after, 0);
+    }
 }
