@@ -18,7 +18,12 @@ use crate::progress::Progress;
 /// Where the bytes go.
 enum Output {
     Stdout,
+    /// A regular file (new or replaced): written beside it under a temporary name, synced, and
+    /// renamed into place.
     File(PathBuf),
+    /// Something that exists and is not a regular file (`/dev/null`, a FIFO, a terminal):
+    /// written in place, as wget and curl do. Never replaced.
+    Device(PathBuf),
 }
 
 /// The node serving this download: a running daemon, or one embedded for this download.
@@ -103,11 +108,20 @@ fn request(args: &GetArgs) -> Result<DownloadRequest> {
 }
 
 fn output(args: &GetArgs) -> Result<Output> {
-    match (&args.output, &args.output_document) {
-        (Some(p), None) => Ok(Output::File(p.clone())),
-        (None, Some(p)) if p.as_os_str() == "-" => Ok(Output::Stdout),
-        (None, Some(p)) => Ok(Output::File(p.clone())),
+    let path = match (&args.output, &args.output_document) {
+        (None, Some(p)) if p.as_os_str() == "-" => return Ok(Output::Stdout),
+        (Some(p), None) | (None, Some(p)) => p,
         _ => bail!("say where to write: -o FILE, or -O - for standard output"),
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!("{} is a directory", path.display()),
+        Ok(m) if !m.is_file() => Ok(Output::Device(path.clone())),
+        // An existing file, maybe through symbolic links: the file they lead to is replaced, and
+        // the links stay.
+        Ok(_) => Ok(Output::File(
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
+        )),
+        Err(_) => Ok(Output::File(path.clone())),
     }
 }
 
@@ -174,6 +188,7 @@ fn io_error(e: std::io::Error, path: &Path) -> anyhow::Error {
 enum Sink {
     Stdout(tokio::io::Stdout),
     File(TempOutput),
+    Device(tokio::fs::File, PathBuf),
 }
 
 impl Sink {
@@ -191,6 +206,7 @@ impl Sink {
                 let f = t.file.as_mut().ok_or_else(|| anyhow!("output closed"))?;
                 f.write_all(data).await.map_err(|e| io_error(e, &path))
             }
+            Sink::Device(f, path) => f.write_all(data).await.map_err(|e| io_error(e, path)),
         }
     }
 }
@@ -237,6 +253,14 @@ async fn download(
     let mut sink = match out {
         Output::Stdout => Sink::Stdout(tokio::io::stdout()),
         Output::File(p) => Sink::File(TempOutput::create(p).await?),
+        Output::Device(p) => Sink::Device(
+            tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .await
+                .map_err(|e| io_error(e, p))?,
+            p.clone(),
+        ),
     };
     let progress = show.then(|| Progress::start(api.clone(), info.id.clone(), total));
     let mut hasher = req.digest.as_ref().map(|d| d.algorithm().hasher());
@@ -283,6 +307,7 @@ async fn download(
     match (sink, out) {
         (Sink::File(t), Output::File(target)) => t.commit(target).await?,
         (Sink::Stdout(mut s), _) => s.flush().await.context("flushing standard output")?,
+        (Sink::Device(mut f, p), _) => f.flush().await.map_err(|e| io_error(e, &p))?,
         _ => {}
     }
     report(api, &info.id, out, total, started, show).await;
@@ -358,7 +383,7 @@ async fn report(api: &ApiClient, id: &str, out: &Output, total: u64, started: In
             })
             .unwrap_or_default();
         let dest = match out {
-            Output::File(p) => p.display().to_string(),
+            Output::File(p) | Output::Device(p) => p.display().to_string(),
             Output::Stdout => "standard output".to_owned(),
         };
         let _ = writeln!(

@@ -152,6 +152,85 @@ async fn get_beside_a_daemon_copies_the_nodes_piece_files() {
     );
 }
 
+/// An output that exists and is not a regular file (a FIFO here; `/dev/null` the same way) is
+/// written in place, as wget writes it, never replaced by a file; a symbolic link keeps pointing
+/// at the file it names, which gets the content; a directory is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_is_written_in_place_and_a_symlink_stays() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(2 * MIB + 5, 9);
+    origin.put("/pipe.bin", data.clone());
+    let url = origin.url("/pipe.bin");
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::read(fifo).unwrap()
+    });
+    let o = tokio::task::spawn_blocking({
+        let (fifo, url) = (fifo.clone(), url.clone());
+        let home = tempfile::tempdir().unwrap();
+        move || {
+            df(
+                &["get", &url, "-O", fifo.to_str().unwrap(), "--no-progress"],
+                home.path(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    // (Checked before waiting for the reader, which a replaced FIFO would leave blocked.)
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert_eq!(sha256_hex(&reader.join().unwrap()), sha256_hex(&data));
+    assert_eq!(leftovers(dir.path()), vec!["pipe".to_owned()]);
+
+    let real = dir.path().join("real.bin");
+    std::fs::write(&real, b"old").unwrap();
+    let link = dir.path().join("link.bin");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let o = tokio::task::spawn_blocking({
+        let (link, url) = (link.clone(), url.clone());
+        let home = tempfile::tempdir().unwrap();
+        move || {
+            df(
+                &["get", &url, "-o", link.to_str().unwrap(), "--no-progress"],
+                home.path(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        sha256_hex(&std::fs::read(&real).unwrap()),
+        sha256_hex(&data)
+    );
+
+    let o = tokio::task::spawn_blocking({
+        let target = dir.path().to_str().unwrap().to_owned();
+        let home = tempfile::tempdir().unwrap();
+        move || df(&["get", &url, "-o", &target, "--no-progress"], home.path())
+    })
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
+}
+
 /// Runs a failing `df get -o FILE` and returns its stderr, checking it left nothing behind.
 async fn fails(args: Vec<String>) -> String {
     let home = tempfile::tempdir().unwrap();
