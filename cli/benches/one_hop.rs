@@ -28,16 +28,8 @@ fn main() {
     let size_mib = env_u64("DF_BENCH_SIZE", 1024);
     let runs = env_u64("DF_BENCH_RUNS", 3) as usize;
     let size = size_mib << 20;
-    let work = tempfile::Builder::new()
-        .prefix("df-bench-")
-        .tempdir_in(bench_dir())
-        .unwrap();
-    let w = work.path();
-    let www = w.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    write_file(&www.join("file.bin"), size);
-    let port = free_port();
-    let _nginx = start_nginx(w, &www, port);
+    let served = serve_file(size);
+    let (w, port) = (served.work.path(), served.port);
     let url = format!("http://127.0.0.1:{port}/file.bin");
     println!("one-hop benchmark: {size_mib} MiB, {runs} runs, medians");
 

@@ -31,16 +31,8 @@ fn ms(d: Duration) -> f64 {
 fn main() {
     let runs = env_u64("DF_BENCH_RUNS", 21) as usize;
     let size = env_u64("DF_BENCH_SMALL", 1024);
-    let work = tempfile::Builder::new()
-        .prefix("df-bench-")
-        .tempdir_in(bench_dir())
-        .unwrap();
-    let w = work.path();
-    let www = w.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    write_file(&www.join("file.bin"), size);
-    let port = free_port();
-    let _nginx = start_nginx(w, &www, port);
+    let served = serve_file(size);
+    let (w, port) = (served.work.path(), served.port);
     println!("small-file benchmark: {size} bytes, {runs} runs per method");
 
     let api_a = format!("127.0.0.1:{}", free_port());

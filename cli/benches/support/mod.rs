@@ -60,6 +60,27 @@ pub fn write_file(path: &Path, size: u64) {
     f.flush().unwrap();
 }
 
+/// What a bench downloads: a work directory under [`bench_dir`] holding `www/file.bin` (`size`
+/// bytes), served by nginx on 127.0.0.1:`port`.
+pub struct Served {
+    pub nginx: Proc,
+    pub port: u16,
+    pub work: tempfile::TempDir,
+}
+
+pub fn serve_file(size: u64) -> Served {
+    let work = tempfile::Builder::new()
+        .prefix("df-bench-")
+        .tempdir_in(bench_dir())
+        .unwrap();
+    let www = work.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    write_file(&www.join("file.bin"), size);
+    let port = free_port();
+    let nginx = start_nginx(work.path(), &www, port);
+    Served { nginx, port, work }
+}
+
 pub fn start_nginx(dir: &Path, root: &Path, port: u16) -> Proc {
     let conf = dir.join("nginx.conf");
     std::fs::write(
