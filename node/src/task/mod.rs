@@ -694,19 +694,30 @@ pub(crate) async fn download(
         }
         return Ok((key, rec.header));
     }
-    let runner = ctx
-        .registry
-        .get_or_start(ctx, key)
-        .ok_or_else(|| TaskError::internal("task registry unavailable"))?;
-    let (tx, rx) = oneshot::channel();
-    runner
-        .tx
-        .send(RunnerMsg::Download { req, reply: tx })
-        .map_err(|_| TaskError::internal("task runner stopped"))?;
-    let header = rx
-        .await
-        .map_err(|_| TaskError::internal("task runner stopped"))??;
-    Ok((key, header))
+    // A runner may close its mailbox between being found and being asked (it was finishing):
+    // then the request goes to a fresh one. A runner that ends answers what it had queued.
+    let mut req = Some(req);
+    for _ in 0..2 {
+        let runner = ctx
+            .registry
+            .get_or_start(ctx, key)
+            .ok_or_else(|| TaskError::internal("task registry unavailable"))?;
+        let (tx, rx) = oneshot::channel();
+        let Some(r) = req.take() else { break };
+        if let Err(mpsc::error::SendError(msg)) =
+            runner.tx.send(RunnerMsg::Download { req: r, reply: tx })
+        {
+            if let RunnerMsg::Download { req: r, .. } = msg {
+                req = Some(r);
+            }
+            continue;
+        }
+        let header = rx
+            .await
+            .map_err(|_| TaskError::internal("task runner stopped"))??;
+        return Ok((key, header));
+    }
+    Err(TaskError::internal("task runner stopped"))
 }
 
 /// The progress of a live or recently finished task (complete tasks in the store included).

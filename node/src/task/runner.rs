@@ -288,6 +288,9 @@ impl Runner {
     }
 
     async fn finish(&mut self) {
+        // No new request joins a runner on its way out (a sender sees the mailbox closed and
+        // starts a fresh runner); the ones already queued are answered below.
+        self.rx.close();
         self.flush_announcements(true).await;
         self.persist_hashes_now().await;
         for (_, reqs) in self.inflight.drain() {
@@ -308,6 +311,24 @@ impl Runner {
         }
         for w in self.start_waiters.drain(..) {
             let _ = w.send(ControlResponse::Error(err.to_control()));
+        }
+        // Requests that were queued when the runner decided to exit get its outcome, not a
+        // dropped reply ("task runner stopped" told a user nothing of why the task ended).
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                RunnerMsg::Download { reply, .. } => {
+                    let _ = reply.send(match (&self.phase, &self.header) {
+                        (Phase::Complete, Some(h)) => Ok(h.clone()),
+                        _ => Err(err.clone()),
+                    });
+                }
+                RunnerMsg::StartTask { reply, .. } | RunnerMsg::Replicate { reply, .. }
+                    if matches!(self.phase, Phase::Failed(_)) =>
+                {
+                    let _ = reply.send(ControlResponse::Error(err.to_control()));
+                }
+                _ => {}
+            }
         }
         self.publish_progress();
         if self.ctx.registry.finished(&self.key, self.id) {
