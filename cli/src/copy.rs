@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ use df_node::api::client::{ApiClient, ApiError};
 use df_node::content::PieceFile;
 use futures::StreamExt;
 use nix::errno::Errno;
+
+use crate::get::io_error;
 
 /// Whether the API runs on this host, so the files it names are (maybe) ours to read.
 pub(crate) fn api_is_local(addr: &ApiAddr) -> bool {
@@ -38,13 +40,15 @@ pub(crate) enum Copied {
     Unsupported,
 }
 
-/// Copies every piece of task `id` (`total` bytes) into `out` as the node lists them; calls
-/// `progress` with the bytes in place so far. On error the output holds an unknown part.
+/// Copies every piece of task `id` (`total` bytes) into `out` (open at `out_path`, named in
+/// errors) as the node lists them; calls `progress` with the bytes in place so far. On error the
+/// output holds an unknown part.
 pub(crate) async fn copy_pieces(
     api: &ApiClient,
     id: &str,
     total: u64,
     out: Arc<File>,
+    out_path: &Path,
     progress: impl Fn(u64),
 ) -> Result<Copied> {
     let (len, mut pieces) = match api.content_files(id).await {
@@ -63,7 +67,7 @@ pub(crate) async fn copy_pieces(
     let sized = out.clone();
     tokio::task::spawn_blocking(move || sized.set_len(total))
         .await?
-        .map_err(output_error)?;
+        .map_err(|e| io_error(e, out_path))?;
     let mut seen = std::collections::HashSet::new();
     let mut written = 0u64;
     let (mut from_files, mut through_api) = (0u32, 0u32);
@@ -89,17 +93,19 @@ pub(crate) async fn copy_pieces(
         }
         let copied = match piece.path.clone() {
             Some(path) => {
-                let out = out.clone();
+                let (out, out_path) = (out.clone(), out_path.to_owned());
                 let (offset, length) = (piece.offset, piece.length);
-                tokio::task::spawn_blocking(move || copy_file(&path, length, &out, offset))
-                    .await??
+                tokio::task::spawn_blocking(move || {
+                    copy_file(&path, length, &out, &out_path, offset)
+                })
+                .await??
             }
             None => false,
         };
         if copied {
             from_files += 1;
         } else {
-            fetch_range(api, id, &piece, &out).await?;
+            fetch_range(api, id, &piece, &out, out_path).await?;
             through_api += 1;
         }
         written += piece.length;
@@ -116,7 +122,7 @@ pub(crate) async fn copy_pieces(
 
 /// Copies a piece's file (`length` bytes) into `out` at `offset`. `Ok(false)`: the file is not
 /// there for this process (gone, unreadable, another length): take the bytes from the API.
-fn copy_file(path: &PathBuf, length: u64, out: &File, offset: u64) -> Result<bool> {
+fn copy_file(path: &Path, length: u64, out: &File, out_path: &Path, offset: u64) -> Result<bool> {
     let src = match File::open(path) {
         Ok(f) => f,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) => {
@@ -140,10 +146,11 @@ fn copy_file(path: &PathBuf, length: u64, out: &File, offset: u64) -> Result<boo
             Err(
                 Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EPERM,
             ) => {
-                plain_copy(&src, off_in as u64, out, off_out as u64, left).map_err(output_error)?;
+                plain_copy(&src, off_in as u64, out, off_out as u64, left)
+                    .map_err(|e| io_error(e, out_path))?;
                 return Ok(true);
             }
-            Err(e) => return Err(output_error(e.into())),
+            Err(e) => return Err(io_error(e.into(), out_path)),
         }
     }
     Ok(true)
@@ -167,7 +174,13 @@ fn plain_copy(
 }
 
 /// A piece's bytes through the API, written into `out` at its offset.
-async fn fetch_range(api: &ApiClient, id: &str, piece: &PieceFile, out: &Arc<File>) -> Result<()> {
+async fn fetch_range(
+    api: &ApiClient,
+    id: &str,
+    piece: &PieceFile,
+    out: &Arc<File>,
+    out_path: &Path,
+) -> Result<()> {
     let range = piece.offset..piece.offset + piece.length;
     let (len, mut stream) = api
         .content(id, Some(range.clone()))
@@ -190,7 +203,7 @@ async fn fetch_range(api: &ApiClient, id: &str, piece: &PieceFile, out: &Arc<Fil
         let n = chunk.len() as u64;
         tokio::task::spawn_blocking(move || out.write_all_at(&chunk, at))
             .await?
-            .map_err(output_error)?;
+            .map_err(|e| io_error(e, out_path))?;
         at += n;
     }
     if at != range.end {
@@ -202,15 +215,6 @@ async fn fetch_range(api: &ApiClient, id: &str, piece: &PieceFile, out: &Arc<Fil
         );
     }
     Ok(())
-}
-
-/// An error writing the output, in words (a full disk said so).
-fn output_error(e: std::io::Error) -> anyhow::Error {
-    if e.raw_os_error() == Some(28) {
-        anyhow!("no space left on device writing the output")
-    } else {
-        anyhow!("writing the output: {e}")
-    }
 }
 
 #[cfg(test)]
@@ -230,14 +234,14 @@ mod tests {
             .unwrap();
         out.set_len(11).unwrap();
         out.write_all_at(b"hello ", 0).unwrap();
-        assert!(copy_file(&piece, 5, &out, 6).unwrap());
+        assert!(copy_file(&piece, 5, &out, &dir.path().join("out"), 6).unwrap());
         assert_eq!(
             std::fs::read(dir.path().join("out")).unwrap(),
             b"hello world"
         );
         // Gone, or of another length than listed: the caller takes the API instead.
-        assert!(!copy_file(&dir.path().join("4"), 5, &out, 0).unwrap());
-        assert!(!copy_file(&piece, 6, &out, 0).unwrap());
+        assert!(!copy_file(&dir.path().join("4"), 5, &out, &dir.path().join("out"), 0).unwrap());
+        assert!(!copy_file(&piece, 6, &out, &dir.path().join("out"), 0).unwrap());
         assert_eq!(
             std::fs::read(dir.path().join("out")).unwrap(),
             b"hello world"

@@ -177,7 +177,7 @@ impl Drop for TempOutput {
     }
 }
 
-fn io_error(e: std::io::Error, path: &Path) -> anyhow::Error {
+pub(crate) fn io_error(e: std::io::Error, path: &Path) -> anyhow::Error {
     if e.raw_os_error() == Some(28) {
         anyhow!("no space left on device writing {}", path.display())
     } else {
@@ -333,7 +333,7 @@ async fn copy_beside_node(
     };
     let file = std::sync::Arc::new(file.into_std().await);
     let progress = show.then(|| Progress::start(api.clone(), id.to_owned(), total));
-    let copied = crate::copy::copy_pieces(api, id, total, file, |n| {
+    let copied = crate::copy::copy_pieces(api, id, total, file, &temp.path, |n| {
         if let Some(p) = &progress {
             p.set(n);
         }

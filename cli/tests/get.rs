@@ -27,6 +27,23 @@ fn df_env(args: &[&str], data_home: &Path, env: &[(&str, &str)]) -> Output {
         .expect("running df")
 }
 
+/// [`df_env`] off the async runtime (the test's servers keep running), with a fresh data home.
+async fn df_blocking(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let home = tempfile::tempdir().unwrap();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        df_env(&args, home.path(), &env)
+    })
+    .await
+    .unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -109,29 +126,21 @@ async fn get_beside_a_daemon_copies_the_nodes_piece_files() {
     let api = node.node.api_addr().to_string();
     let url = origin.url("/copy.bin");
     for round in 0..2 {
-        let home = tempfile::tempdir().unwrap();
         let out_dir = tempfile::tempdir().unwrap();
         let out = out_dir.path().join("copy.bin");
-        let o = tokio::task::spawn_blocking({
-            let (out, api, url) = (out.clone(), api.clone(), url.clone());
-            move || {
-                df_env(
-                    &[
-                        "get",
-                        &url,
-                        "-o",
-                        out.to_str().unwrap(),
-                        "--api",
-                        &api,
-                        "--no-progress",
-                    ],
-                    home.path(),
-                    &[("RUST_LOG", "df=debug")],
-                )
-            }
-        })
-        .await
-        .unwrap();
+        let o = df_blocking(
+            &[
+                "get",
+                &url,
+                "-o",
+                out.to_str().unwrap(),
+                "--api",
+                &api,
+                "--no-progress",
+            ],
+            &[("RUST_LOG", "df=debug")],
+        )
+        .await;
         let err = stderr(&o);
         assert!(o.status.success(), "round {round}: df failed: {err}");
         assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
@@ -168,18 +177,11 @@ async fn a_fifo_is_written_in_place_and_a_symlink_stays() {
         let fifo = fifo.clone();
         move || std::fs::read(fifo).unwrap()
     });
-    let o = tokio::task::spawn_blocking({
-        let (fifo, url) = (fifo.clone(), url.clone());
-        let home = tempfile::tempdir().unwrap();
-        move || {
-            df(
-                &["get", &url, "-O", fifo.to_str().unwrap(), "--no-progress"],
-                home.path(),
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let o = df_blocking(
+        &["get", &url, "-O", fifo.to_str().unwrap(), "--no-progress"],
+        &[],
+    )
+    .await;
     assert!(o.status.success(), "df failed: {}", stderr(&o));
     // (Checked before waiting for the reader, which a replaced FIFO would leave blocked.)
     use std::os::unix::fs::FileTypeExt;
@@ -196,18 +198,11 @@ async fn a_fifo_is_written_in_place_and_a_symlink_stays() {
     std::fs::write(&real, b"old").unwrap();
     let link = dir.path().join("link.bin");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let o = tokio::task::spawn_blocking({
-        let (link, url) = (link.clone(), url.clone());
-        let home = tempfile::tempdir().unwrap();
-        move || {
-            df(
-                &["get", &url, "-o", link.to_str().unwrap(), "--no-progress"],
-                home.path(),
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let o = df_blocking(
+        &["get", &url, "-o", link.to_str().unwrap(), "--no-progress"],
+        &[],
+    )
+    .await;
     assert!(o.status.success(), "df failed: {}", stderr(&o));
     assert!(
         std::fs::symlink_metadata(&link)
@@ -220,13 +215,8 @@ async fn a_fifo_is_written_in_place_and_a_symlink_stays() {
         sha256_hex(&data)
     );
 
-    let o = tokio::task::spawn_blocking({
-        let target = dir.path().to_str().unwrap().to_owned();
-        let home = tempfile::tempdir().unwrap();
-        move || df(&["get", &url, "-o", &target, "--no-progress"], home.path())
-    })
-    .await
-    .unwrap();
+    let target = dir.path().to_str().unwrap();
+    let o = df_blocking(&["get", &url, "-o", target, "--no-progress"], &[]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
 }

@@ -110,7 +110,7 @@ pub(crate) async fn open(
             });
         }
     };
-    let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
+    let gate_last = gates_last_piece(key, &header);
     let reader = ctx.registry.shared(key);
     let stream = piece_stream(StreamState {
         reader,
@@ -132,6 +132,15 @@ pub(crate) async fn open(
         stream,
     })
 }
+
+/// Whether a reader gets the last piece only once the whole-content digest has been verified:
+/// for a task that has such a digest.
+fn gates_last_piece(key: &TaskKey, header: &SignedHeader) -> bool {
+    key.content_digest().is_some() || header.header.content_digest.is_some()
+}
+
+/// Why a read of a task breaks off when it restarted without its producer.
+const RESTARTED: &str = "content failed its digest; the task restarted without its producer, retry";
 
 /// Waits for a task's header; returns it with the task's progress.
 async fn header_of(
@@ -172,7 +181,6 @@ pub struct PieceFile {
 /// Every piece of a task as it becomes readable: what `df get -o FILE` copies from when it runs
 /// on the node's host, instead of taking the bytes through the API a second time.
 pub struct PieceFiles {
-    pub header: SignedHeader,
     pub content_length: u64,
     /// Each piece once, lowest ready index first; ends after the last piece. With a whole-content
     /// digest the last piece comes only after the digest has been verified, as in [`Content`].
@@ -187,7 +195,7 @@ pub(crate) async fn open_files(
     let (header, progress) = header_of(ctx, key).await?;
     let layout = header.header.layout();
     let count = layout.piece_count();
-    let gate_last = key.content_digest().is_some() || header.header.content_digest.is_some();
+    let gate_last = gates_last_piece(key, &header);
     let st = FilesState {
         ctx: ctx.clone(),
         key: *key,
@@ -200,7 +208,6 @@ pub(crate) async fn open_files(
     };
     Ok(PieceFiles {
         content_length: header.header.content_length,
-        header,
         stream: futures::stream::unfold(st, next_file).boxed(),
     })
 }
@@ -235,9 +242,7 @@ fn ready_piece(
             .enumerate()
             .any(|(i, &l)| l && !p.have.get(i as u32));
     if p.header.is_none() || dropped {
-        return Err(std::io::Error::other(
-            "content failed its digest; the task restarted without its producer, retry",
-        ));
+        return Err(std::io::Error::other(RESTARTED));
     }
     let last = (listed.len() as u32).saturating_sub(1);
     let complete = p.phase == Phase::Complete;
@@ -342,9 +347,7 @@ async fn wait_for_piece(st: &mut StreamState, index: u32) -> Result<(), std::io:
             if p.header.is_none() {
                 // The content failed its digest and the task started over with another producer:
                 // what was streamed so far is not to be trusted.
-                return Err(std::io::Error::other(
-                    "content failed its digest; the task restarted without its producer, retry",
-                ));
+                return Err(std::io::Error::other(RESTARTED));
             }
             let complete = p.phase == Phase::Complete;
             if p.have.get(index) && (!st.gate_last || index != last || complete) {
