@@ -1,4 +1,4 @@
-//! `df get -o FILE` beside its node: the node lists each verified piece with the file holding it
+//! `df get -o FILE` (and `-O -`) beside its node: the node lists each verified piece with the file holding it
 //! (`GET /v1/tasks/{id}/files`), and the CLI copies the piece into the output at its offset with
 //! `copy_file_range` — in the kernel, a reflink where the filesystem shares extents — instead of
 //! taking every byte through the API's socket and writing it again. Pieces arrive in any order,
@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::ErrorKind;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,10 +17,11 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use df_node::ApiAddr;
-use df_node::api::client::{ApiClient, ApiError};
-use df_node::content::PieceFile;
+use df_node::api::client::{ApiClient, ApiError, PieceFileStream};
+use df_node::content::{ListOrder, PieceFile};
 use futures::StreamExt;
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::get::io_error;
 
@@ -40,6 +42,61 @@ pub(crate) enum Copied {
     Unsupported,
 }
 
+/// Opens the node's listing of task `id` in `order`; `None` when the node has no such route.
+async fn open_listing(
+    api: &ApiClient,
+    id: &str,
+    total: u64,
+    order: ListOrder,
+) -> Result<Option<PieceFileStream>> {
+    let (len, pieces) = match api.content_files(id, order).await {
+        Ok(l) => l,
+        Err(ApiError::Http { status, .. })
+            if status == http::StatusCode::NOT_FOUND
+                || status == http::StatusCode::METHOD_NOT_ALLOWED =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(crate::get::describe(e)),
+    };
+    if len != total {
+        bail!("the node announced {total} bytes but lists {len}");
+    }
+    Ok(Some(pieces))
+}
+
+/// The next listed piece, checked against the content (in range, not listed before); `None`
+/// after the last. A broken listing is reported with the node's reason.
+async fn next_piece(
+    api: &ApiClient,
+    id: &str,
+    total: u64,
+    pieces: &mut PieceFileStream,
+    seen: &mut std::collections::HashSet<u32>,
+) -> Result<Option<PieceFile>> {
+    let piece = match pieces.next().await {
+        None => return Ok(None),
+        Some(Ok(p)) => p,
+        // The listing broke: the node knows why (the task failed, or restarted).
+        Some(Err(e)) => {
+            let why = api.failure(id, Duration::from_secs(30)).await;
+            return Err(why
+                .map(|w| anyhow!("{w}"))
+                .unwrap_or_else(|| crate::get::describe(e)));
+        }
+    };
+    let end = piece.offset.checked_add(piece.length);
+    if end.is_none_or(|e| e > total) || !seen.insert(piece.index) {
+        bail!(
+            "the node listed piece {} at {}+{} of a {total}-byte content twice or out of range",
+            piece.index,
+            piece.offset,
+            piece.length
+        );
+    }
+    Ok(Some(piece))
+}
+
 /// Copies every piece of task `id` (`total` bytes) into `out` (open at `out_path`, named in
 /// errors) as the node lists them; calls `progress` with the bytes in place so far. On error the
 /// output holds an unknown part.
@@ -51,19 +108,9 @@ pub(crate) async fn copy_pieces(
     out_path: &Path,
     progress: impl Fn(u64),
 ) -> Result<Copied> {
-    let (len, mut pieces) = match api.content_files(id).await {
-        Ok(l) => l,
-        Err(ApiError::Http { status, .. })
-            if status == http::StatusCode::NOT_FOUND
-                || status == http::StatusCode::METHOD_NOT_ALLOWED =>
-        {
-            return Ok(Copied::Unsupported);
-        }
-        Err(e) => return Err(crate::get::describe(e)),
+    let Some(mut pieces) = open_listing(api, id, total, ListOrder::AsVerified).await? else {
+        return Ok(Copied::Unsupported);
     };
-    if len != total {
-        bail!("the node announced {total} bytes but lists {len}");
-    }
     let sized = out.clone();
     tokio::task::spawn_blocking(move || sized.set_len(total))
         .await?
@@ -71,26 +118,7 @@ pub(crate) async fn copy_pieces(
     let mut seen = std::collections::HashSet::new();
     let mut written = 0u64;
     let (mut from_files, mut through_api) = (0u32, 0u32);
-    while let Some(piece) = pieces.next().await {
-        let piece = match piece {
-            Ok(p) => p,
-            // The listing broke: the node knows why (the task failed, or restarted).
-            Err(e) => {
-                let why = api.failure(id, Duration::from_secs(30)).await;
-                return Err(why
-                    .map(|w| anyhow!("{w}"))
-                    .unwrap_or_else(|| crate::get::describe(e)));
-            }
-        };
-        let end = piece.offset.checked_add(piece.length);
-        if end.is_none_or(|e| e > total) || !seen.insert(piece.index) {
-            bail!(
-                "the node listed piece {} at {}+{} of a {total}-byte content twice or out of range",
-                piece.index,
-                piece.offset,
-                piece.length
-            );
-        }
+    while let Some(piece) = next_piece(api, id, total, &mut pieces, &mut seen).await? {
         let copied = match piece.path.clone() {
             Some(path) => {
                 let (out, out_path) = (out.clone(), out_path.to_owned());
@@ -120,20 +148,172 @@ pub(crate) async fn copy_pieces(
     })
 }
 
-/// Copies a piece's file (`length` bytes) into `out` at `offset`. `Ok(false)`: the file is not
-/// there for this process (gone, unreadable, another length): take the bytes from the API.
-fn copy_file(path: &Path, length: u64, out: &File, out_path: &Path, offset: u64) -> Result<bool> {
+/// `-O -` beside the node: the pieces in index order (the node's picker favours the next ones, as
+/// for a content stream), each sent from the node's file to standard output with `sendfile` —
+/// one kernel copy, where the content stream takes the bytes through the API's socket and this
+/// process's buffers. A piece whose file this process cannot read is taken through the API.
+pub(crate) async fn stream_pieces(
+    api: &ApiClient,
+    id: &str,
+    total: u64,
+    progress: impl Fn(u64),
+) -> Result<Copied> {
+    let Some(mut pieces) = open_listing(api, id, total, ListOrder::ByIndex).await? else {
+        return Ok(Copied::Unsupported);
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut written = 0u64;
+    let (mut from_files, mut through_api) = (0u32, 0u32);
+    while let Some(piece) = next_piece(api, id, total, &mut pieces, &mut seen).await? {
+        if piece.offset != written {
+            bail!(
+                "the node listed piece {} at {} where the stream is at {written}",
+                piece.index,
+                piece.offset
+            );
+        }
+        let sent = match piece.path.clone() {
+            Some(path) => {
+                let length = piece.length;
+                tokio::task::spawn_blocking(move || send_file(&path, length)).await??
+            }
+            None => false,
+        };
+        if sent {
+            from_files += 1;
+        } else {
+            let (len, mut stream) = api
+                .content(id, Some(piece.offset..piece.offset + piece.length))
+                .await
+                .map_err(crate::get::describe)?;
+            if len != piece.length {
+                bail!(
+                    "the node streams {len} bytes of piece {} ({} listed)",
+                    piece.index,
+                    piece.length
+                );
+            }
+            let mut got = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(crate::get::describe)?;
+                got += chunk.len() as u64;
+                if got > piece.length {
+                    bail!("the node streamed more than piece {}", piece.index);
+                }
+                tokio::task::spawn_blocking(move || write_stdout(&chunk)).await??;
+            }
+            if got != piece.length {
+                bail!(
+                    "piece {} ended after {got} of {} bytes",
+                    piece.index,
+                    piece.length
+                );
+            }
+            through_api += 1;
+        }
+        written += piece.length;
+        progress(written);
+    }
+    if written != total {
+        bail!("the node listed {written} of {total} bytes");
+    }
+    Ok(Copied::All {
+        from_files,
+        through_api,
+    })
+}
+
+/// How a failed write to standard output reads.
+pub(crate) fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.raw_os_error() == Some(28) {
+        anyhow!("no space left on device writing standard output")
+    } else {
+        anyhow!("writing standard output: {e}")
+    }
+}
+
+/// Writes all of `data` to standard output (a pipe left non-blocking by another process is
+/// waited on, not spun on).
+fn write_stdout(data: &[u8]) -> Result<()> {
+    let out = std::io::stdout();
+    let fd = out.as_fd();
+    let mut at = 0;
+    while at < data.len() {
+        match nix::unistd::write(fd, &data[at..]) {
+            Ok(0) => return Err(stdout_error(ErrorKind::WriteZero.into())),
+            Ok(n) => at += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => wait_writable(fd)?,
+            Err(e) => return Err(stdout_error(e.into())),
+        }
+    }
+    Ok(())
+}
+
+fn wait_writable(fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(stdout_error(e.into())),
+    }
+}
+
+/// Sends a piece's file (`length` bytes) to standard output. `Ok(false)`: the file is not there
+/// for this process (gone, unreadable, another length) and nothing was written: take the bytes
+/// from the API.
+fn send_file(path: &Path, length: u64) -> Result<bool> {
+    let Some(src) = open_piece(path, length)? else {
+        return Ok(false);
+    };
+    let out = std::io::stdout();
+    let fd = out.as_fd();
+    let mut off: i64 = 0;
+    while (off as u64) < length {
+        let chunk = (length - off as u64).min(1 << 30) as usize;
+        match nix::sys::sendfile::sendfile64(fd, &src, Some(&mut off), chunk) {
+            Ok(0) => bail!("{} ended before its {length} bytes", path.display()),
+            Ok(_) => {}
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => wait_writable(fd)?,
+            // An output sendfile cannot write to (e.g. opened for appending): plain writes.
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                let mut buf = vec![0u8; (length - off as u64).min(1 << 20) as usize];
+                while (off as u64) < length {
+                    let n = (length - off as u64).min(buf.len() as u64) as usize;
+                    src.read_exact_at(&mut buf[..n], off as u64)
+                        .map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
+                    write_stdout(&buf[..n])?;
+                    off += n as i64;
+                }
+                return Ok(true);
+            }
+            Err(e) => return Err(stdout_error(e.into())),
+        }
+    }
+    Ok(true)
+}
+
+/// A piece's file if this process can read it and it holds `length` bytes.
+fn open_piece(path: &Path, length: u64) -> Result<Option<File>> {
     let src = match File::open(path) {
         Ok(f) => f,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) => {
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => bail!("opening {}: {e}", path.display()),
     };
     match src.metadata() {
-        Ok(m) if m.len() == length => {}
-        _ => return Ok(false),
+        Ok(m) if m.len() == length => Ok(Some(src)),
+        _ => Ok(None),
     }
+}
+
+/// Copies a piece's file (`length` bytes) into `out` at `offset`. `Ok(false)`: the file is not
+/// there for this process (gone, unreadable, another length): take the bytes from the API.
+fn copy_file(path: &Path, length: u64, out: &File, out_path: &Path, offset: u64) -> Result<bool> {
+    let Some(src) = open_piece(path, length)? else {
+        return Ok(false);
+    };
     let (mut off_in, mut off_out) = (0i64, offset as i64);
     let mut left = length;
     while left > 0 {

@@ -194,13 +194,7 @@ enum Sink {
 impl Sink {
     async fn write(&mut self, data: &[u8]) -> Result<()> {
         match self {
-            Sink::Stdout(s) => s.write_all(data).await.map_err(|e| {
-                if e.raw_os_error() == Some(28) {
-                    anyhow!("no space left on device writing standard output")
-                } else {
-                    anyhow!("writing standard output: {e}")
-                }
-            }),
+            Sink::Stdout(s) => s.write_all(data).await.map_err(crate::copy::stdout_error),
             Sink::File(t) => {
                 let path = t.path.clone();
                 let f = t.file.as_mut().ok_or_else(|| anyhow!("output closed"))?;
@@ -242,6 +236,13 @@ async fn download(
     if let Output::File(target) = out
         && crate::copy::api_is_local(api.addr())
         && copy_beside_node(api, &info.id, total, target, show).await?
+    {
+        report(api, &info.id, out, total, started, show).await;
+        return Ok(());
+    }
+    if let Output::Stdout = out
+        && crate::copy::api_is_local(api.addr())
+        && stream_beside_node(api, &info.id, total, show).await?
     {
         report(api, &info.id, out, total, started, show).await;
         return Ok(());
@@ -359,6 +360,38 @@ async fn copy_beside_node(
         // `temp` goes, and the content is streamed into a new one.
         Ok(crate::copy::Copied::Unsupported) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// `-O -` with the node on this host: the pieces sent in order from the node's files to
+/// standard output (see [`crate::copy::stream_pieces`]). `Ok(false)`: the node does not offer
+/// that and nothing was written; stream instead. As with `-o`, a digest task's node lists its
+/// last piece only after the whole content has matched.
+async fn stream_beside_node(api: &ApiClient, id: &str, total: u64, show: bool) -> Result<bool> {
+    let progress = show.then(|| Progress::start(api.clone(), id.to_owned(), total));
+    let sent = crate::copy::stream_pieces(api, id, total, |n| {
+        if let Some(p) = &progress {
+            p.set(n);
+        }
+    })
+    .await;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    match sent? {
+        crate::copy::Copied::All {
+            from_files,
+            through_api,
+        } => {
+            tracing::debug!(
+                task = id,
+                from_files,
+                through_api,
+                "pieces sent to standard output beside the node"
+            );
+            Ok(true)
+        }
+        crate::copy::Copied::Unsupported => Ok(false),
     }
 }
 

@@ -82,6 +82,8 @@ async fn get_without_a_daemon_writes_the_file() {
     assert_eq!(leftovers(out_dir.path()), vec!["file.bin".to_owned()]);
 }
 
+/// `-O -` beside a daemon: the pieces go in order from the node's files to standard output (a
+/// pipe here), none through the API.
 #[tokio::test(flavor = "multi_thread")]
 async fn get_to_stdout_streams_in_order_through_a_daemon() {
     let origin = TestOrigin::start().await.unwrap();
@@ -89,19 +91,21 @@ async fn get_to_stdout_streams_in_order_through_a_daemon() {
     origin.put("/s", data.clone());
     let node = TestNode::start(Role::Node, vec![], |_| {}).await.unwrap();
     let api = node.node.api_addr().to_string();
-    let home = tempfile::tempdir().unwrap();
     let url = origin.url("/s");
-    let o = tokio::task::spawn_blocking(move || {
-        df(
-            &["get", &url, "-O", "-", "--api", &api, "--no-progress"],
-            home.path(),
-        )
-    })
-    .await
-    .unwrap();
-    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    let o = df_blocking(
+        &["get", &url, "-O", "-", "--api", &api, "--no-progress"],
+        &[("RUST_LOG", "df=debug")],
+    )
+    .await;
+    let err = stderr(&o);
+    assert!(o.status.success(), "df failed: {err}");
     assert_eq!(o.stdout.len(), data.len());
     assert_eq!(sha256_hex(&o.stdout), sha256_hex(&data));
+    let line = err
+        .lines()
+        .find(|l| l.contains("pieces sent to standard output beside the node"))
+        .unwrap_or_else(|| panic!("the content was not sent from the node's files: {err}"));
+    assert!(line.contains("through_api=0"), "{line}");
     // `df status` prints the daemon's status JSON.
     let api = node.node.api_addr().to_string();
     let home = tempfile::tempdir().unwrap();
@@ -112,6 +116,54 @@ async fn get_to_stdout_streams_in_order_through_a_daemon() {
     let v: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
     assert_eq!(v["peer_id"], node.node.peer_id().to_string());
     assert!(v["bytes"]["from_origin"].as_u64().unwrap() >= data.len() as u64);
+}
+
+/// `-O -` into a regular file (`> FILE`, sendfile's file-to-file path) and into one opened for
+/// appending (`>> FILE`, where sendfile refuses and plain writes take over): the same bytes,
+/// after what the file held.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_to_stdout_into_a_file_and_an_appended_file() {
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(3 * MIB + 11, 12);
+    origin.put("/redirect.bin", data.clone());
+    let node = TestNode::start(Role::Node, vec![], |_| {}).await.unwrap();
+    let api = node.node.api_addr().to_string();
+    let url = origin.url("/redirect.bin");
+    let dir = tempfile::tempdir().unwrap();
+    for append in [false, true] {
+        let path = dir.path().join(format!("out-{append}"));
+        std::fs::write(&path, b"head").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
+            .unwrap();
+        let (url, api, home) = (url.clone(), api.clone(), tempfile::tempdir().unwrap());
+        let o = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_df"))
+                .args(["get", &url, "-O", "-", "--api", &api, "--no-progress"])
+                .env("DF_DATA_DIR", home.path())
+                .env_remove("DF_API_TOKEN")
+                .env("RUST_LOG", "df=debug")
+                .stdout(file)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success(), "append={append}: df failed: {err}");
+        assert!(err.contains("through_api=0"), "append={append}: {err}");
+        let got = std::fs::read(&path).unwrap();
+        let expected: Vec<u8> = if append {
+            b"head".iter().chain(&data).copied().collect()
+        } else {
+            data.clone()
+        };
+        assert_eq!(got.len(), expected.len(), "append={append}");
+        assert!(got == expected, "append={append}: the bytes differ");
+    }
 }
 
 /// `-o FILE` beside its node: the CLI copies the node's verified piece files into the output

@@ -178,25 +178,45 @@ pub struct PieceFile {
     pub path: Option<std::path::PathBuf>,
 }
 
-/// Every piece of a task as it becomes readable: what `df get -o FILE` copies from when it runs
-/// on the node's host, instead of taking the bytes through the API a second time.
+/// Every piece of a task as it becomes readable: what `df get -o FILE` (or `-O -`) copies from
+/// when it runs on the node's host, instead of taking the bytes through the API a second time.
 pub struct PieceFiles {
     pub content_length: u64,
-    /// Each piece once, lowest ready index first; ends after the last piece. With a whole-content
-    /// digest the last piece comes only after the digest has been verified, as in [`Content`].
+    /// Each piece once, in the [`ListOrder`] asked for; ends after the last piece. With a
+    /// whole-content digest the last piece comes only after the digest has been verified, as in
+    /// [`Content`].
     pub stream: BoxStream<'static, Result<PieceFile, std::io::Error>>,
+}
+
+/// The order of a piece listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListOrder {
+    /// Each piece as soon as it is verified, lowest ready index first: for a reader that writes
+    /// at offsets (`-o FILE`).
+    #[default]
+    AsVerified,
+    /// Piece 0, 1, 2, …, each when it is verified: for a reader that writes a stream (`-O -`).
+    /// The task's picker favours the pieces this reader waits for, as it does for a content
+    /// stream.
+    ByIndex,
 }
 
 /// Waits for the task's header, then lists its pieces as they are verified and stored.
 pub(crate) async fn open_files(
     ctx: &Arc<TaskContext>,
     key: &TaskKey,
+    order: ListOrder,
 ) -> Result<PieceFiles, ContentError> {
     let (header, progress) = header_of(ctx, key).await?;
     let layout = header.header.layout();
     let count = layout.piece_count();
     let gate_last = gates_last_piece(key, &header);
     let st = FilesState {
+        reader: match order {
+            ListOrder::ByIndex => ctx.registry.shared(key),
+            ListOrder::AsVerified => None,
+        },
+        in_order: order == ListOrder::ByIndex,
         ctx: ctx.clone(),
         key: *key,
         progress,
@@ -213,6 +233,10 @@ pub(crate) async fn open_files(
 }
 
 struct FilesState {
+    /// For a listing by index: where it is, told to the task's runner (see
+    /// [`crate::task::RunnerShared`]).
+    reader: Option<Arc<crate::task::RunnerShared>>,
+    in_order: bool,
     ctx: Arc<TaskContext>,
     key: TaskKey,
     progress: watch::Receiver<Progress>,
@@ -224,10 +248,20 @@ struct FilesState {
     done: bool,
 }
 
-/// The lowest piece that may be listed now; `Err` when the task failed or restarted.
+impl Drop for FilesState {
+    fn drop(&mut self) {
+        if let Some(r) = &self.reader {
+            r.reader_at.store(u32::MAX, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The piece that may be listed now — the lowest ready one, or with `in_order` the lowest not
+/// yet listed once it is ready; `Err` when the task failed or restarted.
 fn ready_piece(
     listed: &[bool],
     gate_last: bool,
+    in_order: bool,
     p: &Progress,
 ) -> Result<Option<u32>, std::io::Error> {
     if let Phase::Failed(e) = &p.phase {
@@ -246,19 +280,28 @@ fn ready_piece(
     }
     let last = (listed.len() as u32).saturating_sub(1);
     let complete = p.phase == Phase::Complete;
-    Ok(p.have.iter_set().find(|&i| {
+    let may_list = |i: u32| {
         !listed.get(i as usize).copied().unwrap_or(true) && (!gate_last || i != last || complete)
-    }))
+    };
+    if in_order {
+        let next = listed.iter().position(|&l| !l).map(|i| i as u32);
+        return Ok(next.filter(|&i| p.have.get(i) && may_list(i)));
+    }
+    Ok(p.have.iter_set().find(|&i| may_list(i)))
 }
 
 async fn next_file(mut st: FilesState) -> Option<(Result<PieceFile, std::io::Error>, FilesState)> {
     if st.done || st.left == 0 {
         return None;
     }
+    if let Some(r) = &st.reader {
+        let next = st.listed.iter().position(|&l| !l).unwrap_or(0) as u32;
+        r.reader_at.store(next, Ordering::Relaxed);
+    }
     let index = loop {
         let ready = {
             let p = st.progress.borrow_and_update();
-            ready_piece(&st.listed, st.gate_last, &p)
+            ready_piece(&st.listed, st.gate_last, st.in_order, &p)
         };
         match ready {
             Ok(Some(i)) => break i,
@@ -270,7 +313,7 @@ async fn next_file(mut st: FilesState) -> Option<(Result<PieceFile, std::io::Err
         }
         if st.progress.changed().await.is_err() {
             // The runner is gone: what it left in the progress is final.
-            let ready = ready_piece(&st.listed, st.gate_last, &st.progress.borrow());
+            let ready = ready_piece(&st.listed, st.gate_last, st.in_order, &st.progress.borrow());
             let why = match ready {
                 Ok(Some(_)) => continue,
                 Ok(None) => "task stopped".to_owned(),
@@ -480,13 +523,39 @@ mod tests {
     fn pieces_are_listed_lowest_ready_first_the_gated_last_at_the_end() {
         let mut listed = vec![false; 4];
         let running = progress(&[3, 1], 4, Phase::Running);
-        assert_eq!(ready_piece(&listed, false, &running).unwrap(), Some(1));
+        assert_eq!(
+            ready_piece(&listed, false, false, &running).unwrap(),
+            Some(1)
+        );
         // With a digest the last piece waits for the task to be complete.
         listed[1] = true;
-        assert_eq!(ready_piece(&listed, true, &running).unwrap(), None);
-        assert_eq!(ready_piece(&listed, false, &running).unwrap(), Some(3));
+        assert_eq!(ready_piece(&listed, true, false, &running).unwrap(), None);
+        assert_eq!(
+            ready_piece(&listed, false, false, &running).unwrap(),
+            Some(3)
+        );
         let done = progress(&[0, 1, 2, 3], 4, Phase::Complete);
-        assert_eq!(ready_piece(&listed, true, &done).unwrap(), Some(0));
+        assert_eq!(ready_piece(&listed, true, false, &done).unwrap(), Some(0));
+    }
+
+    #[test]
+    fn a_listing_by_index_waits_for_the_next_piece() {
+        let mut listed = vec![false; 4];
+        let running = progress(&[3, 1], 4, Phase::Running);
+        assert_eq!(ready_piece(&listed, false, true, &running).unwrap(), None);
+        let more = progress(&[0, 1, 3], 4, Phase::Running);
+        assert_eq!(ready_piece(&listed, false, true, &more).unwrap(), Some(0));
+        listed[0] = true;
+        assert_eq!(ready_piece(&listed, false, true, &more).unwrap(), Some(1));
+        listed[1] = true;
+        // Piece 3 is there but 2 is not: a stream waits.
+        assert_eq!(ready_piece(&listed, false, true, &more).unwrap(), None);
+        let all = progress(&[0, 1, 2, 3], 4, Phase::Running);
+        assert_eq!(ready_piece(&listed, false, true, &all).unwrap(), Some(2));
+        listed[2] = true;
+        assert_eq!(ready_piece(&listed, false, true, &all).unwrap(), Some(3));
+        // The gated last piece still waits for the digest.
+        assert_eq!(ready_piece(&listed, true, true, &all).unwrap(), None);
     }
 
     #[test]
@@ -494,14 +563,14 @@ mod tests {
         let listed = vec![true, false, false, false];
         // Restarted: its pieces are gone, even though a header is there again.
         let restarted = progress(&[2], 4, Phase::Running);
-        assert!(ready_piece(&listed, false, &restarted).is_err());
+        assert!(ready_piece(&listed, false, false, &restarted).is_err());
         let resized = progress(&[0], 5, Phase::Running);
-        assert!(ready_piece(&listed, false, &resized).is_err());
+        assert!(ready_piece(&listed, false, false, &resized).is_err());
         let mut no_header = progress(&[0], 4, Phase::Running);
         no_header.header = None;
-        assert!(ready_piece(&listed, false, &no_header).is_err());
+        assert!(ready_piece(&listed, false, false, &no_header).is_err());
         let failed = progress(&[0], 4, Phase::Failed(TaskError::internal("boom")));
-        assert!(ready_piece(&listed, false, &failed).is_err());
+        assert!(ready_piece(&listed, false, false, &failed).is_err());
     }
 
     #[test]

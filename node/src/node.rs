@@ -552,8 +552,9 @@ impl Node {
     pub async fn content_files(
         &self,
         key: &TaskKey,
+        order: crate::content::ListOrder,
     ) -> Result<crate::content::PieceFiles, ContentError> {
-        crate::content::open_files(&self.inner.ctx, key).await
+        crate::content::open_files(&self.inner.ctx, key, order).await
     }
 
     /// Stops everything and flushes the store.
@@ -1002,8 +1003,9 @@ impl api::NodeApi for Node {
     async fn content_files(
         &self,
         key: &TaskKey,
+        order: crate::content::ListOrder,
     ) -> Result<crate::content::PieceFiles, ContentError> {
-        Node::content_files(self, key).await
+        Node::content_files(self, key, order).await
     }
 
     fn preheat(

@@ -598,6 +598,12 @@ def bench(a):
                 fetched = [t for c in seeds + peers for t, _i, src in timeline.get(c, []) if src == "origin"]
                 if fetched:
                     r["origin_done_s"] = round(max(fetched), 3)
+                    # Start-up: the seed's first piece from the origin, and each peer's first piece.
+                    r["origin_first_s"] = round(min(fetched), 3)
+                    firsts = sorted(min(t for t, _i, _s in timeline[c]) for c in peers if timeline.get(c))
+                    if firsts:
+                        r["peer_first_piece_s"] = [round(firsts[0], 3), round(firsts[len(firsts) // 2], 3),
+                                                   round(firsts[-1], 3)]
             elif m == "http":
                 start, r = method_http(a, peers, run_id, want)
             elif m == "mesh":
@@ -657,6 +663,10 @@ def report_md(r):
     df = r["methods"].get("df", {})
     if "seed_copies" in df:
         lines.append(f"df: the seeds' uplinks sent {df['seed_copies']} x S (pieces peers got from a seed).")
+    if "origin_first_s" in df:
+        first = df.get("peer_first_piece_s") or ["?"] * 3
+        lines.append(f"df start-up: the origin's first piece was stored at {df['origin_first_s']} s; the peers' "
+                     f"first pieces came at {first[0]} / {first[1]} / {first[2]} s (min / p50 / max).")
     if "origin_done_s" in df:
         lines.append(f"df: the origin's last piece was stored at {df['origin_done_s']} s; the last peer "
                      f"finished {df['max_s'] - df['origin_done_s']:.2f} s later.")

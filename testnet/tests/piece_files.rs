@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 use df_node::api::client::{ApiClient, ApiError};
+use df_node::content::ListOrder;
 use df_node::{DownloadRequest, Role, TaskError};
 use df_testnet::{TestNode, TestOrigin, content, sha256_hex};
 use futures::StreamExt;
@@ -29,8 +30,11 @@ async fn pieces_are_listed_as_they_arrive_and_the_digests_last_piece_last() -> R
         ..DownloadRequest::default()
     };
     let info = api.create_task(&req).await?;
-    let (len, mut pieces) = api.content_files(&info.id).await?;
+    let (len, mut pieces) = api.content_files(&info.id, ListOrder::AsVerified).await?;
     assert_eq!(len, data.len() as u64);
+    // A second reader asks for index order, as `df get -O -` does.
+    let (_, by_index) = api.content_files(&info.id, ListOrder::ByIndex).await?;
+    let by_index = tokio::spawn(by_index.map(|p| p.map(|p| p.index)).collect::<Vec<_>>());
 
     let mut listed = Vec::new();
     let mut running_at_first = None;
@@ -61,6 +65,8 @@ async fn pieces_are_listed_as_they_arrive_and_the_digests_last_piece_last() -> R
     sorted.sort_unstable();
     assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "listed {listed:?}");
     assert_eq!(listed.last(), Some(&(n - 1)), "listed {listed:?}");
+    let by_index: Result<Vec<u32>, _> = by_index.await?.into_iter().collect();
+    assert_eq!(by_index?, (0..n).collect::<Vec<_>>());
     Ok(())
 }
 
@@ -77,7 +83,7 @@ async fn a_failed_task_ends_its_listing_and_an_unknown_one_is_not_found() -> Res
         ..DownloadRequest::default()
     };
     let info = api.create_task(&req).await?;
-    let (_, pieces) = api.content_files(&info.id).await?;
+    let (_, pieces) = api.content_files(&info.id, ListOrder::AsVerified).await?;
     let all: Vec<_> = pieces.collect().await;
     assert!(
         all.last().is_some_and(|r| r.is_err()),
@@ -97,7 +103,10 @@ async fn a_failed_task_ends_its_listing_and_an_unknown_one_is_not_found() -> Res
     );
 
     let other = df_testnet::url_task_key(&origin.url("/never"))?;
-    match api.content_files(&other.to_string()).await {
+    match api
+        .content_files(&other.to_string(), ListOrder::AsVerified)
+        .await
+    {
         Err(ApiError::Task(TaskError::NotFound { .. })) => {}
         r => panic!("an unknown task answered {:?}", r.map(|(l, _)| l)),
     }

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use super::token::ApiToken;
 use super::{ErrorBody, NodeStatus, Refusal, RefusalBody, TaskInfo};
 use crate::config::ApiAddr;
-use crate::content::PieceFile;
+use crate::content::{ListOrder, PieceFile};
 use crate::task::{DownloadRequest, TaskError};
 
 /// Errors talking to the local API.
@@ -294,12 +294,25 @@ impl ApiClient {
         Ok((len, Box::pin(stream)))
     }
 
-    /// `GET /v1/tasks/{id}/files`: the task's pieces as they are verified, each with the file
-    /// holding it (see [`PieceFile`]). Returns the content length and the listing; a node without
-    /// the route answers [`ApiError::Http`] 404 or 405.
-    pub async fn content_files(&self, id: &str) -> Result<(u64, PieceFileStream), ApiError> {
+    /// `GET /v1/tasks/{id}/files`: the task's pieces as they are verified (or in index order),
+    /// each with the file holding it (see [`PieceFile`]). Returns the content length and the
+    /// listing; a node without the route answers [`ApiError::Http`] 404 or 405.
+    pub async fn content_files(
+        &self,
+        id: &str,
+        order: ListOrder,
+    ) -> Result<(u64, PieceFileStream), ApiError> {
+        let query = match order {
+            ListOrder::AsVerified => "",
+            ListOrder::ByIndex => "?order=index",
+        };
         let resp = self
-            .send(Method::GET, &format!("/v1/tasks/{id}/files"), None, &[])
+            .send(
+                Method::GET,
+                &format!("/v1/tasks/{id}/files{query}"),
+                None,
+                &[],
+            )
             .await?;
         let status = resp.status();
         if !status.is_success() {

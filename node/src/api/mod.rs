@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::Role;
-use crate::content::{Content, ContentError, PieceFiles};
+use crate::content::{Content, ContentError, ListOrder, PieceFiles};
 use crate::metrics::ByteCounters;
 use crate::task::{DownloadRequest, Phase, Progress, TaskError};
 
@@ -64,8 +64,13 @@ pub trait NodeApi: Send + Sync + 'static {
     async fn delete_task(&self, key: &TaskKey) -> Result<bool, TaskError>;
     /// A byte range of a task's content (an HTTP `Range` value; `None`: all of it), in order.
     async fn content(&self, key: &TaskKey, range: Option<&str>) -> Result<Content, ContentError>;
-    /// `GET /v1/tasks/{id}/files`: the task's pieces as they are verified, with their files.
-    async fn content_files(&self, key: &TaskKey) -> Result<PieceFiles, ContentError>;
+    /// `GET /v1/tasks/{id}/files[?order=index]`: the task's pieces as they are verified (or in
+    /// index order), with their files.
+    async fn content_files(
+        &self,
+        key: &TaskKey,
+        order: ListOrder,
+    ) -> Result<PieceFiles, ContentError>;
     /// `POST /v1/preheat`: starts a job.
     fn preheat(
         &self,

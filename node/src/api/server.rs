@@ -21,7 +21,7 @@ use super::access::Access;
 use super::token::{ApiToken, TOKEN_FILE, TokenVerifier};
 use super::{ErrorBody, NodeApi, Refusal, RefusalBody, TaskInfo};
 use crate::config::{ApiAddr, NodeConfig};
-use crate::content::ContentError;
+use crate::content::{ContentError, ListOrder};
 use crate::task::{DownloadRequest, TaskError};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -553,7 +553,20 @@ async fn route(
                 (m @ (Method::GET | Method::HEAD), ["content"]) => {
                     content(node, key, &req, m == Method::HEAD).await
                 }
-                (Method::GET, ["files"]) => files(node, key).await,
+                (Method::GET, ["files"]) => {
+                    let order = req.uri().query().and_then(|q| {
+                        url::form_urlencoded::parse(q.as_bytes())
+                            .find(|(k, _)| k == "order")
+                            .map(|(_, v)| v.into_owned())
+                    });
+                    match order.as_deref() {
+                        None | Some("verified") => files(node, key, ListOrder::AsVerified).await,
+                        Some("index") => files(node, key, ListOrder::ByIndex).await,
+                        Some(o) => error(TaskError::bad_request(format!(
+                            "unknown order {o:?} (index, verified)"
+                        ))),
+                    }
+                }
                 _ => full(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "text/plain",
@@ -691,8 +704,9 @@ async fn content(
 
 /// `GET /v1/tasks/{id}/files`: a JSON line per piece as it becomes readable; a failure ends the
 /// listing with a line `{"error": "…"}` (the status line has gone out long before).
-async fn files(node: Arc<dyn NodeApi>, key: TaskKey) -> Response<Body> {
-    let f = match node.content_files(&key).await {
+/// `?order=index` lists piece 0, 1, 2, … for a reader that writes a stream.
+async fn files(node: Arc<dyn NodeApi>, key: TaskKey, order: ListOrder) -> Response<Body> {
+    let f = match node.content_files(&key, order).await {
         Ok(f) => f,
         Err(ContentError::UnknownTask) => return not_found("task"),
         Err(ContentError::Task(e)) => return error(e),
@@ -815,6 +829,7 @@ mod tests {
         async fn content_files(
             &self,
             _key: &TaskKey,
+            _order: crate::content::ListOrder,
         ) -> Result<crate::content::PieceFiles, ContentError> {
             Err(ContentError::UnknownTask)
         }
