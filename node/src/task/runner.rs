@@ -1527,7 +1527,13 @@ impl Runner {
             let started = Instant::now();
             let result = match data.fetch(addr, &token, &key, index, len, timeout).await {
                 Err(e) => Err(FetchFailure::Transfer(e)),
-                Ok(bytes) => verify_and_store(store, key, index, bytes, expected).await,
+                Ok(bytes) => {
+                    let (r, bytes) = verify_and_store(store, key, index, bytes, expected).await;
+                    if let Some(b) = bytes {
+                        data.recycle(b);
+                    }
+                    r
+                }
             };
             let result = result.map(|()| (len, started.elapsed()));
             let _ = tx.send(RunnerMsg::Fetched {
@@ -2015,23 +2021,34 @@ impl Runner {
     }
 }
 
+/// Checks a fetched piece against its hash and stores it; gives the bytes back for reuse.
 async fn verify_and_store(
     store: crate::store::Store,
     key: TaskKey,
     index: u32,
     bytes: Bytes,
     expected: PieceHash,
-) -> Result<(), FetchFailure> {
-    tokio::task::spawn_blocking(move || {
-        if PieceHash::of(&bytes) != expected {
-            return Err(FetchFailure::Corrupt);
-        }
-        store
-            .put_piece(&key, index, &bytes)
-            .map_err(FetchFailure::Store)
+) -> (Result<(), FetchFailure>, Option<Bytes>) {
+    let done = tokio::task::spawn_blocking(move || {
+        let r = if PieceHash::of(&bytes) != expected {
+            Err(FetchFailure::Corrupt)
+        } else {
+            store
+                .put_piece(&key, index, &bytes)
+                .map_err(FetchFailure::Store)
+        };
+        (r, bytes)
     })
-    .await
-    .map_err(|e| FetchFailure::Store(crate::store::StoreError::Io(e.to_string())))?
+    .await;
+    match done {
+        Ok((r, bytes)) => (r, Some(bytes)),
+        Err(e) => (
+            Err(FetchFailure::Store(crate::store::StoreError::Io(
+                e.to_string(),
+            ))),
+            None,
+        ),
+    }
 }
 
 /// Who an election may ask.
