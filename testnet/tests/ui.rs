@@ -81,9 +81,22 @@ async fn a_browser_sees_every_piece_verified_after_a_swarm_download() -> Result<
     for r in results {
         r?;
     }
-    let node = &swarm.nodes[2];
-    let ui = node.node.ui_addr().context("no ui listener")?;
     let id = url_task_key(&url)?.to_string();
+    // The page of a node the seed sent bytes to (the seed sends each piece to one node first, and
+    // the others may take everything from the nodes), so "(seed)" is among its senders.
+    let seed_id = swarm.seeds[0].node.peer_id().to_string();
+    let mut fed_by_seed = None;
+    for (i, n) in swarm.nodes.iter().enumerate() {
+        let api = df_node::api::client::ApiClient::new(n.node.api_addr());
+        let task = api.task(&id).await?;
+        if task.received_from.iter().any(|s| s.peer == seed_id) {
+            fed_by_seed = Some(i);
+            break;
+        }
+    }
+    let at = fed_by_seed.context("no node received bytes from the seed")?;
+    let node = &swarm.nodes[at];
+    let ui = node.node.ui_addr().context("no ui listener")?;
     let page = format!("http://{ui}/#task={id}");
 
     let dom = tokio::task::spawn_blocking({
@@ -104,7 +117,13 @@ async fn a_browser_sees_every_piece_verified_after_a_swarm_download() -> Result<
         "the query string is shown"
     );
     assert!(dom.contains("(seed)"), "no seed among the senders:\n{dom}");
-    for m in swarm.seeds.iter().chain(&swarm.nodes[..2]) {
+    let others = swarm
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != at)
+        .map(|(_, n)| n);
+    for m in swarm.seeds.iter().chain(others) {
         assert!(
             dom.contains(&m.node.peer_id().to_string()),
             "peer {} is not listed",
