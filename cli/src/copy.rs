@@ -116,8 +116,7 @@ pub(crate) async fn copy_pieces(
         .await?
         .map_err(|e| io_error(e, out_path))?;
     let mut seen = std::collections::HashSet::new();
-    let mut written = 0u64;
-    let (mut from_files, mut through_api) = (0u32, 0u32);
+    let mut tally = Tally::default();
     while let Some(piece) = next_piece(api, id, total, &mut pieces, &mut seen).await? {
         let copied = match piece.path.clone() {
             Some(path) => {
@@ -130,22 +129,17 @@ pub(crate) async fn copy_pieces(
             }
             None => false,
         };
-        if copied {
-            from_files += 1;
-        } else {
-            fetch_range(api, id, &piece, &out, out_path).await?;
-            through_api += 1;
+        if !copied {
+            let (out, out_path) = (out.clone(), out_path.to_owned());
+            fetch_range(api, id, &piece, move |at, chunk| {
+                out.write_all_at(&chunk, at)
+                    .map_err(|e| io_error(e, &out_path))
+            })
+            .await?;
         }
-        written += piece.length;
-        progress(written);
+        progress(tally.add(piece.length, copied));
     }
-    if written != total {
-        bail!("the node listed {written} of {total} bytes");
-    }
-    Ok(Copied::All {
-        from_files,
-        through_api,
-    })
+    tally.finish(total)
 }
 
 /// `-O -` beside the node: the pieces in index order (the node's picker favours the next ones, as
@@ -162,14 +156,14 @@ pub(crate) async fn stream_pieces(
         return Ok(Copied::Unsupported);
     };
     let mut seen = std::collections::HashSet::new();
-    let mut written = 0u64;
-    let (mut from_files, mut through_api) = (0u32, 0u32);
+    let mut tally = Tally::default();
     while let Some(piece) = next_piece(api, id, total, &mut pieces, &mut seen).await? {
-        if piece.offset != written {
+        if piece.offset != tally.written {
             bail!(
-                "the node listed piece {} at {} where the stream is at {written}",
+                "the node listed piece {} at {} where the stream is at {}",
                 piece.index,
-                piece.offset
+                piece.offset,
+                tally.written
             );
         }
         let sent = match piece.path.clone() {
@@ -179,48 +173,12 @@ pub(crate) async fn stream_pieces(
             }
             None => false,
         };
-        if sent {
-            from_files += 1;
-        } else {
-            let (len, mut stream) = api
-                .content(id, Some(piece.offset..piece.offset + piece.length))
-                .await
-                .map_err(crate::get::describe)?;
-            if len != piece.length {
-                bail!(
-                    "the node streams {len} bytes of piece {} ({} listed)",
-                    piece.index,
-                    piece.length
-                );
-            }
-            let mut got = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(crate::get::describe)?;
-                got += chunk.len() as u64;
-                if got > piece.length {
-                    bail!("the node streamed more than piece {}", piece.index);
-                }
-                tokio::task::spawn_blocking(move || write_stdout(&chunk)).await??;
-            }
-            if got != piece.length {
-                bail!(
-                    "piece {} ended after {got} of {} bytes",
-                    piece.index,
-                    piece.length
-                );
-            }
-            through_api += 1;
+        if !sent {
+            fetch_range(api, id, &piece, |_, chunk| write_stdout(&chunk)).await?;
         }
-        written += piece.length;
-        progress(written);
+        progress(tally.add(piece.length, sent));
     }
-    if written != total {
-        bail!("the node listed {written} of {total} bytes");
-    }
-    Ok(Copied::All {
-        from_files,
-        through_api,
-    })
+    tally.finish(total)
 }
 
 /// How a failed write to standard output reads.
@@ -353,14 +311,12 @@ fn plain_copy(
     Ok(())
 }
 
-/// A piece's bytes through the API, written into `out` at its offset.
-async fn fetch_range(
-    api: &ApiClient,
-    id: &str,
-    piece: &PieceFile,
-    out: &Arc<File>,
-    out_path: &Path,
-) -> Result<()> {
+/// A piece's bytes through the API, each chunk handed to `write` (with its offset in the
+/// content) on a blocking thread, in order.
+async fn fetch_range<W>(api: &ApiClient, id: &str, piece: &PieceFile, write: W) -> Result<()>
+where
+    W: Fn(u64, bytes::Bytes) -> Result<()> + Clone + Send + 'static,
+{
     let range = piece.offset..piece.offset + piece.length;
     let (len, mut stream) = api
         .content(id, Some(range.clone()))
@@ -379,11 +335,9 @@ async fn fetch_range(
         if at + chunk.len() as u64 > range.end {
             bail!("the node streamed more than piece {}", piece.index);
         }
-        let out = out.clone();
         let n = chunk.len() as u64;
-        tokio::task::spawn_blocking(move || out.write_all_at(&chunk, at))
-            .await?
-            .map_err(|e| io_error(e, out_path))?;
+        let write = write.clone();
+        tokio::task::spawn_blocking(move || write(at, chunk)).await??;
         at += n;
     }
     if at != range.end {
@@ -395,6 +349,37 @@ async fn fetch_range(
         );
     }
     Ok(())
+}
+
+/// What a copy has moved so far.
+#[derive(Default)]
+struct Tally {
+    written: u64,
+    from_files: u32,
+    through_api: u32,
+}
+
+impl Tally {
+    /// A piece of `length` bytes is in place, from the node's file or through the API.
+    fn add(&mut self, length: u64, from_file: bool) -> u64 {
+        if from_file {
+            self.from_files += 1;
+        } else {
+            self.through_api += 1;
+        }
+        self.written += length;
+        self.written
+    }
+
+    fn finish(self, total: u64) -> Result<Copied> {
+        if self.written != total {
+            bail!("the node listed {} of {total} bytes", self.written);
+        }
+        Ok(Copied::All {
+            from_files: self.from_files,
+            through_api: self.through_api,
+        })
+    }
 }
 
 #[cfg(test)]
