@@ -414,6 +414,16 @@ mod tests {
     }
 
     #[test]
+    fn a_piece_file_not_there_for_stdout_leaves_it_to_the_api_writing_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let piece = dir.path().join("3");
+        std::fs::write(&piece, b"world").unwrap();
+        // Gone, or of another length than listed: nothing is written, the caller takes the API.
+        assert!(!send_file(&dir.path().join("4"), 5).unwrap());
+        assert!(!send_file(&piece, 6).unwrap());
+    }
+
+    #[test]
     fn the_plain_copy_fallback_moves_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
