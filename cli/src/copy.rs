@@ -1,11 +1,12 @@
-//! `df get -o FILE` (and `-O -`) beside its node: the node lists each verified piece with the file holding it
-//! (`GET /v1/tasks/{id}/files`), and the CLI copies the piece into the output at its offset with
-//! `copy_file_range` — in the kernel, a reflink where the filesystem shares extents — instead of
-//! taking every byte through the API's socket and writing it again. Pieces arrive in any order,
-//! so the copy overlaps the download. A piece whose file this process cannot read (another
-//! user's store, a store that keeps pieces elsewhere, a file evicted meanwhile) is fetched as a
-//! byte range through the API instead; a filesystem that cannot copy between the two files gets
-//! a plain read and write.
+//! `df get -o FILE` and `-O -` beside its node: the node lists each verified piece with the file
+//! holding it (`GET /v1/tasks/{id}/files`). For `-o` the CLI copies each piece into the output at
+//! its offset with `copy_file_range` — in the kernel, a reflink where the filesystem shares
+//! extents — as the pieces arrive, in any order, so the copy overlaps the download. For `-O -` it
+//! asks for the pieces in index order and sends each to standard output with `sendfile`. Either
+//! way no byte goes through the API's socket a second time. A piece whose file this process
+//! cannot read (another user's store, a store that keeps pieces elsewhere, a file evicted
+//! meanwhile) is fetched as a byte range through the API instead; an output the kernel cannot
+//! copy into gets a plain read and write.
 
 use std::fs::File;
 use std::io::ErrorKind;

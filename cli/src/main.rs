@@ -80,8 +80,9 @@ unsafe extern "C" {
 
 /// A node's piece buffers (up to 48 MiB in flight while a seed fetches 16 MiB pieces) come and go
 /// all the time; by default mimalloc (v3, as `mimalloc` builds it) returns freed memory to the OS
-/// only a second later, so a node fetching or serving keeps a second's worth of freed buffers. Returning it at once took a seed's peak
-/// RSS fetching 4 GiB from 151 to 128 MiB (1 GiB: 112 to 85 MiB).
+/// only a second later, so a node fetching or serving keeps a second's worth of freed buffers.
+/// Returning it at once took a seed's peak RSS fetching 4 GiB from 151 to 118–120 MiB (1 GiB:
+/// from 104–112 to 83–86 MiB).
 fn return_freed_memory_promptly() {
     // SAFETY: mi_option_set only stores an option value; the index is checked by a test.
     #[allow(unsafe_code)]

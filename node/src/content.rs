@@ -256,12 +256,12 @@ impl Drop for FilesState {
     }
 }
 
-/// The piece that may be listed now — the lowest ready one, or with `in_order` the lowest not
-/// yet listed once it is ready; `Err` when the task failed or restarted.
+/// The piece that may be listed now — the lowest ready one, or for a listing by index piece
+/// `next` once it is ready; `Err` when the task failed or restarted.
 fn ready_piece(
     listed: &[bool],
     gate_last: bool,
-    in_order: bool,
+    next: Option<u32>,
     p: &Progress,
 ) -> Result<Option<u32>, std::io::Error> {
     if let Phase::Failed(e) = &p.phase {
@@ -283,9 +283,8 @@ fn ready_piece(
     let may_list = |i: u32| {
         !listed.get(i as usize).copied().unwrap_or(true) && (!gate_last || i != last || complete)
     };
-    if in_order {
-        let next = listed.iter().position(|&l| !l).map(|i| i as u32);
-        return Ok(next.filter(|&i| p.have.get(i) && may_list(i)));
+    if let Some(i) = next {
+        return Ok((p.have.get(i) && may_list(i)).then_some(i));
     }
     Ok(p.have.iter_set().find(|&i| may_list(i)))
 }
@@ -294,14 +293,15 @@ async fn next_file(mut st: FilesState) -> Option<(Result<PieceFile, std::io::Err
     if st.done || st.left == 0 {
         return None;
     }
-    if let Some(r) = &st.reader {
-        let next = st.listed.iter().position(|&l| !l).unwrap_or(0) as u32;
-        r.reader_at.store(next, Ordering::Relaxed);
+    // A listing by index has listed pieces 0..next.
+    let next = st.in_order.then(|| st.listed.len() as u32 - st.left);
+    if let (Some(r), Some(i)) = (&st.reader, next) {
+        r.reader_at.store(i, Ordering::Relaxed);
     }
     let index = loop {
         let ready = {
             let p = st.progress.borrow_and_update();
-            ready_piece(&st.listed, st.gate_last, st.in_order, &p)
+            ready_piece(&st.listed, st.gate_last, next, &p)
         };
         match ready {
             Ok(Some(i)) => break i,
@@ -313,7 +313,7 @@ async fn next_file(mut st: FilesState) -> Option<(Result<PieceFile, std::io::Err
         }
         if st.progress.changed().await.is_err() {
             // The runner is gone: what it left in the progress is final.
-            let ready = ready_piece(&st.listed, st.gate_last, st.in_order, &st.progress.borrow());
+            let ready = ready_piece(&st.listed, st.gate_last, next, &st.progress.borrow());
             let why = match ready {
                 Ok(Some(_)) => continue,
                 Ok(None) => "task stopped".to_owned(),
@@ -524,38 +524,47 @@ mod tests {
         let mut listed = vec![false; 4];
         let running = progress(&[3, 1], 4, Phase::Running);
         assert_eq!(
-            ready_piece(&listed, false, false, &running).unwrap(),
+            ready_piece(&listed, false, None, &running).unwrap(),
             Some(1)
         );
         // With a digest the last piece waits for the task to be complete.
         listed[1] = true;
-        assert_eq!(ready_piece(&listed, true, false, &running).unwrap(), None);
+        assert_eq!(ready_piece(&listed, true, None, &running).unwrap(), None);
         assert_eq!(
-            ready_piece(&listed, false, false, &running).unwrap(),
+            ready_piece(&listed, false, None, &running).unwrap(),
             Some(3)
         );
         let done = progress(&[0, 1, 2, 3], 4, Phase::Complete);
-        assert_eq!(ready_piece(&listed, true, false, &done).unwrap(), Some(0));
+        assert_eq!(ready_piece(&listed, true, None, &done).unwrap(), Some(0));
     }
 
     #[test]
     fn a_listing_by_index_waits_for_the_next_piece() {
         let mut listed = vec![false; 4];
         let running = progress(&[3, 1], 4, Phase::Running);
-        assert_eq!(ready_piece(&listed, false, true, &running).unwrap(), None);
+        assert_eq!(
+            ready_piece(&listed, false, Some(0), &running).unwrap(),
+            None
+        );
         let more = progress(&[0, 1, 3], 4, Phase::Running);
-        assert_eq!(ready_piece(&listed, false, true, &more).unwrap(), Some(0));
+        assert_eq!(
+            ready_piece(&listed, false, Some(0), &more).unwrap(),
+            Some(0)
+        );
         listed[0] = true;
-        assert_eq!(ready_piece(&listed, false, true, &more).unwrap(), Some(1));
+        assert_eq!(
+            ready_piece(&listed, false, Some(1), &more).unwrap(),
+            Some(1)
+        );
         listed[1] = true;
         // Piece 3 is there but 2 is not: a stream waits.
-        assert_eq!(ready_piece(&listed, false, true, &more).unwrap(), None);
+        assert_eq!(ready_piece(&listed, false, Some(2), &more).unwrap(), None);
         let all = progress(&[0, 1, 2, 3], 4, Phase::Running);
-        assert_eq!(ready_piece(&listed, false, true, &all).unwrap(), Some(2));
+        assert_eq!(ready_piece(&listed, false, Some(2), &all).unwrap(), Some(2));
         listed[2] = true;
-        assert_eq!(ready_piece(&listed, false, true, &all).unwrap(), Some(3));
+        assert_eq!(ready_piece(&listed, false, Some(3), &all).unwrap(), Some(3));
         // The gated last piece still waits for the digest.
-        assert_eq!(ready_piece(&listed, true, true, &all).unwrap(), None);
+        assert_eq!(ready_piece(&listed, true, Some(3), &all).unwrap(), None);
     }
 
     #[test]
@@ -563,14 +572,14 @@ mod tests {
         let listed = vec![true, false, false, false];
         // Restarted: its pieces are gone, even though a header is there again.
         let restarted = progress(&[2], 4, Phase::Running);
-        assert!(ready_piece(&listed, false, false, &restarted).is_err());
+        assert!(ready_piece(&listed, false, None, &restarted).is_err());
         let resized = progress(&[0], 5, Phase::Running);
-        assert!(ready_piece(&listed, false, false, &resized).is_err());
+        assert!(ready_piece(&listed, false, None, &resized).is_err());
         let mut no_header = progress(&[0], 4, Phase::Running);
         no_header.header = None;
-        assert!(ready_piece(&listed, false, false, &no_header).is_err());
+        assert!(ready_piece(&listed, false, None, &no_header).is_err());
         let failed = progress(&[0], 4, Phase::Failed(TaskError::internal("boom")));
-        assert!(ready_piece(&listed, false, false, &failed).is_err());
+        assert!(ready_piece(&listed, false, None, &failed).is_err());
     }
 
     #[test]
