@@ -444,7 +444,9 @@ impl Default for UploadConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OriginConfig {
-    /// Range requests in flight to one origin per task. Default: `4`.
+    /// Range requests streaming one task's content from its origin at once: the pieces to fetch
+    /// are cut into this many spans of consecutive pieces, each streamed with one request.
+    /// Default: `4`.
     pub concurrency: usize,
     /// Retries of one range request after a transient failure (connection error, 5xx, 429).
     /// Default: `3`.

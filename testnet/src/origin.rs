@@ -1,6 +1,6 @@
 //! A local HTTP origin for tests and benchmarks: serves in-memory files with Range, ETag and
 //! Last-Modified, counts the body bytes it sends, and can misbehave on request (fixed error
-//! statuses, no range support, a bandwidth limit).
+//! statuses, no range support, a bandwidth limit, bodies cut off mid-way).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -33,6 +33,9 @@ struct State {
     /// (path, after this many requests for it, new content).
     replace: Option<(String, u64, Bytes)>,
     served: HashMap<String, u64>,
+    /// (path, body bytes, answers left): that many answers for `path` longer than the given
+    /// bytes end after them with a broken connection.
+    cut: Option<(String, u64, u32)>,
 }
 
 /// A running test origin; stops when dropped.
@@ -153,6 +156,23 @@ impl TestOrigin {
         }
     }
 
+    /// Breaks the connection of the next `times` answers for `path` after `bytes` body bytes
+    /// (answers no longer than that are whole).
+    pub fn cut_after(&self, path: &str, bytes: u64, times: u32) {
+        if let Ok(mut s) = self.state.lock() {
+            s.cut = Some((path.to_owned(), bytes, times));
+        }
+    }
+
+    /// Cut-off answers still to give (see [`TestOrigin::cut_after`]).
+    pub fn cuts_left(&self) -> u32 {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.cut.as_ref().map(|c| c.2))
+            .unwrap_or(0)
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -172,7 +192,7 @@ fn handle(
 ) -> Response<Body> {
     requests.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
-    let (data, status, no_ranges, rate, required, no_validators) = {
+    let (data, status, no_ranges, rate, required, no_validators, cut) = {
         let Ok(mut s) = state.lock() else {
             return simple(StatusCode::INTERNAL_SERVER_ERROR);
         };
@@ -188,6 +208,15 @@ fn handle(
         {
             s.files.insert(p, data);
         }
+        let cut = match &mut s.cut {
+            Some((p, bytes, times)) if *p == path && *times > 0 => Some((*bytes, times)),
+            _ => None,
+        }
+        .map(|(bytes, times)| {
+            // Decided below, once the answer's length is known; undone if it is not cut.
+            *times -= 1;
+            bytes
+        });
         (
             s.files.get(&path).cloned(),
             s.statuses.get(&path).copied(),
@@ -195,6 +224,7 @@ fn handle(
             s.rate,
             s.required_header.clone(),
             s.no_validators,
+            cut,
         )
     };
     if let Some(st) = status {
@@ -239,25 +269,47 @@ fn handle(
         }
         _ => (StatusCode::OK, 0, len),
     };
-    let body_bytes = data.slice(start as usize..end as usize);
-    let body: Body = if rate == 0 {
+    let mut body_bytes = data.slice(start as usize..end as usize);
+    let cut = match cut {
+        Some(n) if n < body_bytes.len() as u64 => {
+            body_bytes.truncate(n as usize);
+            true
+        }
+        Some(_) => {
+            if let Ok(mut s) = state.lock()
+                && let Some((_, _, times)) = &mut s.cut
+            {
+                *times += 1;
+            }
+            false
+        }
+        None => false,
+    };
+    let body: Body = if rate == 0 && !cut {
         sent.fetch_add(body_bytes.len() as u64, Ordering::Relaxed);
         Full::new(body_bytes).map_err(|n| match n {}).boxed()
     } else {
-        // 64 KiB chunks, paced to the rate; bytes are counted as they go out.
+        // 64 KiB chunks, paced to the rate; bytes are counted as they go out; a cut answer ends
+        // with an error (hyper then closes the connection mid-body).
         let chunk = 64 << 10;
-        let stream = futures::stream::unfold((body_bytes, sent), move |(rest, sent)| async move {
+        let stream = futures::stream::unfold(Some((body_bytes, sent)), move |state| async move {
+            let (rest, sent) = state?;
             if rest.is_empty() {
-                return None;
+                if !cut {
+                    return None;
+                }
+                // Pending for a moment, so that hyper flushes what it holds before the break.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let e = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut");
+                return Some((Err(e), None));
             }
             let n = chunk.min(rest.len());
-            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+            if rate > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+            }
             sent.fetch_add(n as u64, Ordering::Relaxed);
             let c = rest.slice(..n);
-            Some((
-                Ok::<_, std::io::Error>(Frame::data(c)),
-                (rest.slice(n..), sent),
-            ))
+            Some((Ok(Frame::data(c)), Some((rest.slice(n..), sent))))
         });
         StreamBody::new(stream).boxed()
     };

@@ -1,14 +1,18 @@
 //! Production: fetching a task's pieces from its origin, hashing and storing them.
 //!
-//! With range support, pieces are fetched with range requests, `origin.concurrency` in flight,
-//! started in index order; each transient failure is retried with backoff. Without range support the
-//! body is read once, in order, and cut into pieces (a failure re-reads from the start, skipping
-//! pieces already stored). Every finished piece is reported to the task's runner, which signs and
-//! announces it. Memory: at most `concurrency` pieces are buffered, fewer when they would exceed
-//! `download.max_inflight_bytes`.
+//! With range support, the pieces to produce are cut into `origin.concurrency` spans of
+//! consecutive pieces (fewer when their buffers would exceed `download.max_inflight_bytes`), and
+//! each span is streamed with one range request and cut into pieces as its bytes arrive: no gap
+//! between requests, no slow start per piece. A transient failure resumes the span at the first
+//! byte not yet read, with backoff. Without range support the body is read once, in order, and cut
+//! into pieces (a failure re-reads from the start, skipping pieces already stored). Every finished
+//! piece is hashed and stored while the next is read, then reported to the task's runner, which
+//! signs and announces it. Memory: per span, the piece being read and the one being stored.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -38,6 +42,86 @@ impl From<StoreError> for ProduceError {
     fn from(e: StoreError) -> Self {
         ProduceError::Store(e.to_string())
     }
+}
+
+/// Why a span's production stopped.
+#[derive(Debug)]
+enum Halted {
+    /// The origin failed; not reported yet (a transient failure may be retried).
+    Origin(OriginError),
+    /// A piece failed for good and was reported to the runner.
+    Reported,
+}
+
+/// A finished piece being hashed and stored.
+struct Storing {
+    index: u32,
+    handle: tokio::task::JoinHandle<Result<PieceHash, ProduceError>>,
+}
+
+/// Cuts the bytes of a span of consecutive pieces, arriving in order, into pieces.
+struct Assembler {
+    layout: PieceLayout,
+    /// The piece being filled.
+    next: u32,
+    end: u32,
+    buf: BytesMut,
+    /// The content offset of the next byte expected.
+    offset: u64,
+}
+
+impl Assembler {
+    fn new(layout: PieceLayout, span: Range<u32>) -> Assembler {
+        Assembler {
+            layout,
+            next: span.start,
+            end: span.end,
+            buf: BytesMut::new(),
+            offset: layout.piece_range(span.start).start,
+        }
+    }
+
+    /// Takes bytes from `data` until a piece completes (returned) or `data` is used up (None).
+    /// Bytes beyond the span's last piece are left in `data`.
+    fn feed(&mut self, data: &mut &[u8]) -> Option<(u32, Bytes)> {
+        while self.next < self.end && !data.is_empty() {
+            let len = self.layout.piece_len(self.next) as usize;
+            if self.buf.capacity() < len {
+                self.buf.reserve(len - self.buf.len());
+            }
+            let take = (len - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            *data = &data[take..];
+            self.offset += take as u64;
+            if self.buf.len() == len {
+                let index = self.next;
+                self.next += 1;
+                return Some((index, self.buf.split().freeze()));
+            }
+        }
+        None
+    }
+}
+
+/// Cuts ascending piece indexes into spans of consecutive pieces, each at most
+/// ceil(count / `streams`) long, so that `streams` requests share the pieces evenly.
+fn spans(pieces: &[u32], streams: usize) -> Vec<Range<u32>> {
+    let per = pieces.len().div_ceil(streams.max(1)).max(1);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < pieces.len() {
+        let first = pieces[i];
+        let mut n = 1;
+        while i + n < pieces.len()
+            && n < per
+            && u64::from(pieces[i + n]) == u64::from(first) + n as u64
+        {
+            n += 1;
+        }
+        out.push(first..first + n as u32);
+        i += n;
+    }
+    out
 }
 
 /// The open request's body: the first `len` bytes of piece `index` (the whole content, from
@@ -125,19 +209,10 @@ impl ProductionJob {
     }
 
     async fn store_piece(&self, index: u32, data: Bytes) -> Result<PieceHash, ProduceError> {
-        let store = self.ctx.store.clone();
-        let key = self.key;
-        let expected = self.known.get(&index).copied();
-        tokio::task::spawn_blocking(move || {
-            let hash = PieceHash::of(&data);
-            if expected.is_some_and(|e| e != hash) {
-                return Err(ProduceError::HashMismatch(index));
-            }
-            store.put_piece(&key, index, &data)?;
-            Ok(hash)
-        })
-        .await
-        .map_err(|e| ProduceError::Store(e.to_string()))?
+        self.spawn_store(index, data)
+            .handle
+            .await
+            .map_err(|e| ProduceError::Store(e.to_string()))?
     }
 
     fn report(&self, index: u32, result: Result<PieceHash, ProduceError>) {
@@ -186,48 +261,6 @@ impl ProductionJob {
         }
     }
 
-    async fn produce_piece(
-        &self,
-        index: u32,
-        first: Option<FirstBody>,
-    ) -> Result<PieceHash, ProduceError> {
-        let range = self.layout.piece_range(index);
-        let mut head = BytesMut::new();
-        if let Some(first) = first {
-            let first_len = first.len.min(range.end - range.start) as usize;
-            match collect(
-                first.body,
-                first_len,
-                self.ctx.config.origin.read_timeout,
-                [&self.ctx.origin_limit, &self.task_limit],
-            )
-            .await
-            {
-                Ok(b) => {
-                    self.ctx.metrics.add_from_origin(b.len() as u64);
-                    head = b;
-                }
-                Err(e) => {
-                    tracing::debug!(task = %self.key, error = %e, "first origin response failed; refetching")
-                }
-            }
-        }
-        let start = range.start + head.len() as u64;
-        let data = if start < range.end {
-            let rest = self.fetch_range_with_retries(start, range.end).await?;
-            self.ctx.metrics.add_from_origin(rest.len() as u64);
-            if head.is_empty() {
-                rest
-            } else {
-                head.extend_from_slice(&rest);
-                head
-            }
-        } else {
-            head
-        };
-        self.store_piece(index, data.freeze()).await
-    }
-
     /// Whether the origin named a version (a strong ETag or a Last-Modified) that every range
     /// request is checked against (`If-Range`).
     fn has_validators(&self) -> bool {
@@ -268,39 +301,220 @@ impl ProductionJob {
     }
 
     async fn run_ranged(&mut self, first: FirstBody) {
-        let mut first = Some(first);
         let pieces = std::mem::take(&mut self.pieces);
-        let total = pieces.len();
-        let this = &*self;
-        let jobs = pieces.into_iter().map(|index| {
-            let first = if first.as_ref().is_some_and(|f| f.index == index) {
+        let streams = self.concurrency();
+        let mut first = Some(first);
+        let done = AtomicUsize::new(0);
+        let (this, done, total) = (&*self, &done, pieces.len());
+        let jobs = spans(&pieces, streams).into_iter().map(|span| {
+            let head = if first.as_ref().is_some_and(|f| f.index == span.start) {
                 first.take()
             } else {
                 None
             };
-            async move { (index, this.produce_piece(index, first).await) }
+            async move { this.produce_span(span, head, done, total).await }
         });
-        let mut results = stream::iter(jobs).buffer_unordered(self.concurrency());
-        let mut done = 0;
-        while let Some((index, mut result)) = results.next().await {
-            done += 1;
-            if done == total
-                && result.is_ok()
-                && this.layout.piece_count() > 1
-                && !this.has_validators()
-            {
-                // Before the last piece completes the task: nothing tells whether the origin
-                // changed while the pieces were fetched, but its first bytes must still match.
-                if let Err(e) = this.head_unchanged().await {
-                    result = Err(e);
-                }
-            }
-            let failed = result.is_err();
-            self.report(index, result);
-            if failed {
+        let mut results = stream::iter(jobs).buffer_unordered(streams);
+        while let Some(r) = results.next().await {
+            if r.is_err() {
                 // One piece failing for good fails the production; the runner decides what next.
                 return;
             }
+        }
+    }
+
+    /// Produces the pieces of `span` from one range request (more after transient failures, each
+    /// resuming at the first byte not yet read), storing each piece while the next is read.
+    /// `head`, the open response's body, starts at the span's first byte.
+    async fn produce_span(
+        &self,
+        span: Range<u32>,
+        head: Option<FirstBody>,
+        done: &AtomicUsize,
+        total: usize,
+    ) -> Result<(), Halted> {
+        let start = self.layout.piece_range(span.start).start;
+        let end = self.layout.piece_range(span.end - 1).end;
+        let mut asm = Assembler::new(self.layout, span);
+        let mut storing = None;
+        let mut rest = None;
+        if let Some(head) = head {
+            let head_end = (start + head.len).min(end);
+            // The rest of the span is asked for while the head arrives: no gap between requests.
+            let (read, opened) = futures::join!(
+                self.pump(head.body, head_end, &mut asm, &mut storing, done, total),
+                async {
+                    if head_end < end {
+                        Some(self.range_body(head_end, end).await)
+                    } else {
+                        None
+                    }
+                }
+            );
+            match read {
+                Ok(()) => {}
+                Err(Halted::Origin(e)) => {
+                    tracing::debug!(task = %self.key, error = %e, "first origin response failed; refetching")
+                }
+                Err(h) => return Err(h),
+            }
+            if let Some(Ok(body)) = opened {
+                rest = Some((head_end, body));
+            }
+        }
+        let mut attempt = 0;
+        let mut failed_at = None;
+        while asm.offset < end {
+            // The open rest of the span, once the bytes before it are in (a broken head is
+            // fetched again up to where the rest starts).
+            let (upto, body) = match rest.take() {
+                Some((from, body)) if from == asm.offset => (end, Ok(body)),
+                Some((from, body)) => {
+                    rest = Some((from, body));
+                    (from, self.range_body(asm.offset, from).await)
+                }
+                None => (end, self.range_body(asm.offset, end).await),
+            };
+            let res = match body {
+                Ok(body) => {
+                    self.pump(body, upto, &mut asm, &mut storing, done, total)
+                        .await
+                }
+                Err(e) => Err(Halted::Origin(e)),
+            };
+            match res {
+                Ok(()) => {}
+                Err(Halted::Origin(e)) => {
+                    if failed_at != Some(asm.offset) {
+                        // Bytes arrived since the last failure: a fresh set of retries.
+                        attempt = 0;
+                    }
+                    failed_at = Some(asm.offset);
+                    if !e.is_transient() || attempt >= self.ctx.config.origin.retries {
+                        self.settle(&mut storing, done, total).await?;
+                        self.report(asm.next, Err(e.into()));
+                        return Err(Halted::Reported);
+                    }
+                    attempt += 1;
+                    let backoff = Duration::from_millis(200 * (1 << attempt.min(5)));
+                    tracing::debug!(task = %self.key, offset = asm.offset, error = %e, attempt, "resuming origin range");
+                    tokio::time::sleep(backoff).await;
+                }
+                Err(h) => return Err(h),
+            }
+        }
+        self.settle(&mut storing, done, total).await
+    }
+
+    /// A range request's body for bytes `start..end` of the content.
+    async fn range_body(&self, start: u64, end: u64) -> Result<ByteStream, OriginError> {
+        self.ctx
+            .origin
+            .range(
+                &self.spec,
+                start..end,
+                self.layout.content_length,
+                &self.validators,
+            )
+            .await
+    }
+
+    /// Reads `body` until the assembler reaches content byte `upto`, storing each completed piece
+    /// (the one before is settled first: one piece is stored while the next is read).
+    async fn pump(
+        &self,
+        mut body: ByteStream,
+        upto: u64,
+        asm: &mut Assembler,
+        storing: &mut Option<Storing>,
+        done: &AtomicUsize,
+        total: usize,
+    ) -> Result<(), Halted> {
+        let read_timeout = self.ctx.config.origin.read_timeout;
+        while asm.offset < upto {
+            let next = tokio::time::timeout(read_timeout, body.next())
+                .await
+                .map_err(|_| {
+                    Halted::Origin(OriginError::Body(format!(
+                        "no data for {}s",
+                        read_timeout.as_secs()
+                    )))
+                })?;
+            let chunk = match next {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return Err(Halted::Origin(e)),
+                None => {
+                    return Err(Halted::Origin(OriginError::Body(format!(
+                        "origin body ended at byte {} of {upto}",
+                        asm.offset
+                    ))));
+                }
+            };
+            if chunk.len() as u64 > upto - asm.offset {
+                return Err(Halted::Origin(OriginError::Protocol(format!(
+                    "origin sent more than the bytes up to {upto} asked for"
+                ))));
+            }
+            self.ctx.metrics.add_from_origin(chunk.len() as u64);
+            for l in [&self.ctx.origin_limit, &self.task_limit] {
+                l.take(chunk.len()).await;
+            }
+            let mut rest = &chunk[..];
+            while let Some((index, piece)) = asm.feed(&mut rest) {
+                self.settle(storing, done, total).await?;
+                *storing = Some(self.spawn_store(index, piece));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hashes and stores a finished piece off the runtime.
+    fn spawn_store(&self, index: u32, data: Bytes) -> Storing {
+        let store = self.ctx.store.clone();
+        let key = self.key;
+        let expected = self.known.get(&index).copied();
+        let handle = tokio::task::spawn_blocking(move || {
+            let hash = PieceHash::of(&data);
+            if expected.is_some_and(|e| e != hash) {
+                return Err(ProduceError::HashMismatch(index));
+            }
+            store.put_piece(&key, index, &data)?;
+            Ok(hash)
+        });
+        Storing { index, handle }
+    }
+
+    /// Waits for the piece being stored and reports it. Before the production's last piece is
+    /// reported, an origin without validators must still send the same first bytes: nothing else
+    /// tells whether it changed while the pieces were fetched.
+    async fn settle(
+        &self,
+        storing: &mut Option<Storing>,
+        done: &AtomicUsize,
+        total: usize,
+    ) -> Result<(), Halted> {
+        let Some(Storing { index, handle }) = storing.take() else {
+            return Ok(());
+        };
+        let mut result = handle
+            .await
+            .map_err(|e| ProduceError::Store(e.to_string()))
+            .and_then(|r| r);
+        let last = done.fetch_add(1, Ordering::SeqCst) + 1 == total;
+        if last
+            && result.is_ok()
+            && self.layout.piece_count() > 1
+            && !self.has_validators()
+            && let Err(e) = self.head_unchanged().await
+        {
+            result = Err(e);
+        }
+        let failed = result.is_err();
+        self.report(index, result);
+        if failed {
+            Err(Halted::Reported)
+        } else {
+            Ok(())
         }
     }
 
@@ -394,5 +608,65 @@ impl ProductionJob {
             *next += 1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_split_runs_of_consecutive_pieces_evenly() {
+        assert_eq!(spans(&[], 4), Vec::<Range<u32>>::new());
+        assert_eq!(spans(&[0, 1, 2, 3, 4, 5, 6, 7], 1), vec![0..8]);
+        assert_eq!(
+            spans(&[0, 1, 2, 3, 4, 5, 6, 7], 4),
+            vec![0..2, 2..4, 4..6, 6..8]
+        );
+        assert_eq!(spans(&[0, 1, 2, 3, 4, 5, 6], 2), vec![0..4, 4..7]);
+        // A gap ends a span: its bytes are not fetched.
+        assert_eq!(spans(&[0, 1, 3, 4, 5, 9], 1), vec![0..2, 3..6, 9..10]);
+        assert_eq!(spans(&[2, 3], 8), vec![2..3, 3..4]);
+    }
+
+    #[test]
+    fn the_assembler_cuts_chunks_at_piece_boundaries() {
+        // 2.5 pieces of 1 MiB: the last piece is short.
+        let layout = PieceLayout::for_length(5 * (MIN_PIECE_LENGTH as u64) / 2);
+        assert_eq!(layout.piece_length, MIN_PIECE_LENGTH);
+        let content: Vec<u8> = (0..layout.content_length)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for chunk in [1usize, 4096, 333_333, 1 << 20, 3 << 20] {
+            let mut asm = Assembler::new(layout, 1..3);
+            let mut got = Vec::new();
+            for c in content[MIN_PIECE_LENGTH as usize..].chunks(chunk) {
+                let mut c = c;
+                while let Some((i, p)) = asm.feed(&mut c) {
+                    got.push((i, p));
+                }
+                assert!(c.is_empty());
+            }
+            assert_eq!(asm.offset, layout.content_length);
+            let want: Vec<(u32, Bytes)> = (1..3)
+                .map(|i| {
+                    let r = layout.piece_range(i);
+                    (
+                        i,
+                        Bytes::copy_from_slice(&content[r.start as usize..r.end as usize]),
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "chunk {chunk}");
+        }
+        // Bytes past the span's last piece stay with the caller.
+        let mut asm = Assembler::new(layout, 0..1);
+        let mut c = &content[..];
+        assert_eq!(
+            asm.feed(&mut c).map(|(i, p)| (i, p.len())),
+            Some((0, MIN_PIECE_LENGTH as usize))
+        );
+        assert_eq!(asm.feed(&mut c), None);
+        assert_eq!(c.len(), content.len() - MIN_PIECE_LENGTH as usize);
     }
 }
