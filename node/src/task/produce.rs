@@ -303,16 +303,33 @@ impl ProductionJob {
     async fn run_ranged(&mut self, first: FirstBody) {
         let pieces = std::mem::take(&mut self.pieces);
         let streams = self.concurrency();
-        let mut first = Some(first);
         let done = AtomicUsize::new(0);
         let (this, done, total) = (&*self, &done, pieces.len());
-        let jobs = spans(&pieces, streams).into_iter().map(|span| {
-            let head = if first.as_ref().is_some_and(|f| f.index == span.start) {
-                first.take()
-            } else {
+        let mut spans = spans(&pieces, streams);
+        // The open response's body goes to the span it starts, which goes first. The other spans
+        // start once those bytes are in: sharing the link with them from the start would slow the
+        // first piece, which the swarm waits for.
+        let (head_in, head_in_rx) = tokio::sync::watch::channel(false);
+        let mut first = match spans.iter().position(|s| s.start == first.index) {
+            Some(i) => {
+                spans[..=i].rotate_right(1);
+                Some((first, Some(head_in)))
+            }
+            None => {
+                let _ = head_in.send(true);
                 None
-            };
-            async move { this.produce_span(span, head, done, total).await }
+            }
+        };
+        let jobs = spans.into_iter().map(|span| {
+            let head = first.take_if(|(f, _)| f.index == span.start);
+            let mut wait = head.is_none().then(|| head_in_rx.clone());
+            async move {
+                if let Some(w) = &mut wait {
+                    // An error means the head's span ended early (its sender dropped): go on.
+                    let _ = w.wait_for(|&v| v).await;
+                }
+                this.produce_span(span, head, done, total).await
+            }
         });
         let mut results = stream::iter(jobs).buffer_unordered(streams);
         while let Some(r) = results.next().await {
@@ -329,7 +346,7 @@ impl ProductionJob {
     async fn produce_span(
         &self,
         span: Range<u32>,
-        head: Option<FirstBody>,
+        head: Option<(FirstBody, Option<tokio::sync::watch::Sender<bool>>)>,
         done: &AtomicUsize,
         total: usize,
     ) -> Result<(), Halted> {
@@ -337,47 +354,31 @@ impl ProductionJob {
         let end = self.layout.piece_range(span.end - 1).end;
         let mut asm = Assembler::new(self.layout, span);
         let mut storing = None;
-        let mut rest = None;
-        if let Some(head) = head {
+        if let Some((head, head_in)) = head {
+            // Then the rest on the same (kept-alive) connection: asking for it while the head
+            // arrives would halve the first piece's rate.
             let head_end = (start + head.len).min(end);
-            // The rest of the span is asked for while the head arrives: no gap between requests.
-            let (read, opened) = futures::join!(
-                self.pump(head.body, head_end, &mut asm, &mut storing, done, total),
-                async {
-                    if head_end < end {
-                        Some(self.range_body(head_end, end).await)
-                    } else {
-                        None
-                    }
-                }
-            );
+            let read = self
+                .pump(head.body, head_end, &mut asm, &mut storing, done, total)
+                .await;
+            if let Some(tx) = head_in {
+                let _ = tx.send(true);
+            }
             match read {
                 Ok(()) => {}
                 Err(Halted::Origin(e)) => {
-                    tracing::debug!(task = %self.key, error = %e, "first origin response failed; refetching")
+                    tracing::debug!(task = %self.key, error = %e, "first origin response broke; fetching its rest again")
                 }
                 Err(h) => return Err(h),
-            }
-            if let Some(Ok(body)) = opened {
-                rest = Some((head_end, body));
             }
         }
         let mut attempt = 0;
         let mut failed_at = None;
         while asm.offset < end {
-            // The open rest of the span, once the bytes before it are in (a broken head is
-            // fetched again up to where the rest starts).
-            let (upto, body) = match rest.take() {
-                Some((from, body)) if from == asm.offset => (end, Ok(body)),
-                Some((from, body)) => {
-                    rest = Some((from, body));
-                    (from, self.range_body(asm.offset, from).await)
-                }
-                None => (end, self.range_body(asm.offset, end).await),
-            };
+            let body = self.range_body(asm.offset, end).await;
             let res = match body {
                 Ok(body) => {
-                    self.pump(body, upto, &mut asm, &mut storing, done, total)
+                    self.pump(body, end, &mut asm, &mut storing, done, total)
                         .await
                 }
                 Err(e) => Err(Halted::Origin(e)),
