@@ -556,7 +556,12 @@ impl PieceStore for RocksStore {
         let part = dir.join(format!("{index}.{n}.part"));
         std::fs::create_dir_all(&dir).map_err(io_error)?;
         let replaced = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if let Err(e) = std::fs::write(&part, data).and_then(|()| std::fs::rename(&part, &path)) {
+        let written = std::fs::File::create(&part).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, data)?;
+            start_writeback(&f);
+            Ok(())
+        });
+        if let Err(e) = written.and_then(|()| std::fs::rename(&part, &path)) {
             let _ = std::fs::remove_file(&part);
             return Err(io_error(e));
         }
@@ -785,6 +790,18 @@ impl PieceStore for RocksStore {
         db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
         Ok(())
     }
+}
+
+/// Starts writing `f`'s dirty pages to disk without waiting for them (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`): the fsync that makes a completed task durable then finds its pieces
+/// written already, instead of writing all of them at once while the user waits (8 peers each
+/// completing 256 MiB at once spent 2.5-3 s there). Advisory: a failure shows at that fsync.
+fn start_writeback(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range takes a descriptor and integers and touches no memory of ours; the
+    // descriptor is open for the call's duration (borrowed from `f`).
+    #[allow(unsafe_code)]
+    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// A store in memory: the same behaviour as [`RocksStore`] without a disk (durability aside), for
