@@ -189,13 +189,13 @@ async fn collect(
 }
 
 impl ProductionJob {
-    /// Range requests in flight: `origin.concurrency`, fewer for pieces so large that they would
-    /// buffer more than `download.max_inflight_bytes`.
+    /// Range requests in flight: `origin.concurrency`, fewer for pieces so large that their
+    /// buffers (two pieces per stream: one read, one stored) would exceed
+    /// `download.max_inflight_bytes`.
     fn concurrency(&self) -> usize {
         let cfg = &self.ctx.config;
-        cfg.origin
-            .concurrency
-            .clamp(1, cfg.download.pieces_in_flight(self.layout.piece_length))
+        let by_memory = (cfg.download.pieces_in_flight(self.layout.piece_length) / 2).max(1);
+        cfg.origin.concurrency.clamp(1, by_memory)
     }
 
     /// Produces the pieces; `first` is the open response's body.
@@ -229,16 +229,7 @@ impl ProductionJob {
         let mut attempt = 0;
         loop {
             let res = async {
-                let body = self
-                    .ctx
-                    .origin
-                    .range(
-                        &self.spec,
-                        start..end,
-                        self.layout.content_length,
-                        &self.validators,
-                    )
-                    .await?;
+                let body = self.range_body(start, end).await?;
                 collect(
                     body,
                     (end - start) as usize,
