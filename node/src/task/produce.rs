@@ -152,6 +152,23 @@ pub(crate) struct ProductionJob {
 /// from an origin without validators.
 const HEAD_CHECK_BYTES: usize = 64 << 10;
 
+/// The body's next chunk (`None` at its end); a body that sends nothing for `read_timeout`
+/// fails.
+async fn next_chunk(
+    body: &mut ByteStream,
+    read_timeout: Duration,
+) -> Result<Option<Bytes>, OriginError> {
+    tokio::time::timeout(read_timeout, body.next())
+        .await
+        .map_err(|_| OriginError::Body(format!("no data for {}s", read_timeout.as_secs())))?
+        .transpose()
+}
+
+/// The pause before retry `attempt` (1, 2, …) of a transient origin failure.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200 * (1 << attempt.min(5)))
+}
+
 async fn collect(
     mut body: ByteStream,
     len: usize,
@@ -159,24 +176,15 @@ async fn collect(
     limits: [&crate::limits::Limiter; 2],
 ) -> Result<BytesMut, OriginError> {
     let mut buf = BytesMut::with_capacity(len);
-    loop {
-        let next = tokio::time::timeout(read_timeout, body.next())
-            .await
-            .map_err(|_| OriginError::Body(format!("no data for {}s", read_timeout.as_secs())))?;
-        match next {
-            Some(Ok(chunk)) => {
-                if buf.len() + chunk.len() > len {
-                    return Err(OriginError::Protocol(format!(
-                        "origin sent more than the {len} bytes asked for"
-                    )));
-                }
-                buf.extend_from_slice(&chunk);
-                for l in limits {
-                    l.take(chunk.len()).await;
-                }
-            }
-            Some(Err(e)) => return Err(e),
-            None => break,
+    while let Some(chunk) = next_chunk(&mut body, read_timeout).await? {
+        if buf.len() + chunk.len() > len {
+            return Err(OriginError::Protocol(format!(
+                "origin sent more than the {len} bytes asked for"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+        for l in limits {
+            l.take(chunk.len()).await;
         }
     }
     if buf.len() != len {
@@ -243,9 +251,8 @@ impl ProductionJob {
                 Ok(b) => return Ok(b),
                 Err(e) if e.is_transient() && attempt < cfg.retries => {
                     attempt += 1;
-                    let backoff = Duration::from_millis(200 * (1 << attempt.min(5)));
                     tracing::debug!(task = %self.key, start, error = %e, attempt, "retrying origin range");
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -388,9 +395,8 @@ impl ProductionJob {
                         return Err(Halted::Reported);
                     }
                     attempt += 1;
-                    let backoff = Duration::from_millis(200 * (1 << attempt.min(5)));
                     tracing::debug!(task = %self.key, offset = asm.offset, error = %e, attempt, "resuming origin range");
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(h) => return Err(h),
             }
@@ -424,17 +430,11 @@ impl ProductionJob {
     ) -> Result<(), Halted> {
         let read_timeout = self.ctx.config.origin.read_timeout;
         while asm.offset < upto {
-            let next = tokio::time::timeout(read_timeout, body.next())
+            let chunk = match next_chunk(&mut body, read_timeout)
                 .await
-                .map_err(|_| {
-                    Halted::Origin(OriginError::Body(format!(
-                        "no data for {}s",
-                        read_timeout.as_secs()
-                    )))
-                })?;
-            let chunk = match next {
-                Some(Ok(chunk)) => chunk,
-                Some(Err(e)) => return Err(Halted::Origin(e)),
+                .map_err(Halted::Origin)?
+            {
+                Some(chunk) => chunk,
                 None => {
                     return Err(Halted::Origin(OriginError::Body(format!(
                         "origin body ended at byte {} of {upto}",
@@ -539,7 +539,7 @@ impl ProductionJob {
                 {
                     attempt += 1;
                     tracing::debug!(task = %self.key, error = %e, "origin body failed; re-reading from the start");
-                    tokio::time::sleep(Duration::from_millis(200 * (1 << attempt.min(5)))).await;
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(e) => {
                     self.report(next_index, Err(e));
@@ -564,11 +564,8 @@ impl ProductionJob {
             let range = self.layout.piece_range(*next);
             let piece_len = (range.end - range.start) as usize;
             while buf.len() < piece_len {
-                let chunk = tokio::time::timeout(read_timeout, body.next())
-                    .await
-                    .map_err(|_| OriginError::Body("origin stalled".into()))?;
-                match chunk {
-                    Some(Ok(c)) => {
+                match next_chunk(&mut body, read_timeout).await? {
+                    Some(c) => {
                         // Skip bytes of pieces produced before a restart.
                         let skip = (range.start.saturating_sub(offset) as usize).min(c.len());
                         offset += c.len() as u64;
@@ -577,7 +574,6 @@ impl ProductionJob {
                         self.ctx.origin_limit.take(c.len()).await;
                         self.task_limit.take(c.len()).await;
                     }
-                    Some(Err(e)) => return Err(e.into()),
                     None => {
                         return Err(OriginError::Protocol(format!(
                             "origin body ended at {} of {} bytes",
