@@ -654,7 +654,12 @@ impl Node {
                     }
                     None => self.state_blocking(task).await,
                 };
-                if state.bitfield.is_some() {
+                // Data access goes with every answer about a task this node has or is fetching,
+                // not only once it holds a piece: the grant is bound to the asker, not to the
+                // task (a requester with a grant from any answer may ask for any piece), so
+                // withholding it before the first piece protected nothing and cost a second
+                // probe round trip (after the first `Have`) before the first request.
+                if state.header.is_some() || state.producing || state.bitfield.is_some() {
                     let grant = self.inner.tokens.grant_for(&peer);
                     state.data = Some(DataAccess {
                         port: self.inner.data_addr.port(),

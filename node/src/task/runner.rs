@@ -266,7 +266,13 @@ impl Runner {
         loop {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
-                    Some(m) => self.on_msg(m).await,
+                    Some(m) => {
+                        self.on_msg(m).await;
+                        // What is due goes out now, not on the next tick: a fresh piece's hash
+                        // and have are what let peers ask for it (the 100 ms tick delayed each
+                        // by 50 ms on average while the seed's uplink waited for requests).
+                        self.flush_announcements(false).await;
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick().await,
@@ -344,7 +350,7 @@ impl Runner {
             have: self.have.clone(),
             from_peers: self.from_peers,
             from_origin: self.from_origin,
-            sources: self.sources.len(),
+            sources: self.sources.values().filter(|s| s.holds_any()).count(),
             banned: self.banned.iter().copied().collect(),
             producing: self.producing.is_some() || self.opening,
             received_from: {
@@ -558,7 +564,7 @@ impl Runner {
             let _ = reply.send(Ok(h));
             self.last_progress = Instant::now();
             self.check_complete();
-            if !self.have.is_complete() && self.sources.is_empty() {
+            if !self.have.is_complete() && !self.sources.values().any(Source::holds_any) {
                 // Resuming a partial task: find holders now rather than after a stall.
                 self.discover();
             }
@@ -791,7 +797,7 @@ impl Runner {
             if self.header.is_none() {
                 self.elect(Vec::new());
             } else if self.wanted
-                && self.sources.is_empty()
+                && !self.sources.values().any(Source::holds_any)
                 && self.producing.is_none()
                 && !self.someone_producing()
             {

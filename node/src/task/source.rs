@@ -65,6 +65,12 @@ impl Source {
         }
     }
 
+    /// Holds at least one piece (a source is known, with data access, from its first answer on,
+    /// before it holds anything).
+    pub(crate) fn holds_any(&self) -> bool {
+        self.have.count() > 0
+    }
+
     pub(crate) fn paused(&self, now: Instant) -> bool {
         self.paused_until.is_some_and(|t| t > now)
     }
