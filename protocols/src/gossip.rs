@@ -1,4 +1,4 @@
-//! Gossip: one gossipsub topic per task, `/df/task/1/<task CID>` ([`TaskKey::topic`]).
+//! Gossip: one gossipsub topic per task, `/df/task/2/<task CID>` ([`TaskKey::topic`]).
 //!
 //! Messages are JSON, at most [`MAX_GOSSIP_MESSAGE`] bytes, and signed by gossipsub with the author's
 //! libp2p key, so the author is known. Every message is validated by the node before gossipsub

@@ -468,7 +468,7 @@ impl TaskKey {
 
     /// The gossipsub topic on which a task's availability is announced.
     pub fn topic(&self) -> String {
-        format!("/df/task/1/{}", self.0)
+        format!("/df/task/2/{}", self.0)
     }
 }
 

@@ -7,6 +7,7 @@
 //! their addresses, listen addresses, known seeds) are published in [`NetState`].
 
 mod codec;
+mod envelope;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -246,6 +247,8 @@ pub struct NetworkClient {
     commands: mpsc::Sender<Command>,
     state: Arc<NetState>,
     local_peer_id: PeerId,
+    /// Signs what this node gossips (see [`envelope`]).
+    keypair: libp2p::identity::Keypair,
 }
 
 impl NetworkClient {
@@ -283,8 +286,10 @@ impl NetworkClient {
     }
 
     pub async fn publish(&self, task: TaskKey, msg: &GossipMessage) -> Result<(), NetworkError> {
-        let data = msg
+        let body = msg
             .encode()
+            .map_err(|e| NetworkError::Publish(e.to_string()))?;
+        let data = envelope::seal(&self.keypair, &task.topic(), &body)
             .map_err(|e| NetworkError::Publish(e.to_string()))?;
         self.call(|r| Command::Publish(task, data, r)).await?
     }
@@ -399,12 +404,14 @@ fn behaviour(
     }
     let gossip_cfg = gossip_builder
         .validate_messages()
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        .max_transmit_size(MAX_GOSSIP_MESSAGE + 4096)
+        // Authored, not signed by gossipsub: df signs the data itself and checks each message
+        // once, not each copy (see `envelope`); IDs follow the content.
+        .validation_mode(gossipsub::ValidationMode::Permissive)
+        .message_id_fn(envelope::message_id)
+        .max_transmit_size(MAX_GOSSIP_MESSAGE + envelope::SIGNATURE_LEN + 4096)
         .heartbeat_interval(Duration::from_millis(500))
-        // Every copy of a message is decoded and its signature checked before deduplication, so
-        // a node's gossip CPU grows with its mesh degree: 4 (default 6) still reaches a swarm of
-        // hundreds in a few hops, and the 100 ms haves of seeds stay cheap.
+        // Every copy of a message is decoded before deduplication, so a node's gossip CPU grows
+        // with its mesh degree: 4 (default 6) still reaches a swarm of hundreds in a few hops.
         .mesh_n(4)
         .mesh_n_low(3)
         .mesh_n_high(8)
@@ -412,7 +419,7 @@ fn behaviour(
         .build()
         .map_err(|e| e.to_string())?;
     let mut gossipsub = gossipsub::Behaviour::new(
-        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossipsub::MessageAuthenticity::Author(key.public().to_peer_id()),
         gossip_cfg,
     )?;
     gossipsub.with_peer_score(peer_score_params(), peer_score_thresholds())?;
@@ -595,6 +602,7 @@ pub async fn spawn(
         commands: cmd_tx,
         state,
         local_peer_id,
+        keypair: settings.keypair.clone(),
     };
     ev_loop.bootstrap = settings
         .bootstrap
@@ -1018,7 +1026,18 @@ impl EventLoop {
                     verdict_ignore(self, MessageAcceptance::Ignore);
                     return;
                 };
-                match GossipMessage::decode(&message.data) {
+                // Checked here, once per message (gossipsub has dropped duplicates): signed by
+                // the source it names, for this topic.
+                let body = message
+                    .source
+                    .as_ref()
+                    .and_then(|src| envelope::open(src, message.topic.as_str(), &message.data));
+                let Some(body) = body else {
+                    tracing::debug!(%propagation_source, source = ?message.source, "rejecting gossip: not signed by its source");
+                    verdict_ignore(self, MessageAcceptance::Reject);
+                    return;
+                };
+                match GossipMessage::decode(body) {
                     Ok(msg) => self.emit(NetworkEvent::Gossip {
                         task,
                         source: message.source,
