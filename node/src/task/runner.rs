@@ -1470,12 +1470,13 @@ impl Runner {
         let n = self.piece_count();
         let reader_at = Some(self.shared.reader_at.load(Ordering::Relaxed)).filter(|&i| i < n);
         loop {
-            let endgame = self.hash_known.is_complete()
-                && (0..n).all(|i| self.have.get(i) || self.inflight.contains_key(&i));
+            // Runs after every message: the cheap budget check first.
             let total: usize = self.inflight.values().map(Vec::len).sum();
             if total >= max {
                 break;
             }
+            let endgame = self.hash_known.is_complete()
+                && (0..n).all(|i| self.have.get(i) || self.inflight.contains_key(&i));
             let now = Instant::now();
             let views: Vec<SourceView<'_>> = self
                 .sources
