@@ -32,7 +32,9 @@
 //!   connections are closed before their next request; the requester asks `get_task` again for a
 //!   fresh grant.
 //! - A grant covers every task the server holds: `get_task` hands one to any peer that asks about a
-//!   held task, so binding it to a task would not narrow who can read what.
+//!   task the server has or is fetching (from the first answer on, before it holds a piece, so the
+//!   first request needs no second round trip), so binding it to a task would not narrow who can
+//!   read what.
 //!
 //! Not covered (out of scope): after the handshake the stream is neither encrypted nor
 //! authenticated. An on-path attacker can read the pieces and could hijack the TCP stream to send
