@@ -395,6 +395,17 @@ impl Runner {
             // What this task holds is what filled the disk, or pieces of an origin version that
             // is gone: free it, so that the store (which reopens itself on the next write) has
             // room for the next download and the next request starts from the origin afresh.
+            // Nothing of it is announced or persisted on the way out either: hashes written
+            // back after the deletion made the next download of the same URL on this node
+            // meet the gone version's hashes (and refuse the new version's pieces as corrupt).
+            self.unannounced.clear();
+            self.unpersisted.clear();
+            self.pending_have.clear();
+            for (_, reqs) in self.inflight.drain() {
+                for (_, h) in reqs {
+                    h.abort();
+                }
+            }
             let (store, key) = (self.ctx.store.clone(), self.key);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.delete_task(&key) {
