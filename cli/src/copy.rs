@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::ErrorKind;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -292,22 +292,8 @@ fn copy_file(path: &Path, length: u64, out: &File, out_path: &Path, offset: u64)
             Err(e) => return Err(io_error(e.into(), out_path)),
         }
     }
-    start_writeback(out, offset, length);
+    df_node::store::start_writeback(out, offset, length);
     Ok(true)
-}
-
-/// Starts writing bytes `offset..offset + len` of `out` to disk without waiting for them
-/// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`), so the output's fsync at the end finds them
-/// written instead of writing the whole file then. Advisory: a failure shows at that fsync.
-fn start_writeback(out: &File, offset: u64, len: u64) {
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
-    // SAFETY: sync_file_range takes a descriptor and integers and touches no memory of ours; the
-    // descriptor is open for the call's duration (borrowed from `out`).
-    #[allow(unsafe_code)]
-    let _ =
-        unsafe { libc::sync_file_range(out.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 fn plain_copy(

@@ -558,7 +558,7 @@ impl PieceStore for RocksStore {
         let replaced = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let written = std::fs::File::create(&part).and_then(|mut f| {
             std::io::Write::write_all(&mut f, data)?;
-            start_writeback(&f);
+            start_writeback(&f, 0, 0);
             Ok(())
         });
         if let Err(e) = written.and_then(|()| std::fs::rename(&part, &path)) {
@@ -792,16 +792,21 @@ impl PieceStore for RocksStore {
     }
 }
 
-/// Starts writing `f`'s dirty pages to disk without waiting for them (`sync_file_range` with
-/// `SYNC_FILE_RANGE_WRITE`): the fsync that makes a completed task durable then finds its pieces
-/// written already, instead of writing all of them at once while the user waits (8 peers each
-/// completing 256 MiB at once spent 2.5-3 s there). Advisory: a failure shows at that fsync.
-fn start_writeback(f: &std::fs::File) {
+/// Starts writing bytes `offset..offset + len` of `f` (`len` 0: to the end) to disk without
+/// waiting for them (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`): the fsync that makes a
+/// completed task (or `df get`'s output) durable then finds them written already, instead of
+/// writing everything at once while the user waits (8 peers each completing 256 MiB at once spent
+/// 2.5-3 s there). Advisory: a failure shows at that fsync.
+pub fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
     // SAFETY: sync_file_range takes a descriptor and integers and touches no memory of ours; the
     // descriptor is open for the call's duration (borrowed from `f`).
     #[allow(unsafe_code)]
-    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    let _ =
+        unsafe { libc::sync_file_range(f.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// A store in memory: the same behaviour as [`RocksStore`] without a disk (durability aside), for

@@ -285,6 +285,20 @@ impl Runner {
         self.finish().await;
     }
 
+    /// Aborts every open piece request.
+    fn abort_requests(&mut self) {
+        for (_, reqs) in self.inflight.drain() {
+            for (_, h) in reqs {
+                h.abort();
+            }
+        }
+    }
+
+    /// Whether some source holds a piece (sources are known from their first answer on).
+    fn any_holder(&self) -> bool {
+        self.sources.values().any(Source::holds_any)
+    }
+
     fn should_exit(&self) -> bool {
         match self.phase {
             Phase::Failed(_) => true,
@@ -299,11 +313,7 @@ impl Runner {
         self.rx.close();
         self.flush_announcements(true).await;
         self.persist_hashes_now().await;
-        for (_, reqs) in self.inflight.drain() {
-            for (_, h) in reqs {
-                h.abort();
-            }
-        }
+        self.abort_requests();
         // Only a stopping node ends a runner with production jobs left.
         for h in self.production_handles.drain(..) {
             h.abort();
@@ -401,11 +411,7 @@ impl Runner {
             self.unannounced.clear();
             self.unpersisted.clear();
             self.pending_have.clear();
-            for (_, reqs) in self.inflight.drain() {
-                for (_, h) in reqs {
-                    h.abort();
-                }
-            }
+            self.abort_requests();
             let (store, key) = (self.ctx.store.clone(), self.key);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.delete_task(&key) {
@@ -575,7 +581,7 @@ impl Runner {
             let _ = reply.send(Ok(h));
             self.last_progress = Instant::now();
             self.check_complete();
-            if !self.have.is_complete() && !self.sources.values().any(Source::holds_any) {
+            if !self.have.is_complete() && !self.any_holder() {
                 // Resuming a partial task: find holders now rather than after a stall.
                 self.discover();
             }
@@ -808,7 +814,7 @@ impl Runner {
             if self.header.is_none() {
                 self.elect(Vec::new());
             } else if self.wanted
-                && !self.sources.values().any(Source::holds_any)
+                && !self.any_holder()
                 && self.producing.is_none()
                 && !self.someone_producing()
             {
@@ -1797,11 +1803,7 @@ impl Runner {
         self.ctx.metrics.source_banned();
         self.banned.insert(producer);
         self.failed_producers.insert(producer);
-        for (_, reqs) in self.inflight.drain() {
-            for (_, h) in reqs {
-                h.abort();
-            }
-        }
+        self.abort_requests();
         for s in self.sources.values() {
             self.ctx.data.forget(s.addr);
         }
