@@ -8,9 +8,10 @@
 //!
 //! Setup: nginx serves the file; seed A fetches it once (`df get` through A); then, per run, a fresh
 //! node B with `back_to_source = false` joins A and `df get -o FILE --api B` downloads it — every
-//! byte crosses the A→B data plane, is hashed and stored by B, and is copied into FILE by the CLI
-//! from B's piece files. `-O - > FILE` (each piece sent in order from B's files to standard output,
-//! then `sync FILE`) is timed from another fresh node.
+//! byte crosses the A→B data plane, is hashed and stored by B into its content file, and FILE
+//! becomes a hard link to that file (same filesystem; the CLI copies the pieces where it cannot
+//! link). `-O - > FILE` (each piece sent in order from B's file to standard output, then `sync
+//! FILE`) is timed from another fresh node.
 //! The baseline is `curl -o FILE` from nginx (sendfile), on the same disk, followed by `sync FILE`
 //! (df fsyncs its output before renaming it into place, so both sync); the ratio is df / that.
 

@@ -1,7 +1,11 @@
 //! `df get -o FILE` and `-O -` beside its node: the node lists each verified piece with the file
-//! holding it (`GET /v1/tasks/{id}/files`). For `-o` the CLI copies each piece into the output at
-//! its offset with `copy_file_range` — in the kernel, a reflink where the filesystem shares
-//! extents — as the pieces arrive, in any order, so the copy overlaps the download. For `-O -` it
+//! holding it (`GET /v1/tasks/{id}/files`). For `-o`, when the node keeps the whole content in one
+//! file that this user owns on the output's filesystem, the output becomes a hard link to it, made
+//! at the first piece and kept once every piece has been listed in that file: no byte is written a
+//! second time (the node notices a later change to the file and stops serving it). Otherwise the
+//! CLI copies each piece into the output at its offset with `copy_file_range` — in the kernel, a
+//! reflink where the filesystem shares extents — as the pieces arrive, in any order, so the copy
+//! overlaps the download. For `-O -` it
 //! asks for the pieces in index order and sends each to standard output with `sendfile`. Either
 //! way no byte goes through the API's socket a second time. A piece whose file this process
 //! cannot read (another user's store, a store that keeps pieces elsewhere, a file evicted
@@ -37,8 +41,13 @@ pub(crate) fn api_is_local(addr: &ApiAddr) -> bool {
 /// What copying pieces came to.
 pub(crate) enum Copied {
     /// The whole content is in the output: so many pieces copied from the node's files, so
-    /// many taken through the API.
-    All { from_files: u32, through_api: u32 },
+    /// many taken through the API — or, with `linked`, all in the node's file linked beside the
+    /// output (nothing was copied; commit the link instead of the output).
+    All {
+        from_files: u32,
+        through_api: u32,
+        linked: Option<Linked>,
+    },
     /// The node does not list piece files (an older node): stream the content instead.
     Unsupported,
 }
@@ -99,8 +108,9 @@ async fn next_piece(
 }
 
 /// Copies every piece of task `id` (`total` bytes) into `out` (open at `out_path`, named in
-/// errors) as the node lists them; calls `progress` with the bytes in place so far. On error the
-/// output holds an unknown part.
+/// errors) as the node lists them — or links the node's content file beside `out_path` when every
+/// piece is listed in it (see the module docs); calls `progress` with the bytes in place so far.
+/// On error the output holds an unknown part.
 pub(crate) async fn copy_pieces(
     api: &ApiClient,
     id: &str,
@@ -118,29 +128,171 @@ pub(crate) async fn copy_pieces(
         .map_err(|e| io_error(e, out_path))?;
     let mut seen = std::collections::HashSet::new();
     let mut tally = Tally::default();
+    // The node's content file linked beside the output, and the pieces listed in it so far.
+    let mut link: Option<(Linked, Vec<PieceFile>)> = None;
+    let mut may_link = true;
     while let Some(piece) = next_piece(api, id, total, &mut pieces, &mut seen).await? {
-        let copied = match piece.path.clone() {
-            Some(path) => {
-                let (out, out_path) = (out.clone(), out_path.to_owned());
-                let (offset, length) = (piece.offset, piece.length);
-                tokio::task::spawn_blocking(move || {
-                    copy_file(&path, length, &out, &out_path, offset)
-                })
-                .await??
+        if let Some((l, mut listed)) = link.take() {
+            if l.holds(&piece) {
+                progress(tally.linked(piece.length));
+                listed.push(piece);
+                link = Some((l, listed));
+                continue;
             }
-            None => false,
-        };
-        if !copied {
-            let (out, out_path) = (out.clone(), out_path.to_owned());
-            fetch_range(api, id, &piece, move |at, chunk| {
-                out.write_all_at(&chunk, at)
-                    .map_err(|e| io_error(e, &out_path))
-            })
-            .await?;
+            // A piece elsewhere: copy after all, the pieces linked so far first.
+            drop(l);
+            for p in listed {
+                copy_piece(api, id, &p, &out, out_path).await?;
+            }
+        } else if may_link && tally.written == 0 {
+            may_link = false;
+            let at = out_path.with_extension("link");
+            let p = piece.clone();
+            if let Some(l) =
+                tokio::task::spawn_blocking(move || Linked::try_make(&p, total, at)).await?
+            {
+                progress(tally.linked(piece.length));
+                link = Some((l, vec![piece]));
+                continue;
+            }
         }
-        progress(tally.add(piece.length, copied));
+        let from_file = copy_piece(api, id, &piece, &out, out_path).await?;
+        progress(tally.add(piece.length, from_file));
     }
-    tally.finish(total)
+    if let Some((l, listed)) = link {
+        let (l, kept) = tokio::task::spawn_blocking(move || {
+            let kept = l.still_the_nodes(total);
+            (l, kept)
+        })
+        .await?;
+        if kept {
+            return tally.finish(total, Some(l));
+        }
+        // The node's file was replaced meanwhile: copy from what it lists now.
+        drop(l);
+        tally = Tally::default();
+        for p in listed {
+            let from_file = copy_piece(api, id, &p, &out, out_path).await?;
+            tally.add(p.length, from_file);
+        }
+    }
+    tally.finish(total, None)
+}
+
+/// Puts one listed piece into `out`: from its file where this process can read it (`true`),
+/// else through the API.
+async fn copy_piece(
+    api: &ApiClient,
+    id: &str,
+    piece: &PieceFile,
+    out: &Arc<File>,
+    out_path: &Path,
+) -> Result<bool> {
+    if let Some(path) = piece.path.clone() {
+        let (out, out_path) = (out.clone(), out_path.to_owned());
+        let (at, offset, length) = (piece.path_offset, piece.offset, piece.length);
+        let copied = tokio::task::spawn_blocking(move || {
+            copy_file(&path, at, length, &out, &out_path, offset)
+        })
+        .await??;
+        if copied {
+            return Ok(true);
+        }
+    }
+    let (out, out_path) = (out.clone(), out_path.to_owned());
+    fetch_range(api, id, piece, move |at, chunk| {
+        out.write_all_at(&chunk, at)
+            .map_err(|e| io_error(e, &out_path))
+    })
+    .await?;
+    Ok(false)
+}
+
+/// The node's content file hard-linked beside the output (removed again unless committed).
+pub(crate) struct Linked {
+    /// The node's file.
+    src: std::path::PathBuf,
+    /// The link.
+    path: std::path::PathBuf,
+    /// Device and inode of the file linked.
+    id: (u64, u64),
+    committed: bool,
+}
+
+impl Linked {
+    /// Links the file holding `first` (the first piece listed) at `at`, if it holds the whole
+    /// content at its offsets, this user owns it (a file of another user, e.g. a node running
+    /// as root, would give the output an owner who may change it later), and it is on the same
+    /// filesystem. `None`: copy instead.
+    fn try_make(first: &PieceFile, total: u64, at: std::path::PathBuf) -> Option<Linked> {
+        use std::os::unix::fs::MetadataExt;
+        let src = first.path.clone()?;
+        if first.path_offset != first.offset {
+            return None;
+        }
+        let m = std::fs::metadata(&src).ok()?;
+        if !m.is_file() || m.uid() != nix::unistd::geteuid().as_raw() || m.len() > total {
+            return None;
+        }
+        match std::fs::hard_link(&src, &at) {
+            Ok(()) => Some(Linked {
+                src,
+                path: at,
+                id: (m.dev(), m.ino()),
+                committed: false,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "not linking the node's file; copying");
+                None
+            }
+        }
+    }
+
+    /// Whether the linked file holds `piece` at its offset.
+    fn holds(&self, piece: &PieceFile) -> bool {
+        piece.path.as_deref() == Some(self.src.as_path()) && piece.path_offset == piece.offset
+    }
+
+    /// After the last piece: whether the node's file is still the one linked and the content's
+    /// length (it was not replaced by a fresh one while the pieces were listed).
+    fn still_the_nodes(&self, total: u64) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.src), std::fs::metadata(&self.path)) {
+            (Ok(a), Ok(b)) => {
+                (a.dev(), a.ino()) == self.id && (b.dev(), b.ino()) == self.id && b.len() == total
+            }
+            _ => false,
+        }
+    }
+
+    /// Makes the linked content durable, gives it the mode a file this user creates gets (the
+    /// node creates its files 0600), and renames it to `target`.
+    pub(crate) fn commit(mut self, target: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let f = File::open(&self.path).map_err(|e| io_error(e, &self.path))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o666 & !current_umask()))
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io_error(e, &self.path))?;
+        std::fs::rename(&self.path, target).map_err(|e| io_error(e, target))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+/// This process's umask (read by setting it and back: the CLI does not create files meanwhile).
+fn current_umask() -> u32 {
+    use nix::sys::stat::{Mode, umask};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    umask(old);
+    old.bits()
+}
+
+impl Drop for Linked {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// `-O -` beside the node: the pieces in index order (the node's picker favours the next ones, as
@@ -169,8 +321,8 @@ pub(crate) async fn stream_pieces(
         }
         let sent = match piece.path.clone() {
             Some(path) => {
-                let length = piece.length;
-                tokio::task::spawn_blocking(move || send_file(&path, length)).await??
+                let (at, length) = (piece.path_offset, piece.length);
+                tokio::task::spawn_blocking(move || send_file(&path, at, length)).await??
             }
             None => false,
         };
@@ -179,7 +331,7 @@ pub(crate) async fn stream_pieces(
         }
         progress(tally.add(piece.length, sent));
     }
-    tally.finish(total)
+    tally.finish(total, None)
 }
 
 /// How a failed write to standard output reads.
@@ -217,18 +369,19 @@ fn wait_writable(fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
     }
 }
 
-/// Sends a piece's file (`length` bytes) to standard output. `Ok(false)`: the file is not there
-/// for this process (gone, unreadable, another length) and nothing was written: take the bytes
-/// from the API.
-fn send_file(path: &Path, length: u64) -> Result<bool> {
-    let Some(src) = open_piece(path, length)? else {
+/// Sends a piece (`length` bytes at `at` in the file at `path`) to standard output. `Ok(false)`:
+/// the file is not there for this process (gone, unreadable, too short) and nothing was written:
+/// take the bytes from the API.
+fn send_file(path: &Path, at: u64, length: u64) -> Result<bool> {
+    let Some(src) = open_piece(path, at, length)? else {
         return Ok(false);
     };
     let out = std::io::stdout();
     let fd = out.as_fd();
-    let mut off: i64 = 0;
-    while (off as u64) < length {
-        let chunk = (length - off as u64).min(1 << 30) as usize;
+    let end = at + length;
+    let mut off = i64::try_from(at)?;
+    while (off as u64) < end {
+        let chunk = (end - off as u64).min(1 << 30) as usize;
         match nix::sys::sendfile::sendfile64(fd, &src, Some(&mut off), chunk) {
             Ok(0) => bail!("{} ended before its {length} bytes", path.display()),
             Ok(_) => {}
@@ -236,9 +389,9 @@ fn send_file(path: &Path, length: u64) -> Result<bool> {
             Err(Errno::EAGAIN) => wait_writable(fd)?,
             // An output sendfile cannot write to (e.g. opened for appending): plain writes.
             Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
-                let mut buf = vec![0u8; (length - off as u64).min(1 << 20) as usize];
-                while (off as u64) < length {
-                    let n = (length - off as u64).min(buf.len() as u64) as usize;
+                let mut buf = vec![0u8; (end - off as u64).min(1 << 20) as usize];
+                while (off as u64) < end {
+                    let n = (end - off as u64).min(buf.len() as u64) as usize;
                     src.read_exact_at(&mut buf[..n], off as u64)
                         .map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
                     write_stdout(&buf[..n])?;
@@ -252,8 +405,8 @@ fn send_file(path: &Path, length: u64) -> Result<bool> {
     Ok(true)
 }
 
-/// A piece's file if this process can read it and it holds `length` bytes.
-fn open_piece(path: &Path, length: u64) -> Result<Option<File>> {
+/// The file holding a piece if this process can read it and it holds `at..at + length`.
+fn open_piece(path: &Path, at: u64, length: u64) -> Result<Option<File>> {
     let src = match File::open(path) {
         Ok(f) => f,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) => {
@@ -262,18 +415,26 @@ fn open_piece(path: &Path, length: u64) -> Result<Option<File>> {
         Err(e) => bail!("opening {}: {e}", path.display()),
     };
     match src.metadata() {
-        Ok(m) if m.len() == length => Ok(Some(src)),
+        Ok(m) if at.checked_add(length).is_some_and(|end| m.len() >= end) => Ok(Some(src)),
         _ => Ok(None),
     }
 }
 
-/// Copies a piece's file (`length` bytes) into `out` at `offset`. `Ok(false)`: the file is not
-/// there for this process (gone, unreadable, another length): take the bytes from the API.
-fn copy_file(path: &Path, length: u64, out: &File, out_path: &Path, offset: u64) -> Result<bool> {
-    let Some(src) = open_piece(path, length)? else {
+/// Copies a piece (`length` bytes at `at` in the file at `path`) into `out` at `offset`.
+/// `Ok(false)`: the file is not there for this process (gone, unreadable, too short): take the
+/// bytes from the API.
+fn copy_file(
+    path: &Path,
+    at: u64,
+    length: u64,
+    out: &File,
+    out_path: &Path,
+    offset: u64,
+) -> Result<bool> {
+    let Some(src) = open_piece(path, at, length)? else {
         return Ok(false);
     };
-    let (mut off_in, mut off_out) = (0i64, offset as i64);
+    let (mut off_in, mut off_out) = (i64::try_from(at)?, i64::try_from(offset)?);
     let mut left = length;
     while left > 0 {
         let chunk = left.min(1 << 30) as usize;
@@ -362,6 +523,13 @@ struct Tally {
 }
 
 impl Tally {
+    /// A piece of `length` bytes is in the linked file.
+    fn linked(&mut self, length: u64) -> u64 {
+        self.from_files += 1;
+        self.written += length;
+        self.written
+    }
+
     /// A piece of `length` bytes is in place, from the node's file or through the API.
     fn add(&mut self, length: u64, from_file: bool) -> u64 {
         if from_file {
@@ -373,13 +541,14 @@ impl Tally {
         self.written
     }
 
-    fn finish(self, total: u64) -> Result<Copied> {
+    fn finish(self, total: u64, linked: Option<Linked>) -> Result<Copied> {
         if self.written != total {
             bail!("the node listed {} of {total} bytes", self.written);
         }
         Ok(Copied::All {
             from_files: self.from_files,
             through_api: self.through_api,
+            linked,
         })
     }
 }
@@ -401,14 +570,32 @@ mod tests {
             .unwrap();
         out.set_len(11).unwrap();
         out.write_all_at(b"hello ", 0).unwrap();
-        assert!(copy_file(&piece, 5, &out, &dir.path().join("out"), 6).unwrap());
+        assert!(copy_file(&piece, 0, 5, &out, &dir.path().join("out"), 6).unwrap());
         assert_eq!(
             std::fs::read(dir.path().join("out")).unwrap(),
             b"hello world"
         );
-        // Gone, or of another length than listed: the caller takes the API instead.
-        assert!(!copy_file(&dir.path().join("4"), 5, &out, &dir.path().join("out"), 0).unwrap());
-        assert!(!copy_file(&piece, 6, &out, &dir.path().join("out"), 0).unwrap());
+        // A piece further in a file: from its offset there.
+        assert!(copy_file(&piece, 1, 3, &out, &dir.path().join("out"), 0).unwrap());
+        assert_eq!(
+            std::fs::read(dir.path().join("out")).unwrap(),
+            b"orllo world"
+        );
+        out.write_all_at(b"hel", 0).unwrap();
+        // Gone, or shorter than listed: the caller takes the API instead.
+        assert!(
+            !copy_file(
+                &dir.path().join("4"),
+                0,
+                5,
+                &out,
+                &dir.path().join("out"),
+                0
+            )
+            .unwrap()
+        );
+        assert!(!copy_file(&piece, 0, 6, &out, &dir.path().join("out"), 0).unwrap());
+        assert!(!copy_file(&piece, 3, 3, &out, &dir.path().join("out"), 0).unwrap());
         assert_eq!(
             std::fs::read(dir.path().join("out")).unwrap(),
             b"hello world"
@@ -420,9 +607,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let piece = dir.path().join("3");
         std::fs::write(&piece, b"world").unwrap();
-        // Gone, or of another length than listed: nothing is written, the caller takes the API.
-        assert!(!send_file(&dir.path().join("4"), 5).unwrap());
-        assert!(!send_file(&piece, 6).unwrap());
+        // Gone, or shorter than listed: nothing is written, the caller takes the API.
+        assert!(!send_file(&dir.path().join("4"), 0, 5).unwrap());
+        assert!(!send_file(&piece, 0, 6).unwrap());
+        assert!(!send_file(&piece, 2, 4).unwrap());
     }
 
     #[test]

@@ -347,14 +347,22 @@ async fn copy_beside_node(
         Ok(crate::copy::Copied::All {
             from_files,
             through_api,
+            linked,
         }) => {
             tracing::debug!(
                 task = id,
                 from_files,
                 through_api,
+                linked = linked.is_some(),
                 "pieces copied beside the node"
             );
-            temp.commit(target).await?;
+            match linked {
+                Some(l) => {
+                    let target = target.to_owned();
+                    tokio::task::spawn_blocking(move || l.commit(&target)).await??;
+                }
+                None => temp.commit(target).await?,
+            }
             Ok(true)
         }
         // `temp` goes, and the content is streamed into a new one.
@@ -382,6 +390,7 @@ async fn stream_beside_node(api: &ApiClient, id: &str, total: u64, show: bool) -
         crate::copy::Copied::All {
             from_files,
             through_api,
+            ..
         } => {
             tracing::debug!(
                 task = id,

@@ -166,44 +166,61 @@ async fn get_to_stdout_into_a_file_and_an_appended_file() {
     }
 }
 
-/// `-o FILE` beside its node: the CLI copies the node's verified piece files into the output
-/// (`copy_file_range`) instead of taking every byte through the API; the output is whole and
-/// exact, with nothing else left beside it, and a second download of the cached task does the same.
+/// `-o FILE` beside its node, on the node's filesystem: the output is a hard link to the node's
+/// content file (nothing written twice), whole and exact, with nothing else left beside it; a
+/// second download of the cached task does the same. An output edited afterwards is not served
+/// by the node (its file changed): the next download fetches the content again, into a new file,
+/// and the edited output stays as its user left it.
 #[tokio::test(flavor = "multi_thread")]
-async fn get_beside_a_daemon_copies_the_nodes_piece_files() {
+async fn get_beside_a_daemon_links_the_nodes_content_file() {
+    use std::os::unix::fs::MetadataExt;
     let origin = TestOrigin::start().await.unwrap();
     let data = content(9 * MIB + 3, 7);
     origin.put("/copy.bin", data.clone());
     let node = TestNode::start(Role::Node, vec![], |_| {}).await.unwrap();
     let api = node.node.api_addr().to_string();
     let url = origin.url("/copy.bin");
+    let out_dir = tempfile::tempdir_in(node.dir()).unwrap();
+    let get = |out: std::path::PathBuf| {
+        let (url, api) = (url.clone(), api.clone());
+        async move {
+            df_blocking(
+                &[
+                    "get",
+                    &url,
+                    "-o",
+                    out.to_str().unwrap(),
+                    "--api",
+                    &api,
+                    "--no-progress",
+                ],
+                &[("RUST_LOG", "df=debug")],
+            )
+            .await
+        }
+    };
+    let mut first = None;
     for round in 0..2 {
-        let out_dir = tempfile::tempdir().unwrap();
-        let out = out_dir.path().join("copy.bin");
-        let o = df_blocking(
-            &[
-                "get",
-                &url,
-                "-o",
-                out.to_str().unwrap(),
-                "--api",
-                &api,
-                "--no-progress",
-            ],
-            &[("RUST_LOG", "df=debug")],
-        )
-        .await;
+        let name = format!("copy{round}.bin");
+        let out = out_dir.path().join(&name);
+        let o = get(out.clone()).await;
         let err = stderr(&o);
         assert!(o.status.success(), "round {round}: df failed: {err}");
         assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
-        assert_eq!(leftovers(out_dir.path()), vec!["copy.bin".to_owned()]);
         let line = err
             .lines()
             .find(|l| l.contains("pieces copied beside the node"))
             .unwrap_or_else(|| panic!("round {round}: the content was not copied: {err}"));
         assert!(line.contains("through_api=0"), "{line}");
-        assert!(!line.contains("from_files=0"), "{line}");
+        assert!(line.contains("linked=true"), "{line}");
+        let m = std::fs::metadata(&out).unwrap();
+        // The node's file and each output so far.
+        assert_eq!(m.nlink(), round + 2, "round {round}");
+        first.get_or_insert(out);
     }
+    let mut names = leftovers(out_dir.path());
+    names.sort();
+    assert_eq!(names, vec!["copy0.bin".to_owned(), "copy1.bin".to_owned()]);
     // The second round came from the node's cache: the origin sent the file once.
     let sent = origin.bytes_sent();
     assert!(
@@ -211,6 +228,71 @@ async fn get_beside_a_daemon_copies_the_nodes_piece_files() {
         "origin sent {sent} bytes for {}",
         data.len()
     );
+
+    // The user edits an output in place: the node's file changes with it.
+    let edited = first.unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&edited)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"EDITED", 4096))
+        .unwrap();
+    let out = out_dir.path().join("again.bin");
+    let o = get(out.clone()).await;
+    assert!(o.status.success(), "df failed: {}", stderr(&o));
+    assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
+    let kept = std::fs::read(&edited).unwrap();
+    assert_eq!(&kept[4096..4102], b"EDITED");
+    assert_ne!(
+        std::fs::metadata(&out).unwrap().ino(),
+        std::fs::metadata(&edited).unwrap().ino()
+    );
+    assert!(origin.bytes_sent() >= 2 * data.len() as u64);
+}
+
+/// `-o FILE` on another filesystem than the node's store (tmpfs here): no link is possible, so
+/// the CLI copies the node's verified pieces into the output (`copy_file_range`) instead of taking
+/// every byte through the API.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_beside_a_daemon_on_another_filesystem_copies_the_pieces() {
+    use std::os::unix::fs::MetadataExt;
+    let origin = TestOrigin::start().await.unwrap();
+    let data = content(9 * MIB + 3, 8);
+    origin.put("/copy.bin", data.clone());
+    let node = TestNode::start(Role::Node, vec![], |_| {}).await.unwrap();
+    let shm = std::path::Path::new("/dev/shm");
+    let node_dev = std::fs::metadata(node.dir()).unwrap().dev();
+    if std::fs::metadata(shm).map_or(true, |m| m.dev() == node_dev) {
+        eprintln!("no second filesystem (/dev/shm) here: the copy path is covered by -O - tests");
+        return;
+    }
+    let out_dir = tempfile::tempdir_in(shm).unwrap();
+    let out = out_dir.path().join("copy.bin");
+    let o = df_blocking(
+        &[
+            "get",
+            &origin.url("/copy.bin"),
+            "-o",
+            out.to_str().unwrap(),
+            "--api",
+            &node.node.api_addr().to_string(),
+            "--no-progress",
+        ],
+        &[("RUST_LOG", "df=debug")],
+    )
+    .await;
+    let err = stderr(&o);
+    assert!(o.status.success(), "df failed: {err}");
+    assert_eq!(sha256_hex(&std::fs::read(&out).unwrap()), sha256_hex(&data));
+    assert_eq!(leftovers(out_dir.path()), vec!["copy.bin".to_owned()]);
+    let line = err
+        .lines()
+        .find(|l| l.contains("pieces copied beside the node"))
+        .unwrap_or_else(|| panic!("the content was not copied: {err}"));
+    assert!(line.contains("through_api=0"), "{line}");
+    assert!(line.contains("linked=false"), "{line}");
+    assert!(!line.contains("from_files=0"), "{line}");
+    assert_eq!(std::fs::metadata(&out).unwrap().nlink(), 1);
 }
 
 /// An output that exists and is not a regular file (a FIFO here; `/dev/null` the same way) is

@@ -172,10 +172,20 @@ pub struct PieceFile {
     /// Where the piece's bytes lie in the content.
     pub offset: u64,
     pub length: u64,
-    /// The piece's own file, exactly `length` bytes (see [`PieceStore::piece_file`]); `None`
-    /// when the store keeps it elsewhere: read `offset..offset + length` from the content.
+    /// The file holding the piece's bytes (see [`PieceStore::piece_file`]), at `path_offset`;
+    /// `None` when the store keeps them elsewhere: read `offset..offset + length` from the
+    /// content. The node's content file holds the whole content, each piece at its offset in
+    /// it (`path_offset == offset`), so a reader that sees every piece listed in one file may
+    /// take that file (a hard link) instead of copying the pieces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<std::path::PathBuf>,
+    /// Where in `path` the piece starts (0, as from nodes that kept a file per piece, when absent).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub path_offset: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Every piece of a task as it becomes readable: what `df get -o FILE` (or `-O -`) copies from
@@ -330,8 +340,8 @@ async fn next_file(mut st: FilesState) -> Option<(Result<PieceFile, std::io::Err
     // A reader copying the task is a use of it, as serving a peer is (eviction reads this).
     st.ctx.activity.touch(&st.key);
     let (store, key) = (st.ctx.store.clone(), st.key);
-    let path = tokio::task::spawn_blocking(move || store.piece_file(&key, index)).await;
-    let path = match path {
+    let at = tokio::task::spawn_blocking(move || store.piece_file(&key, index)).await;
+    let at = match at {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             st.done = true;
@@ -347,7 +357,8 @@ async fn next_file(mut st: FilesState) -> Option<(Result<PieceFile, std::io::Err
         index,
         offset: range.start,
         length: range.end - range.start,
-        path,
+        path_offset: at.as_ref().map_or(0, |a| a.offset),
+        path: at.map(|a| a.path),
     };
     Some((Ok(file), st))
 }
@@ -428,7 +439,7 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
         st.done = true;
         Some((Err(std::io::Error::other(msg)), st))
     };
-    // At most CONTENT_CHUNK bytes per item, read from the piece's file where it has one: a
+    // At most CONTENT_CHUNK bytes per item, read from the store's file where it keeps one: a
     // large piece (16 MiB for a 4 GiB file) is never held whole for the reader.
     let pr = st.layout.piece_range(index);
     let from = st.offset - pr.start;
@@ -480,9 +491,11 @@ fn read_range(
     }
     match data {
         PieceData::Bytes(b) => Ok(Some(Bytes::from(b).slice(from as usize..to as usize))),
-        PieceData::File { mut file, .. } => {
+        PieceData::File {
+            mut file, offset, ..
+        } => {
             let mut buf = vec![0u8; (to - from) as usize];
-            file.seek(SeekFrom::Start(from))
+            file.seek(SeekFrom::Start(offset + from))
                 .and_then(|_| file.read_exact(&mut buf))
                 .map_err(|e| format!("reading piece {index}: {e}"))?;
             Ok(Some(Bytes::from(buf)))

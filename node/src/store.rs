@@ -1,23 +1,28 @@
 //! The piece store: the [`PieceStore`] trait, the node's [`RocksStore`] (RocksDB with one column family
-//! per kind of record, and a file per piece) and an in-memory [`MemStore`].
+//! per kind of record, and a content file per task) and an in-memory [`MemStore`].
 //!
 //! | column family | key | value |
 //! |---|---|---|
 //! | `tasks` | task | JSON [`TaskRecord`]: signed header, completion, last access |
 //! | `hashes` | task ‖ index | JSON: producer + signed piece hash |
-//! | `pieces` | task ‖ index | read only: pieces of stores written before piece files (below) |
-//! | `have` | task ‖ index | empty: the piece is stored (written after its file) |
+//! | `pieces` | task ‖ index | read only: pieces of stores written before content files (below) |
+//! | `have` | task ‖ index | the piece is stored: offset ‖ length in the content file (u64 BE each; empty in stores written before content files) |
 //!
 //! `task` is the task key's CID bytes prefixed by their length, so one task's records are a prefix range.
 //!
-//! A piece's bytes are a file, `<store>/content/<task>/<index>` (written to a `.part` file, then
-//! renamed), not a RocksDB value: as values every byte went through a memtable and a flush, and
-//! on a 1 GiB one-hop download RocksDB stopped writes ~130 times waiting for those flushes
-//! ("Stopping writes because we have 2 immutable memtables"). A file is one copy into the page
-//! cache and one out. `have` markers are written without the write-ahead log: a crash loses at
-//! most markers of pieces that are then fetched again. Everything else goes through the WAL.
+//! A task's bytes are one file, `<store>/content/<task>`, each piece written in place at its
+//! offset in the content, not RocksDB values: as values every byte went through a memtable and a
+//! flush, and on a 1 GiB one-hop download RocksDB stopped writes ~130 times waiting for those
+//! flushes ("Stopping writes because we have 2 immutable memtables"). RocksDB indexes the file:
+//! a piece's `have` marker holds where its bytes lie (offset and length, written after the
+//! bytes). One file per task (not one per piece) lets `df get -o` on the same filesystem make
+//! the output a hard link to it instead of writing every byte a second time. A complete task's
+//! record keeps the file's modification time: a file changed since (through such a link) is
+//! dropped instead of served, and the task fetched again. `have` markers are written without the
+//! write-ahead log: a crash loses at most markers of pieces that are then fetched again.
+//! Everything else goes through the WAL.
 //!
-//! "Complete" is durable: [`RocksStore::flush`] fsyncs the piece files written since the last
+//! "Complete" is durable: [`RocksStore::flush`] fsyncs the content files written since the last
 //! flush, then RocksDB's memtables, before a task is marked complete, and [`PieceStore::reopen_incomplete`] reopens at start any task marked
 //! complete whose pieces are not all held (a crash before that flush, a damaged store), so it is
 //! fetched again instead of failing every later download.
@@ -72,6 +77,11 @@ pub struct TaskRecord {
     pub complete: bool,
     /// Seconds since the Unix epoch of the last download or upload of this task.
     pub last_access: u64,
+    /// Set by the store when the task is stored complete: the content file's modification time
+    /// (ns since the Unix epoch) after its last piece. A file whose time differs has been
+    /// changed since (e.g. through a `df get -o` output linked to it) and is not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_mtime: Option<u64>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -119,19 +129,26 @@ pub trait PieceStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// All stored piece hashes of a task, grouped by producer.
     fn hashes(&self, task: &TaskKey) -> Result<Vec<PieceHashBatch>, StoreError>;
-    /// Stores a piece (already verified by the caller) and marks it held.
-    fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError>;
+    /// Stores a piece (already verified by the caller) whose bytes lie at `offset` in the
+    /// content, and marks it held. A piece already held is not written again.
+    fn put_piece(
+        &self,
+        task: &TaskKey,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError>;
     fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError>;
     /// A piece's bytes for sending: an open file where the store keeps pieces in files (read a
     /// chunk at a time, never whole), else the bytes.
     fn piece_data(&self, task: &TaskKey, index: u32) -> Result<Option<PieceData>, StoreError> {
         Ok(self.piece(task, index)?.map(PieceData::Bytes))
     }
-    /// A stored piece's own file, for a reader on this host that copies the bytes itself
-    /// (`copy_file_range`) instead of taking them through the API; `None` when the store keeps
-    /// the piece elsewhere (in memory, as a RocksDB value) or does not hold it. The file is
-    /// replaced whole (renamed into place), never rewritten in place.
-    fn piece_file(&self, task: &TaskKey, index: u32) -> Result<Option<PathBuf>, StoreError> {
+    /// The file holding a stored piece and where in it, for a reader on this host that copies
+    /// the bytes itself (`copy_file_range`, a hard link) instead of taking them through the API;
+    /// `None` when the store keeps the piece elsewhere (in memory, as a RocksDB value) or does
+    /// not hold it. A held piece's bytes are never rewritten.
+    fn piece_file(&self, task: &TaskKey, index: u32) -> Result<Option<FileSpan>, StoreError> {
         let _ = (task, index);
         Ok(None)
     }
@@ -183,12 +200,21 @@ pub trait PieceStore: Send + Sync + 'static {
     }
 }
 
+/// Where a stored piece's bytes lie: `offset` in the file at `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpan {
+    pub path: PathBuf,
+    pub offset: u64,
+}
+
 /// A stored piece's bytes, as [`PieceStore::piece_data`] hands them out.
 #[derive(Debug)]
 pub enum PieceData {
-    /// The piece's file, open for reading from its start.
+    /// The file holding the piece, open for reading and positioned at the piece's first byte
+    /// (`offset`); the piece is the `len` bytes from there.
     File {
         file: std::fs::File,
+        offset: u64,
         len: u64,
     },
     Bytes(Vec<u8>),
@@ -228,45 +254,119 @@ struct StoreInner {
     closed: std::sync::atomic::AtomicBool,
     dir: PathBuf,
     cfg: StorageConfig,
-    /// Where piece files live: `<dir>/content`.
+    /// Where content files live: `<dir>/content`.
     content: PathBuf,
-    /// Bytes in piece files, kept as they are written and removed (read off the disk at open), so
-    /// that [`RocksStore::disk_usage`] does not walk the directory.
+    /// Bytes in content files, kept as pieces are written and tasks removed (read off the disk
+    /// at open), so that [`RocksStore::disk_usage`] does not walk the directory.
     file_bytes: std::sync::atomic::AtomicU64,
-    /// Numbers the temporary files pieces are written to.
-    part_counter: std::sync::atomic::AtomicU64,
-    /// Piece files (and their directories) written since the last [`RocksStore::flush`].
+    /// Content files open for writing, by task (see [`ContentFile`]).
+    open_files: std::sync::Mutex<std::collections::HashMap<TaskKey, Arc<ContentFile>>>,
+    /// Content files (and the content directory) written since the last [`RocksStore::flush`].
     unsynced: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
-/// Sums the piece files under `content`, removing `.part` files a crash left behind.
-fn scan_content(content: &Path) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(content).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(task.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if f.file_name().to_string_lossy().ends_with(".part") {
-                let _ = std::fs::remove_file(f.path());
-            } else if let Ok(m) = f.metadata() {
-                total += m.len();
-            }
-        }
-    }
-    total
+/// Content files kept open for writing at most (an unused one is closed to make room).
+const OPEN_FILES: usize = 64;
+
+/// A task's content file, open for writing pieces into.
+struct ContentFile {
+    file: std::fs::File,
+    /// False once the task was deleted (or its file dropped). A writer holds the read lock from
+    /// its write to its `have` marker, so a deletion waits for writes under way, and a write that
+    /// took this handle before the deletion adds nothing after it.
+    live: RwLock<bool>,
+    /// The file's modification time after the store's last write to it (ns since the epoch).
+    written: std::sync::Mutex<Option<u64>>,
+    /// Pieces being written now: a second writer of one (an endgame duplicate) waits for the
+    /// first, then finds it held.
+    writing: std::sync::Mutex<std::collections::HashSet<u32>>,
+    written_one: std::sync::Condvar,
 }
 
-/// Bytes in the files of one directory.
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .sum()
+impl ContentFile {
+    /// Claims piece `index` for writing; waits while another writer has it.
+    fn claim(&self, index: u32) -> Claim<'_> {
+        let mut w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        while w.contains(&index) {
+            w = self.written_one.wait(w).unwrap_or_else(|p| p.into_inner());
+        }
+        w.insert(index);
+        Claim { file: self, index }
+    }
+}
+
+/// A piece being written (see [`ContentFile::claim`]); released when dropped.
+struct Claim<'a> {
+    file: &'a ContentFile,
+    index: u32,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut w = self.file.writing.lock().unwrap_or_else(|p| p.into_inner());
+        w.remove(&self.index);
+        self.file.written_one.notify_all();
+    }
+}
+
+/// A file's modification time in ns since the Unix epoch.
+fn mtime_ns(m: &std::fs::Metadata) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let s = u64::try_from(m.mtime()).ok()?;
+    let ns = u64::try_from(m.mtime_nsec()).ok()?;
+    s.checked_mul(1_000_000_000)?.checked_add(ns)
+}
+
+/// Bytes a file takes on disk (content files are sparse until complete).
+fn allocated(m: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    (m.blocks() * 512).min(m.len().next_multiple_of(4096))
+}
+
+/// Bytes a piece of `len` bytes adds on disk.
+fn piece_blocks(len: usize) -> u64 {
+    (len as u64).next_multiple_of(4096)
+}
+
+/// A `have` marker's value: where the piece lies in the content file.
+fn span_value(offset: u64, len: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&offset.to_be_bytes());
+    v[8..].copy_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// A marker's span; `None` for an empty marker (a store written before content files).
+fn parse_span(v: &[u8]) -> Result<Option<(u64, u64)>, StoreError> {
+    match v.len() {
+        0 => Ok(None),
+        16 => {
+            let (o, l) = v.split_at(8);
+            let o: [u8; 8] = o
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("marker".into()))?;
+            let l: [u8; 8] = l
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("marker".into()))?;
+            Ok(Some((u64::from_be_bytes(o), u64::from_be_bytes(l))))
+        }
+        n => Err(StoreError::Corrupt(format!("a have marker of {n} bytes"))),
+    }
+}
+
+/// Sums the content files under `content`; returns the names of directories found there (a store
+/// written before content files kept a directory of piece files per task).
+fn scan_content(content: &Path) -> (u64, Vec<PathBuf>) {
+    let mut total = 0;
+    let mut dirs = Vec::new();
+    for f in std::fs::read_dir(content).into_iter().flatten().flatten() {
+        match f.metadata() {
+            Ok(m) if m.is_dir() => dirs.push(f.path()),
+            Ok(m) => total += allocated(&m),
+            Err(_) => {}
+        }
+    }
+    (total, dirs)
 }
 
 fn io_error(e: std::io::Error) -> StoreError {
@@ -296,6 +396,14 @@ fn piece_key(task: &TaskKey, index: u32) -> Vec<u8> {
     k
 }
 
+/// The keys of every record of a task: `start..end`.
+fn task_range(task: &TaskKey) -> (Vec<u8>, Vec<u8>) {
+    let start = task_prefix(task);
+    let mut end = start.clone();
+    end.extend([0xff; 5]);
+    (start, end)
+}
+
 fn index_of(key: &[u8], prefix_len: usize) -> Option<u32> {
     let b: [u8; 4] = key.get(prefix_len..prefix_len + 4)?.try_into().ok()?;
     Some(u32::from_be_bytes(b))
@@ -307,8 +415,8 @@ impl RocksStore {
         let db = Self::open_db(dir, cfg)?;
         let content = dir.join("content");
         std::fs::create_dir_all(&content).map_err(io_error)?;
-        let file_bytes = scan_content(&content);
-        Ok(RocksStore {
+        let (file_bytes, legacy) = scan_content(&content);
+        let store = RocksStore {
             inner: Arc::new(StoreInner {
                 db: RwLock::new(Some(Arc::new(db))),
                 generation: std::sync::atomic::AtomicU64::new(0),
@@ -317,9 +425,42 @@ impl RocksStore {
                 cfg: cfg.clone(),
                 content,
                 file_bytes: std::sync::atomic::AtomicU64::new(file_bytes),
-                part_counter: Default::default(),
+                open_files: Default::default(),
                 unsynced: Default::default(),
             }),
+        };
+        for d in legacy {
+            store.drop_legacy_dir(&d)?;
+        }
+        Ok(store)
+    }
+
+    /// Drops a directory of piece files (a store written before content files) and the `have`
+    /// markers of its task: those pieces are fetched again. Reading them where they are would
+    /// keep two layouts alive for a cache's worth of bytes.
+    fn drop_legacy_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        let task = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<TaskKey>().ok());
+        if let Some(task) = task {
+            self.clear_markers(&task)?;
+            self.reopen(&task)?;
+        }
+        tracing::info!(dir = %dir.display(), "dropping piece files of an older store layout; they are fetched again");
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes every `have` marker of a task.
+    fn clear_markers(&self, task: &TaskKey) -> Result<(), StoreError> {
+        let (start, end) = task_range(task);
+        self.write_recovering(|db| {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(cf(db, CF_HAVE)?, &start, &end);
+            Ok(db.write(batch)?)
         })
     }
 
@@ -444,12 +585,159 @@ impl RocksStore {
         });
     }
 
-    fn task_dir(&self, task: &TaskKey) -> PathBuf {
+    /// A task's content file.
+    fn content_path(&self, task: &TaskKey) -> PathBuf {
         self.inner.content.join(task.to_string())
     }
 
-    fn piece_path(&self, task: &TaskKey, index: u32) -> PathBuf {
-        self.task_dir(task).join(index.to_string())
+    /// The task's content file, open for writing (created when missing).
+    fn content_file(&self, task: &TaskKey) -> Result<Arc<ContentFile>, StoreError> {
+        let mut open = self
+            .inner
+            .open_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = open.get(task) {
+            return Ok(f.clone());
+        }
+        if open.len() >= OPEN_FILES {
+            open.retain(|_, f| Arc::strong_count(f) > 1);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.content_path(task))
+            .map_err(io_error)?;
+        let f = Arc::new(ContentFile {
+            file,
+            live: RwLock::new(true),
+            written: Default::default(),
+            writing: Default::default(),
+            written_one: Default::default(),
+        });
+        open.insert(*task, f.clone());
+        if let Ok(mut u) = self.inner.unsynced.lock() {
+            u.insert(self.inner.content.clone());
+        }
+        Ok(f)
+    }
+
+    /// Closes a task's content file for writing; waits for writes under way, and refuses the
+    /// later ones of whoever still holds the handle.
+    fn forget_file(&self, task: &TaskKey) {
+        let f = self
+            .inner
+            .open_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(task);
+        if let Some(f) = f {
+            *f.live.write().unwrap_or_else(|p| p.into_inner()) = false;
+        }
+    }
+
+    /// A piece's `have` marker: `None` when not held; `Some(None)` for a piece of a store
+    /// written before content files; else where it lies.
+    fn marker(
+        &self,
+        db: &DB,
+        task: &TaskKey,
+        index: u32,
+    ) -> Result<Option<Option<(u64, u64)>>, StoreError> {
+        match db.get_pinned_cf(cf(db, CF_HAVE)?, piece_key(task, index))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(parse_span(&v)?)),
+        }
+    }
+
+    /// A piece held as a RocksDB value (stores written before piece files).
+    fn legacy_piece(
+        &self,
+        db: &DB,
+        task: &TaskKey,
+        index: u32,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(db
+            .get_pinned_cf(cf(db, CF_PIECES)?, piece_key(task, index))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Where a held piece lies in its content file; `None` when it is not held in one, or when
+    /// the file of a complete task was changed since (it is dropped then: see [`Self::sealed`]).
+    fn located(
+        &self,
+        db: &DB,
+        task: &TaskKey,
+        index: u32,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(Some(span)) = self.marker(db, task, index)? else {
+            return Ok(None);
+        };
+        match self.record(db, task)? {
+            Some(rec) if !self.sealed(&rec)? => Ok(None),
+            _ => Ok(Some(span)),
+        }
+    }
+
+    /// A task's record as stored.
+    fn record(&self, db: &DB, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError> {
+        match db.get_pinned_cf(cf(db, CF_TASKS)?, task_prefix(task))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("task {task}: {e}"))),
+        }
+    }
+
+    /// Whether a task's content file is as the store left it: for a complete task, its
+    /// modification time is the one recorded at completion. A file changed since (its bytes
+    /// written through a hard link, e.g. a `df get -o` output the user edited) is dropped — its
+    /// name, its markers, the task's completion — so it is fetched again instead of served.
+    fn sealed(&self, rec: &TaskRecord) -> Result<bool, StoreError> {
+        let (true, Some(want)) = (rec.complete, rec.content_mtime) else {
+            return Ok(true);
+        };
+        let task = &rec.header.header.task;
+        let path = self.content_path(task);
+        let now = match std::fs::metadata(&path) {
+            Ok(m) => mtime_ns(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(io_error(e)),
+        };
+        if now == Some(want) {
+            return Ok(true);
+        }
+        tracing::warn!(task = %task, file = %path.display(), "a complete task's content file was changed since it was stored (through a hard link?); dropping it to fetch it again");
+        self.forget_file(task);
+        let len = std::fs::metadata(&path).map(|m| allocated(&m)).unwrap_or(0);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(e)),
+            _ => self.add_file_bytes(0, len),
+        }
+        self.clear_markers(task)?;
+        let mut open = rec.clone();
+        open.complete = false;
+        self.put_task(&open)?;
+        Ok(false)
+    }
+
+    /// The modification time to seal a task's content file with: after the store's own last
+    /// write where it has seen one, else the file's.
+    fn written_mtime(&self, task: &TaskKey) -> Option<u64> {
+        let cached = self
+            .inner
+            .open_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task)
+            .and_then(|f| *f.written.lock().unwrap_or_else(|p| p.into_inner()));
+        cached.or_else(|| {
+            std::fs::metadata(self.content_path(task))
+                .ok()
+                .and_then(|m| mtime_ns(&m))
+        })
     }
 }
 
@@ -462,19 +750,27 @@ impl PieceStore for RocksStore {
         self.recover_since(self.generation())
     }
 
+    /// Stores a task's record; a complete one is sealed with its content file's modification
+    /// time (see [`TaskRecord::content_mtime`]).
     fn put_task(&self, rec: &TaskRecord) -> Result<(), StoreError> {
-        let v = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut rec = rec.clone();
+        if !rec.complete {
+            rec.content_mtime = None;
+        } else if rec.content_mtime.is_none() {
+            rec.content_mtime = self.written_mtime(&rec.header.header.task);
+        }
+        let v = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let key = task_prefix(&rec.header.header.task);
         self.write_recovering(|db| Ok(db.put_cf(cf(db, CF_TASKS)?, &key, &v)?))
     }
 
+    /// A task's record; a complete task whose content file was changed behind the store is
+    /// dropped first and comes back not complete (see [`RocksStore::sealed`]).
     fn task(&self, task: &TaskKey) -> Result<Option<TaskRecord>, StoreError> {
         let db = self.db()?;
-        match db.get_pinned_cf(cf(&db, CF_TASKS)?, task_prefix(task))? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("task {task}: {e}"))),
+        match self.record(&db, task)? {
+            Some(rec) if !self.sealed(&rec)? => self.record(&db, task),
+            rec => Ok(rec),
         }
     }
 
@@ -540,64 +836,75 @@ impl PieceStore for RocksStore {
         Ok(out)
     }
 
-    /// Stores a piece (already verified by the caller) and marks it held.
-    fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError> {
-        if self.inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Io("the piece store is closed".into()));
+    /// Writes a piece into its task's content file at its offset, then marks it held (the
+    /// marker says where it lies). A piece already held is left as it is: its bytes are never
+    /// rewritten while a reader (or a hard-linked output) may see them.
+    fn put_piece(
+        &self,
+        task: &TaskKey,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        if self.marker(&*self.db()?, task, index)?.is_some() {
+            return Ok(());
         }
-        let dir = self.task_dir(task);
-        let path = dir.join(index.to_string());
-        // A name of its own per write: two writers of one piece (an endgame duplicate) must not
-        // write into the same file, or one could rename the other's half-written bytes.
-        let n = self
-            .inner
-            .part_counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let part = dir.join(format!("{index}.{n}.part"));
-        std::fs::create_dir_all(&dir).map_err(io_error)?;
-        let replaced = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let written = std::fs::File::create(&part).and_then(|mut f| {
-            std::io::Write::write_all(&mut f, data)?;
-            start_writeback(&f, 0, 0);
-            Ok(())
-        });
-        if let Err(e) = written.and_then(|()| std::fs::rename(&part, &path)) {
-            let _ = std::fs::remove_file(&part);
-            return Err(io_error(e));
+        let f = self.content_file(task)?;
+        let _claim = f.claim(index);
+        let live = f.live.read().unwrap_or_else(|p| p.into_inner());
+        if !*live {
+            return Err(StoreError::Io(format!(
+                "task {task} was removed while piece {index} was being stored"
+            )));
+        }
+        // Written by another writer while this one waited for its claim.
+        if self.marker(&*self.db()?, task, index)?.is_some() {
+            return Ok(());
+        }
+        f.file.write_all_at(data, offset).map_err(io_error)?;
+        start_writeback(&f.file, offset, data.len() as u64);
+        if let Ok(m) = f.file.metadata() {
+            *f.written.lock().unwrap_or_else(|p| p.into_inner()) = mtime_ns(&m);
         }
         // (Two writers of one piece at once may both count it: an overcount until the task goes.)
-        self.add_file_bytes(data.len() as u64, replaced);
+        self.add_file_bytes(piece_blocks(data.len()), 0);
         if let Ok(mut u) = self.inner.unsynced.lock() {
-            u.insert(path);
-            u.insert(dir);
+            u.insert(self.content_path(task));
         }
         let key = piece_key(task, index);
+        let value = span_value(offset, data.len() as u64);
         self.write_recovering(|db| {
             let mut wo = WriteOptions::default();
             wo.disable_wal(true);
-            Ok(db.put_cf_opt(cf(db, CF_HAVE)?, &key, [], &wo)?)
+            Ok(db.put_cf_opt(cf(db, CF_HAVE)?, &key, value, &wo)?)
         })
     }
 
     fn piece_data(&self, task: &TaskKey, index: u32) -> Result<Option<PieceData>, StoreError> {
-        let _db = self.db()?;
-        match std::fs::File::open(self.piece_path(task, index)) {
-            Ok(file) => {
-                let len = file.metadata().map_err(io_error)?.len();
-                return Ok(Some(PieceData::File { file, len }));
+        use std::io::{Seek, SeekFrom};
+        let db = self.db()?;
+        let Some((offset, len)) = self.located(&db, task, index)? else {
+            return Ok(self.legacy_piece(&db, task, index)?.map(PieceData::Bytes));
+        };
+        match std::fs::File::open(self.content_path(task)) {
+            Ok(mut file) => {
+                file.seek(SeekFrom::Start(offset)).map_err(io_error)?;
+                Ok(Some(PieceData::File { file, offset, len }))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(e)),
         }
-        // A store written before piece files.
-        Ok(self.piece(task, index)?.map(PieceData::Bytes))
     }
 
-    fn piece_file(&self, task: &TaskKey, index: u32) -> Result<Option<PathBuf>, StoreError> {
-        let _db = self.db()?;
-        let path = self.piece_path(task, index);
+    fn piece_file(&self, task: &TaskKey, index: u32) -> Result<Option<FileSpan>, StoreError> {
+        let db = self.db()?;
+        let Some((offset, _)) = self.located(&db, task, index)? else {
+            return Ok(None);
+        };
+        let path = self.content_path(task);
         match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(Some(path)),
+            Ok(m) if m.is_file() => Ok(Some(FileSpan { path, offset })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error(e)),
@@ -605,16 +912,25 @@ impl PieceStore for RocksStore {
     }
 
     fn piece(&self, task: &TaskKey, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        use std::os::unix::fs::FileExt;
         let db = self.db()?;
-        match std::fs::read(self.piece_path(task, index)) {
-            Ok(b) => return Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let Some((offset, len)) = self.located(&db, task, index)? else {
+            return self.legacy_piece(&db, task, index);
+        };
+        let len = usize::try_from(len)
+            .map_err(|_| StoreError::Corrupt(format!("piece {index} of {len} bytes")))?;
+        let file = match std::fs::File::open(self.content_path(task)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error(e)),
+        };
+        let mut buf = vec![0u8; len];
+        match file.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(Some(buf)),
+            // A file shorter than its markers say (damaged): the piece is not there.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(io_error(e)),
         }
-        // A store written before piece files.
-        Ok(db
-            .get_pinned_cf(cf(&db, CF_PIECES)?, piece_key(task, index))?
-            .map(|v| v.to_vec()))
     }
 
     /// Which of a task's `count` pieces are stored.
@@ -664,6 +980,11 @@ impl PieceStore for RocksStore {
         self.inner
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .open_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let mut slot = self.inner.db.write().unwrap_or_else(|p| p.into_inner());
         let Some(db) = slot.take() else {
             return;
@@ -679,30 +1000,22 @@ impl PieceStore for RocksStore {
         }
     }
 
-    /// Forgets a piece (its `have` marker and bytes), e.g. after finding it missing or corrupt.
+    /// Forgets a piece (its `have` marker), e.g. after finding it missing or corrupt; its bytes
+    /// in the content file are written again when it is fetched again.
     fn drop_piece(&self, task: &TaskKey, index: u32) -> Result<(), StoreError> {
         let db = self.db()?;
         let key = piece_key(task, index);
         let mut batch = WriteBatch::default();
         batch.delete_cf(cf(&db, CF_HAVE)?, &key);
         batch.delete_cf(cf(&db, CF_PIECES)?, &key);
-        db.write(batch)?;
-        let path = self.piece_path(task, index);
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(e)),
-            _ => {
-                self.add_file_bytes(0, len);
-                Ok(())
-            }
-        }
+        Ok(db.write(batch)?)
     }
 
-    /// Removes everything stored for a task.
+    /// Removes everything stored for a task. A piece write under way finishes first; one that
+    /// took the task's file before and writes after is refused.
     fn delete_task(&self, task: &TaskKey) -> Result<(), StoreError> {
-        let start = task_prefix(task);
-        let mut end = start.clone();
-        end.extend([0xff; 5]);
+        self.forget_file(task);
+        let (start, end) = task_range(task);
         self.write_recovering(|db| {
             let mut batch = WriteBatch::default();
             batch.delete_cf(cf(db, CF_TASKS)?, &start);
@@ -711,12 +1024,12 @@ impl PieceStore for RocksStore {
             }
             Ok(db.write(batch)?)
         })?;
-        let dir = self.task_dir(task);
+        let path = self.content_path(task);
         if let Ok(mut u) = self.inner.unsynced.lock() {
-            u.retain(|p| !p.starts_with(&dir));
+            u.remove(&path);
         }
-        let len = dir_bytes(&dir);
-        match std::fs::remove_dir_all(&dir) {
+        let len = std::fs::metadata(&path).map(|m| allocated(&m)).unwrap_or(0);
+        match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(e)),
             _ => self.add_file_bytes(0, len),
         }
@@ -759,7 +1072,7 @@ impl PieceStore for RocksStore {
                 .sum::<u64>()
     }
 
-    /// Makes what is stored durable: fsyncs the piece files (and their directories) written
+    /// Makes what is stored durable: fsyncs the content files (and their directory) written
     /// since the last flush, then flushes RocksDB's memtables (`have` markers skip the WAL).
     fn flush(&self) -> Result<(), StoreError> {
         let db = self.db()?;
@@ -883,12 +1196,19 @@ impl PieceStore for MemStore {
         Ok(out)
     }
 
-    fn put_piece(&self, task: &TaskKey, index: u32, data: &[u8]) -> Result<(), StoreError> {
+    fn put_piece(
+        &self,
+        task: &TaskKey,
+        index: u32,
+        _offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         self.state()?
             .pieces
             .entry(*task)
             .or_default()
-            .insert(index, data.to_vec());
+            .entry(index)
+            .or_insert_with(|| data.to_vec());
         Ok(())
     }
 
@@ -983,53 +1303,143 @@ mod tests {
     }
 
     #[test]
-    fn piece_files_are_whole_under_concurrent_writers_and_go_with_their_task() {
+    fn pieces_land_at_their_offsets_in_one_file_that_goes_with_its_task() {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
         let key = Keypair::generate_ed25519();
         let h = header(&key, "http://h/files");
         let t = h.header.task;
-        // Eight writers of the same piece (endgame duplicates), each with its own bytes.
-        let versions: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 1 << 20]).collect();
+        let mib = 1usize << 20;
+        let piece = |i: u8| vec![i; mib];
+        // Eight writers of the same piece (endgame duplicates) at once: written once, whole.
         std::thread::scope(|sc| {
-            for v in &versions {
+            for _ in 0..8 {
                 let store = store.clone();
                 sc.spawn(move || {
                     for _ in 0..5 {
-                        store.put_piece(&t, 3, v).unwrap();
+                        store.put_piece(&t, 3, 3 * mib as u64, &piece(3)).unwrap();
                     }
                 });
             }
         });
-        let got = store.piece(&t, 3).unwrap().unwrap();
-        assert!(versions.contains(&got), "a piece file mixes writers' bytes");
-        let path = store.piece_file(&t, 3).unwrap().expect("a piece file");
-        assert_eq!(path, store.piece_path(&t, 3));
-        assert_eq!(std::fs::read(&path).unwrap(), got);
+        assert_eq!(store.piece(&t, 3).unwrap().unwrap(), piece(3));
+        let at = store.piece_file(&t, 3).unwrap().expect("a content file");
+        assert_eq!(at.path, store.content_path(&t));
+        assert_eq!(at.offset, 3 * mib as u64);
+        let whole = std::fs::read(&at.path).unwrap();
+        assert_eq!(
+            whole.len(),
+            4 * mib,
+            "the file ends where its last written piece does"
+        );
+        assert_eq!(&whole[3 * mib..], &piece(3)[..]);
         assert!(store.bitfield(&t, 4).unwrap().get(3));
-        // No temporary file is left; the usage counts the piece.
-        let files: Vec<_> = std::fs::read_dir(store.task_dir(&t)).unwrap().collect();
+        // Nothing else in the content directory; the usage counts the piece once.
+        let files: Vec<_> = std::fs::read_dir(&store.inner.content).unwrap().collect();
         assert_eq!(files.len(), 1);
-        assert!(store.disk_usage() >= 1 << 20);
-        // The count survives a restart (read off the disk), and goes with the task.
-        store.put_piece(&t, 0, &[7; 1000]).unwrap();
-        store.flush().unwrap();
         let files = |s: &RocksStore| {
             s.inner
                 .file_bytes
                 .load(std::sync::atomic::Ordering::Relaxed)
         };
-        assert!(files(&store) >= (1 << 20) + 1000);
+        assert_eq!(files(&store), mib as u64);
+        // A piece already held is not written again (a reader may be copying it).
+        store.put_piece(&t, 3, 3 * mib as u64, &piece(9)).unwrap();
+        assert_eq!(store.piece(&t, 3).unwrap().unwrap(), piece(3));
+        // The count survives a restart (read off the disk), and goes with the task.
+        store.put_piece(&t, 0, 0, &[7; 1000]).unwrap();
+        store.flush().unwrap();
+        assert_eq!(files(&store), mib as u64 + 4096);
         store.close();
         let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
-        assert_eq!(files(&store), (1 << 20) + 1000);
+        assert_eq!(files(&store), mib as u64 + 4096);
+        assert_eq!(store.piece(&t, 0).unwrap().unwrap(), vec![7; 1000]);
         store.drop_piece(&t, 0).unwrap();
-        assert_eq!(files(&store), 1 << 20);
+        assert_eq!(store.piece(&t, 0).unwrap(), None);
+        // A write that took the file before the task was removed adds nothing after it.
+        let held = store.content_file(&t).unwrap();
         store.delete_task(&t).unwrap();
+        assert!(!*held.live.read().unwrap());
         assert_eq!(files(&store), 0);
-        assert!(!store.task_dir(&t).exists());
+        assert!(!store.content_path(&t).exists());
         assert_eq!(store.piece(&t, 3).unwrap(), None);
         assert!(!store.bitfield(&t, 4).unwrap().get(3));
+    }
+
+    #[test]
+    fn a_complete_tasks_file_changed_behind_the_store_is_dropped_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        let key = Keypair::generate_ed25519();
+        let h = header(&key, "http://h/linked");
+        let t = h.header.task;
+        for (i, p) in [&b"abcd"[..], b"efgh", b"ij"].iter().enumerate() {
+            store.put_piece(&t, i as u32, 4 * i as u64, p).unwrap();
+        }
+        store.flush().unwrap();
+        store
+            .put_task(&TaskRecord {
+                header: h.clone(),
+                complete: true,
+                last_access: 1,
+                content_mtime: None,
+            })
+            .unwrap();
+        assert!(store.task(&t).unwrap().unwrap().content_mtime.is_some());
+        // A user's output hard-linked to the file, then edited.
+        let out = dir.path().join("out");
+        std::fs::hard_link(store.content_path(&t), &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"abcdefghij");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&out)
+            .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"XX", 0))
+            .unwrap();
+        // Not served: dropped, its task reopened; the user's file stays theirs.
+        assert_eq!(store.piece(&t, 1).unwrap(), None);
+        assert!(store.piece_data(&t, 0).unwrap().is_none());
+        assert!(!store.content_path(&t).exists());
+        assert!(!store.task(&t).unwrap().unwrap().complete);
+        assert_eq!(store.bitfield(&t, 3).unwrap().count(), 0);
+        assert_eq!(std::fs::read(&out).unwrap(), b"XXcdefghij");
+        // Fetched again into a new file, not into the user's.
+        store.put_piece(&t, 0, 0, b"abcd").unwrap();
+        assert_eq!(store.piece(&t, 0).unwrap().unwrap(), b"abcd");
+        assert_eq!(std::fs::read(&out).unwrap(), b"XXcdefghij");
+    }
+
+    #[test]
+    fn piece_files_of_an_older_store_are_dropped_at_open_and_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Keypair::generate_ed25519();
+        let h = header(&key, "http://h/old");
+        let t = h.header.task;
+        {
+            let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
+            store
+                .put_task(&TaskRecord {
+                    header: h.clone(),
+                    complete: true,
+                    last_access: 1,
+                    content_mtime: None,
+                })
+                .unwrap();
+            // The old layout: a directory of piece files and empty markers.
+            let old = store.content_path(&t);
+            std::fs::create_dir_all(&old).unwrap();
+            std::fs::write(old.join("0"), b"abcd").unwrap();
+            let db = store.db().unwrap();
+            db.put_cf(cf(&db, CF_HAVE).unwrap(), piece_key(&t, 0), [])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        assert!(!store.content_path(&t).exists());
+        assert_eq!(store.bitfield(&t, 3).unwrap().count(), 0);
+        assert!(!store.task(&t).unwrap().unwrap().complete);
+        store.put_piece(&t, 0, 0, b"abcd").unwrap();
+        assert_eq!(store.piece(&t, 0).unwrap().unwrap(), b"abcd");
     }
 
     #[test]
@@ -1037,11 +1447,11 @@ mod tests {
         each_store(|store| {
             let key = Keypair::generate_ed25519();
             let t = header(&key, "http://h/c").header.task;
-            store.put_piece(&t, 0, b"abcd").unwrap();
+            store.put_piece(&t, 0, 0, b"abcd").unwrap();
             store.close();
             let e = store.piece(&t, 0).unwrap_err();
             assert!(e.to_string().contains("closed"), "{e}");
-            assert!(store.put_piece(&t, 1, b"efgh").is_err());
+            assert!(store.put_piece(&t, 1, 4, b"efgh").is_err());
             assert!(store.recover().is_err());
             assert!(store.task(&t).is_err());
             assert!(store.flush().is_err());
@@ -1055,7 +1465,7 @@ mod tests {
         let key = Keypair::generate_ed25519();
         let h = header(&key, "http://h/c");
         let t = h.header.task;
-        store.put_piece(&t, 0, b"abcd").unwrap();
+        store.put_piece(&t, 0, 0, b"abcd").unwrap();
         let other = store.clone();
         store.close();
         assert!(other.recover().is_err());
@@ -1088,30 +1498,32 @@ mod tests {
                     header: h.clone(),
                     complete: false,
                     last_access: 1,
+                    content_mtime: None,
                 })
                 .unwrap();
         }
-        store.put_piece(&ta, 0, b"abcd").unwrap();
-        store.put_piece(&ta, 2, b"ij").unwrap();
-        store.put_piece(&tb, 1, b"zzzz").unwrap();
+        store.put_piece(&ta, 0, 0, b"abcd").unwrap();
+        store.put_piece(&ta, 2, 8, b"ij").unwrap();
+        store.put_piece(&tb, 1, 4, b"zzzz").unwrap();
         assert_eq!(store.piece(&ta, 0).unwrap().unwrap(), b"abcd");
         assert!(store.piece(&ta, 1).unwrap().is_none());
         // The same bytes for sending (a file on RocksStore, read as it goes).
         let data = store.piece_data(&ta, 2).unwrap().unwrap();
         assert_eq!(data.len(), 2);
         let bytes = match data {
-            PieceData::File { mut file, .. } => {
+            PieceData::File { file, len, .. } => {
                 let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut file, &mut v).unwrap();
+                std::io::Read::read_to_end(&mut std::io::Read::take(file, len), &mut v).unwrap();
                 v
             }
             PieceData::Bytes(b) => b,
         };
         assert_eq!(bytes, b"ij");
         assert!(store.piece_data(&ta, 1).unwrap().is_none());
-        // A piece's own file, where the store keeps one, holds exactly the piece.
-        if let Some(path) = store.piece_file(&ta, 2).unwrap() {
-            assert_eq!(std::fs::read(path).unwrap(), b"ij");
+        // The file holding a piece, where the store keeps one, has it at the offset given.
+        if let Some(at) = store.piece_file(&ta, 2).unwrap() {
+            let f = std::fs::read(at.path).unwrap();
+            assert_eq!(&f[at.offset as usize..][..2], b"ij");
         }
         assert!(store.piece_file(&ta, 1).unwrap().is_none());
         assert_eq!(
@@ -1166,17 +1578,20 @@ mod tests {
         );
         for h in [&whole, &lossy] {
             let t = h.header.task;
-            store.put_piece(&t, 0, b"abcd").unwrap();
-            store.put_piece(&t, 1, b"efgh").unwrap();
+            store.put_piece(&t, 0, 0, b"abcd").unwrap();
+            store.put_piece(&t, 1, 4, b"efgh").unwrap();
+            if h.header.task == whole.header.task {
+                store.put_piece(&t, 2, 8, b"ij").unwrap();
+            }
             store
                 .put_task(&TaskRecord {
                     header: h.clone(),
                     complete: true,
                     last_access: 1,
+                    content_mtime: None,
                 })
                 .unwrap();
         }
-        store.put_piece(&whole.header.task, 2, b"ij").unwrap();
         assert_eq!(store.reopen_incomplete().unwrap(), vec![lossy.header.task]);
         assert!(!store.task(&lossy.header.task).unwrap().unwrap().complete);
         assert!(store.task(&whole.header.task).unwrap().unwrap().complete);
@@ -1195,7 +1610,9 @@ mod tests {
         {
             let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
             for i in 0..3 {
-                store.put_piece(&t, i, &big).unwrap();
+                store
+                    .put_piece(&t, i, u64::from(i) * (4 << 20), &big)
+                    .unwrap();
             }
             store.flush().unwrap();
         }

@@ -57,7 +57,12 @@ async fn start_server(
     let store = tokio::task::spawn_blocking(move || -> Result<Store> {
         let store = RocksStore::open(&path, &StorageConfig::default())?;
         for i in 0..pieces {
-            store.put_piece(&task, i, &piece_bytes(i, piece_len))?;
+            store.put_piece(
+                &task,
+                i,
+                u64::from(i) * piece_len as u64,
+                &piece_bytes(i, piece_len),
+            )?;
         }
         Ok(Arc::new(store))
     })

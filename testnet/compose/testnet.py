@@ -333,12 +333,18 @@ def goodput_t_star(a, peer, size, ts, run_id):
     return ts / eff, bps
 
 
+# df's output beside its store (/data/df is the node's data directory): on one filesystem, as on a
+# host with one disk, where `df get -o` makes the output a hard link to the node's content file
+# instead of writing every byte again. /tmp is another mount here (a link across mounts fails).
+DF_OUT = "/data/df.out"
+
+
 def df_get_all(peers, url, timeout):
     """`df get` of `url` on every peer at once, each printing the sha256 of what it wrote."""
     return run_parallel(
         peers,
-        lambda c: f"/usr/bin/df get '{url}' -o /tmp/df.out --api {API} --no-progress --timeout {timeout}s "
-                  f"&& {DONE} && sha256sum /tmp/df.out && rm -f /tmp/df.out",
+        lambda c: f"/usr/bin/df get '{url}' -o {DF_OUT} --api {API} --no-progress --timeout {timeout}s "
+                  f"&& {DONE} && sha256sum {DF_OUT} && rm -f {DF_OUT}",
         timeout + 30,
     )
 
@@ -809,9 +815,9 @@ def cluster(a):
     before = origin_body_bytes(f"pre={run_id}")
     start, res = run_parallel(
         peers,
-        lambda c: f"/usr/bin/df get '{pre_url}' -o /tmp/df.out --api {API} --no-progress "
-                  f"--disable-back-to-source --timeout {a.timeout}s && {DONE} && sha256sum /tmp/df.out "
-                  f"&& rm -f /tmp/df.out",
+        lambda c: f"/usr/bin/df get '{pre_url}' -o {DF_OUT} --api {API} --no-progress "
+                  f"--disable-back-to-source --timeout {a.timeout}s && {DONE} && sha256sum {DF_OUT} "
+                  f"&& rm -f {DF_OUT}",
         a.timeout + 30)
     rep["after_preheat"] = summarize(res, want, origin_body_bytes(f"pre={run_id}") - before)
     log(f"after preheat: p50={rep['after_preheat']['p50_s']} max={rep['after_preheat']['max_s']} "

@@ -27,6 +27,11 @@ impl TestNode {
         Self::launch(role, bootstrap, None, tweak).await
     }
 
+    /// The node's data directory (its store, and a place on the same filesystem).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     /// Like [`TestNode::start`], with `origin` instead of HTTP for back-to-source.
     pub async fn start_with_origin(
         role: Role,

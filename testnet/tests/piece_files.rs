@@ -1,5 +1,5 @@
-//! `GET /v1/tasks/{id}/files`: a node lists each verified piece with the file holding it, as the
-//! pieces arrive, for a client on its host to copy (`df get -o`).
+//! `GET /v1/tasks/{id}/files`: a node lists each verified piece with the file holding it (and
+//! where in it), as the pieces arrive, for a client on its host to copy or link (`df get -o`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +13,8 @@ use futures::StreamExt;
 const MIB: usize = 1 << 20;
 
 /// A digest task fetched from a slow origin: the listing starts while the task still downloads,
-/// names every piece once with a file holding exactly its bytes, and names the last piece last
+/// names every piece once with the file holding its bytes — the task's content file, each piece at
+/// its offset in the content — and names the last piece last
 /// (only once the whole content has matched its digest).
 #[tokio::test(flavor = "multi_thread")]
 async fn pieces_are_listed_as_they_arrive_and_the_digests_last_piece_last() -> Result<()> {
@@ -44,9 +45,14 @@ async fn pieces_are_listed_as_they_arrive_and_the_digests_last_piece_last() -> R
             running_at_first = Some(api.task(&info.id).await?.state != "complete");
         }
         let path = p.path.clone().expect("the node keeps pieces in files");
-        let bytes = std::fs::read(&path)?;
+        assert_eq!(p.path_offset, p.offset, "piece {}", p.index);
+        let mut bytes = vec![0u8; p.length as usize];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(&path)?,
+            &mut bytes,
+            p.path_offset,
+        )?;
         let at = p.offset as usize;
-        assert_eq!(bytes.len() as u64, p.length, "piece {}", p.index);
         assert!(
             bytes == data[at..at + bytes.len()],
             "piece {} differs",

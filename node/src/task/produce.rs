@@ -465,12 +465,13 @@ impl ProductionJob {
         let store = self.ctx.store.clone();
         let key = self.key;
         let expected = self.known.get(&index).copied();
+        let offset = self.layout.piece_range(index).start;
         let handle = tokio::task::spawn_blocking(move || {
             let hash = PieceHash::of(&data);
             if expected.is_some_and(|e| e != hash) {
                 return Err(ProduceError::HashMismatch(index));
             }
-            store.put_piece(&key, index, &data)?;
+            store.put_piece(&key, index, offset, &data)?;
             Ok(hash)
         });
         Storing { index, handle }

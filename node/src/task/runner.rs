@@ -989,6 +989,7 @@ impl Runner {
                 header: h.clone(),
                 complete: false,
                 last_access: crate::store::now_unix(),
+                content_mtime: None,
             };
             match tokio::task::spawn_blocking(move || store.put_task(&record)).await {
                 Ok(Ok(())) => {}
@@ -1535,6 +1536,7 @@ impl Runner {
         let (addr, token) = (source.addr, source.token);
         let expected = entry.hash;
         let len = self.layout.piece_len(index);
+        let offset = self.layout.piece_range(index).start;
         let key = self.key;
         let data = self
             .ctx
@@ -1552,7 +1554,8 @@ impl Runner {
             let result = match data.fetch(addr, &token, &key, index, len, timeout).await {
                 Err(e) => Err(FetchFailure::Transfer(e)),
                 Ok(bytes) => {
-                    let (r, bytes) = verify_and_store(store, key, index, bytes, expected).await;
+                    let (r, bytes) =
+                        verify_and_store(store, key, (index, offset), bytes, expected).await;
                     if let Some(b) = bytes {
                         data.recycle(b);
                     }
@@ -1767,6 +1770,7 @@ impl Runner {
                 header: h,
                 complete: true,
                 last_access: crate::store::now_unix(),
+                content_mtime: None,
             };
             // The pieces skip the write-ahead log: make them durable before the record that says
             // they are all here, or a crash would leave a "complete" task without its pieces.
@@ -2041,11 +2045,12 @@ impl Runner {
     }
 }
 
-/// Checks a fetched piece against its hash and stores it; gives the bytes back for reuse.
+/// Checks a fetched piece (its index and offset in the content) against its hash and stores it;
+/// gives the bytes back for reuse.
 async fn verify_and_store(
     store: crate::store::Store,
     key: TaskKey,
-    index: u32,
+    (index, offset): (u32, u64),
     bytes: Bytes,
     expected: PieceHash,
 ) -> (Result<(), FetchFailure>, Option<Bytes>) {
@@ -2054,7 +2059,7 @@ async fn verify_and_store(
             Err(FetchFailure::Corrupt)
         } else {
             store
-                .put_piece(&key, index, &bytes)
+                .put_piece(&key, index, offset, &bytes)
                 .map_err(FetchFailure::Store)
         };
         (r, bytes)
