@@ -867,7 +867,6 @@ impl PieceStore for RocksStore {
         if let Ok(m) = f.file.metadata() {
             *f.written.lock().unwrap_or_else(|p| p.into_inner()) = mtime_ns(&m);
         }
-        // (Two writers of one piece at once may both count it: an overcount until the task goes.)
         self.add_file_bytes(piece_blocks(data.len()), 0);
         if let Ok(mut u) = self.inner.unsynced.lock() {
             u.insert(self.content_path(task));
@@ -1302,6 +1301,16 @@ mod tests {
         .unwrap()
     }
 
+    /// A task's record as the runner stores it (last used at 1).
+    fn record(h: &SignedHeader, complete: bool) -> TaskRecord {
+        TaskRecord {
+            header: h.clone(),
+            complete,
+            last_access: 1,
+            content_mtime: None,
+        }
+    }
+
     #[test]
     fn pieces_land_at_their_offsets_in_one_file_that_goes_with_its_task() {
         let dir = tempfile::tempdir().unwrap();
@@ -1377,14 +1386,7 @@ mod tests {
             store.put_piece(&t, i as u32, 4 * i as u64, p).unwrap();
         }
         store.flush().unwrap();
-        store
-            .put_task(&TaskRecord {
-                header: h.clone(),
-                complete: true,
-                last_access: 1,
-                content_mtime: None,
-            })
-            .unwrap();
+        store.put_task(&record(&h, true)).unwrap();
         assert!(store.task(&t).unwrap().unwrap().content_mtime.is_some());
         // A user's output hard-linked to the file, then edited.
         let out = dir.path().join("out");
@@ -1417,14 +1419,7 @@ mod tests {
         let t = h.header.task;
         {
             let store = RocksStore::open(dir.path(), &StorageConfig::default()).unwrap();
-            store
-                .put_task(&TaskRecord {
-                    header: h.clone(),
-                    complete: true,
-                    last_access: 1,
-                    content_mtime: None,
-                })
-                .unwrap();
+            store.put_task(&record(&h, true)).unwrap();
             // The old layout: a directory of piece files and empty markers.
             let old = store.content_path(&t);
             std::fs::create_dir_all(&old).unwrap();
@@ -1493,14 +1488,7 @@ mod tests {
         let b = header(&key, "http://h/b");
         let (ta, tb) = (a.header.task, b.header.task);
         for h in [&a, &b] {
-            store
-                .put_task(&TaskRecord {
-                    header: h.clone(),
-                    complete: false,
-                    last_access: 1,
-                    content_mtime: None,
-                })
-                .unwrap();
+            store.put_task(&record(h, false)).unwrap();
         }
         store.put_piece(&ta, 0, 0, b"abcd").unwrap();
         store.put_piece(&ta, 2, 8, b"ij").unwrap();
@@ -1583,14 +1571,7 @@ mod tests {
             if h.header.task == whole.header.task {
                 store.put_piece(&t, 2, 8, b"ij").unwrap();
             }
-            store
-                .put_task(&TaskRecord {
-                    header: h.clone(),
-                    complete: true,
-                    last_access: 1,
-                    content_mtime: None,
-                })
-                .unwrap();
+            store.put_task(&record(h, true)).unwrap();
         }
         assert_eq!(store.reopen_incomplete().unwrap(), vec![lossy.header.task]);
         assert!(!store.task(&lossy.header.task).unwrap().unwrap().complete);
