@@ -11,7 +11,7 @@
 //! | `GET /v1/tasks` | every live and recently finished task, [`TaskInfo`] each |
 //! | `GET /v1/tasks/{id}` | one task's [`TaskInfo`] (progress, sources, error) |
 //! | `GET`/`HEAD /v1/tasks/{id}/content` | the content, in order, streamed as pieces arrive; `Range: bytes=…` supported. A task that fails mid-stream aborts the response. |
-//! | `GET /v1/tasks/{id}/files` | the task's pieces as they are verified, one [`PieceFile`](crate::content::PieceFile) JSON line each (`application/x-ndjson`), lowest ready index first, with the file holding it where the store keeps one: a client on this host copies them into its output itself (`df get -o`). A line `{"error": …}` ends a failed listing. |
+//! | `GET /v1/tasks/{id}/files` | the task's pieces as they are verified, one [`PieceFile`](crate::content::PieceFile) JSON line each (`application/x-ndjson`), lowest ready index first (`?order=index`: in index order), with the file holding it and where in it (`path`, `path_offset`) where the store keeps one: a client on this host links that file as its output, or copies the pieces into it itself (`df get -o`). A line `{"error": …}` ends a failed listing. |
 //! | `DELETE /v1/tasks/{id}` | evicts a finished task from the cache |
 //! | `DELETE /v1/tasks/{id}?scope=all_seeds\|all_peers` | purges it here and on the seeds / every member holding it; answers [`PurgeHost`] per host |
 //! | `POST /v1/preheat` | body: [`PreheatRequest`](crate::preheat::PreheatRequest); starts a job, answers `202` with its [`PreheatJob`](crate::preheat::PreheatJob) |
