@@ -231,6 +231,7 @@ async fn get_beside_a_daemon_links_the_nodes_content_file() {
 
     // The user edits an output in place: the node's file changes with it.
     let edited = first.unwrap();
+    // Past the filesystem's timestamp tick, as a user's edit comes after the download.
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::OpenOptions::new()
         .write(true)
