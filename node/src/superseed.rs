@@ -49,45 +49,56 @@ pub struct SuperSeed {
     tasks: Arc<Mutex<HashMap<TaskKey, TaskSends>>>,
 }
 
-/// What [`SuperSeed::check`] says of a request.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Serve it: the piece has not left, or its first send no longer blocks a second.
-    Serve,
-    /// Serve it only if every held piece has left already (`sent` of them have):
-    /// otherwise answer "busy".
-    ServeIfNoneFresh { sent: usize },
+/// What [`SuperSeed::claim`] says of a request.
+pub enum Claim {
+    /// Serve it: the piece has not left, or its first send no longer blocks a second. The send
+    /// is recorded from now on (under the same lock as the check, so two requests arriving
+    /// together cannot both take a first send).
+    Granted(SendGuard),
+    /// A first send of the piece is under way or just ended: serve it only if the node has
+    /// nothing fresher to send (`sent` pieces of the task have left already; see
+    /// [`SuperSeed::start`]), else answer "busy".
+    Blocked { sent: usize },
 }
 
 impl SuperSeed {
-    /// Whether a request for `index` of `task` may be served at `now`.
-    pub fn check(&self, task: &TaskKey, index: u32, now: Instant) -> Verdict {
-        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(t) = tasks.get(task) else {
-            return Verdict::Serve;
-        };
-        let Some(p) = t.pieces.get(&index) else {
-            return Verdict::Serve;
-        };
-        let blocking = match (p.done_at, p.first_started) {
-            (Some(done), _) => now.saturating_duration_since(done) < SETTLE,
-            (None, Some(started)) if p.active > 0 => {
-                now.saturating_duration_since(started) < STALLED_SEND
+    /// Checks a request for `index` of `task` at `now` and, when it may be served, records the
+    /// start of its send.
+    pub fn claim(&self, task: TaskKey, index: u32, now: Instant) -> Claim {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tasks.get(&task)
+            && let Some(p) = t.pieces.get(&index)
+        {
+            let blocking = match (p.done_at, p.first_started) {
+                (Some(done), _) => now.saturating_duration_since(done) < SETTLE,
+                (None, Some(started)) if p.active > 0 => {
+                    now.saturating_duration_since(started) < STALLED_SEND
+                }
+                _ => false,
+            };
+            if blocking {
+                return Claim::Blocked {
+                    sent: t.pieces.len(),
+                };
             }
-            _ => false,
-        };
-        if blocking {
-            Verdict::ServeIfNoneFresh {
-                sent: t.pieces.len(),
-            }
-        } else {
-            Verdict::Serve
         }
+        Claim::Granted(self.start_locked(&mut tasks, task, index, now))
     }
 
-    /// Records the start of a send; the returned guard records its end.
+    /// Records the start of a send the caller decided to make although [`SuperSeed::claim`]
+    /// said `Blocked`; the returned guard records its end.
     pub fn start(&self, task: TaskKey, index: u32, now: Instant) -> SendGuard {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        self.start_locked(&mut tasks, task, index, now)
+    }
+
+    fn start_locked(
+        &self,
+        tasks: &mut HashMap<TaskKey, TaskSends>,
+        task: TaskKey,
+        index: u32,
+        now: Instant,
+    ) -> SendGuard {
         if tasks.len() >= MAX_TASKS && !tasks.contains_key(&task) {
             tasks.retain(|_, t| {
                 t.last
@@ -173,64 +184,89 @@ mod tests {
         TaskKey::for_digest(&d)
     }
 
+    fn blocked(c: Claim) -> Option<usize> {
+        match c {
+            Claim::Granted(_) => None,
+            Claim::Blocked { sent } => Some(sent),
+        }
+    }
+
+    fn granted(c: Claim) -> SendGuard {
+        match c {
+            Claim::Granted(g) => g,
+            Claim::Blocked { sent } => panic!("blocked ({sent} sent)"),
+        }
+    }
+
     #[test]
     fn a_piece_being_sent_blocks_a_second_send_only_until_it_stalls() {
         let s = SuperSeed::default();
         let t0 = Instant::now();
-        assert_eq!(s.check(&key(1), 0, t0), Verdict::Serve);
-        let g = s.start(key(1), 0, t0);
+        let g = granted(s.claim(key(1), 0, t0));
         assert_eq!(
-            s.check(&key(1), 0, t0 + Duration::from_millis(10)),
-            Verdict::ServeIfNoneFresh { sent: 1 }
+            blocked(s.claim(key(1), 0, t0 + Duration::from_millis(10))),
+            Some(1)
         );
         // Other pieces and other tasks are not affected.
-        assert_eq!(s.check(&key(1), 1, t0), Verdict::Serve);
-        assert_eq!(s.check(&key(2), 0, t0), Verdict::Serve);
+        let _g1 = granted(s.claim(key(1), 1, t0));
+        let _g2 = granted(s.claim(key(2), 0, t0));
         // A first send that takes longer than STALLED_SEND lets a second one through.
-        assert_eq!(s.check(&key(1), 0, t0 + STALLED_SEND), Verdict::Serve);
+        let _g3 = granted(s.claim(key(1), 0, t0 + STALLED_SEND));
         drop(g);
+    }
+
+    #[test]
+    fn of_two_requests_claiming_a_fresh_piece_together_one_gets_it() {
+        let s = SuperSeed::default();
+        let t0 = Instant::now();
+        let mut guards = Vec::new();
+        let mut refused = 0;
+        std::thread::scope(|scope| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| s.claim(key(1), 7, t0)))
+                .collect();
+            for h in hs {
+                match h.join().expect("claim thread") {
+                    Claim::Granted(g) => guards.push(g),
+                    Claim::Blocked { .. } => refused += 1,
+                }
+            }
+        });
+        assert_eq!((guards.len(), refused), (1, 7));
     }
 
     #[test]
     fn a_sent_piece_blocks_for_the_settle_time_after_it_went_out() {
         let s = SuperSeed::default();
         let t0 = Instant::now();
-        s.start(key(1), 0, t0).done();
-        s.start(key(1), 1, t0).done();
+        granted(s.claim(key(1), 0, t0)).done();
+        granted(s.claim(key(1), 1, t0)).done();
         let done = Instant::now();
-        assert_eq!(
-            s.check(&key(1), 0, done),
-            Verdict::ServeIfNoneFresh { sent: 2 }
-        );
-        assert_eq!(s.check(&key(1), 0, done + SETTLE), Verdict::Serve);
+        assert_eq!(blocked(s.claim(key(1), 0, done)), Some(2));
+        granted(s.claim(key(1), 0, done + SETTLE)).done();
     }
 
     #[test]
     fn a_failed_send_makes_the_piece_fresh_again() {
         let s = SuperSeed::default();
         let t0 = Instant::now();
-        let g = s.start(key(1), 3, t0);
-        drop(g);
-        assert_eq!(s.check(&key(1), 3, t0), Verdict::Serve);
+        drop(granted(s.claim(key(1), 3, t0)));
+        let _g = granted(s.claim(key(1), 3, t0));
         // Nor is it counted as sent.
-        let _g = s.start(key(1), 4, t0);
-        assert_eq!(
-            s.check(&key(1), 4, t0),
-            Verdict::ServeIfNoneFresh { sent: 1 }
-        );
+        let _g4 = granted(s.claim(key(1), 4, t0));
+        assert_eq!(blocked(s.claim(key(1), 4, t0)), Some(2));
     }
 
     #[test]
     fn a_failed_second_send_keeps_the_first_delivery() {
         let s = SuperSeed::default();
         let t0 = Instant::now();
-        s.start(key(1), 0, t0).done();
-        // Past SETTLE a second send may start; it fails.
-        let later = Instant::now() + SETTLE;
-        drop(s.start(key(1), 0, later));
+        granted(s.claim(key(1), 0, t0)).done();
+        // A second send the server makes anyway (nothing fresher held) fails.
+        drop(s.start(key(1), 0, Instant::now()));
         assert_eq!(
-            s.check(&key(1), 0, Instant::now()),
-            Verdict::ServeIfNoneFresh { sent: 1 },
+            blocked(s.claim(key(1), 0, Instant::now())),
+            Some(1),
             "the first delivery still counts"
         );
     }

@@ -43,7 +43,7 @@ use crate::config::UploadConfig;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::store::{PieceData, Store, now_unix};
-use crate::superseed::{SuperSeed, Verdict};
+use crate::superseed::{Claim, SuperSeed};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -405,20 +405,25 @@ impl DataServer {
                 self.respond(&mut stream, PieceStatus::Busy).await?;
                 continue;
             };
-            // Super-seeding: a piece that just left (or is leaving) waits while a fresh one is held.
-            let sent_already = match &self.super_seed {
-                Some(s) => match s.check(&task, index, std::time::Instant::now()) {
-                    Verdict::Serve => None,
-                    Verdict::ServeIfNoneFresh { sent } => Some(sent),
+            // Super-seeding: a piece that just left (or is leaving) waits while a fresh one is
+            // held, or while this node still fetches the task.
+            let (sending, sent_already) = match &self.super_seed {
+                Some(s) => match s.claim(task, index, std::time::Instant::now()) {
+                    Claim::Granted(g) => (Some(g), None),
+                    Claim::Blocked { sent } => (None, Some(sent)),
                 },
-                None => None,
+                None => (None, None),
             };
             let store = self.store.clone();
             let piece = tokio::task::spawn_blocking(move || {
-                if let Some(sent) = sent_already
-                    && store.held_count(&task)? > sent
-                {
-                    return Ok(Err(PieceStatus::Busy));
+                if let Some(sent) = sent_already {
+                    // While this node still fetches the task, a second copy waits even when no
+                    // fresh piece is held: the next fresh one is coming, and a second copy would
+                    // share the uplink with it.
+                    let fetching = store.task(&task)?.is_some_and(|r| !r.complete);
+                    if fetching || store.held_count(&task)? > sent {
+                        return Ok(Err(PieceStatus::Busy));
+                    }
                 }
                 store.piece_data(&task, index).map(Ok)
             })
@@ -430,10 +435,12 @@ impl DataServer {
                     self.respond(&mut stream, status).await?;
                 }
                 Ok(Ok(Some(data))) => {
-                    let sending = self
-                        .super_seed
-                        .as_ref()
-                        .map(|s| s.start(task, index, std::time::Instant::now()));
+                    let sending = match (sending, sent_already, &self.super_seed) {
+                        (None, Some(_), Some(s)) => {
+                            Some(s.start(task, index, std::time::Instant::now()))
+                        }
+                        (sending, _, _) => sending,
+                    };
                     let _uploading = self.metrics.upload();
                     let len = data.len();
                     let Ok(len32) = u32::try_from(len) else {

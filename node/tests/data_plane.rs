@@ -11,8 +11,9 @@ use df_node::PeerId;
 use df_node::activity::Activity;
 use df_node::config::{StorageConfig, UploadConfig};
 use df_node::metrics::Metrics;
-use df_node::store::{PieceStore, RocksStore, Store, now_unix};
+use df_node::store::{PieceStore, RocksStore, Store, TaskRecord, now_unix};
 use df_node::transfer::{DataClient, DataServer, FetchError, ServeMode, TokenIssuer};
+use df_protocols::manifest::{TaskHeader, Validators};
 use df_protocols::task::{TaskKey, parse_url};
 use df_protocols::transfer::{
     self, CHALLENGE_LEN, Grant, HandshakeStatus, PieceStatus, RESPONSE_HEADER_LEN,
@@ -30,7 +31,36 @@ struct Server {
     pieces: u32,
     piece_len: usize,
     shutdown: CancellationToken,
+    store: Store,
     _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Records the task in the server's store as the runner does: complete, or still fetching.
+    async fn record_task(&self, complete: bool) -> Result<()> {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let header = TaskHeader {
+            task: self.task,
+            source_url: "http://origin.invalid/blob".to_owned(),
+            content_length: u64::from(self.pieces) * self.piece_len as u64,
+            piece_length: self.piece_len as u32,
+            content_digest: None,
+            validators: Validators::default(),
+            producer: key.public().to_peer_id(),
+        }
+        .sign(&key)?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store.put_task(&TaskRecord {
+                header,
+                complete,
+                last_access: now_unix(),
+                content_mtime: None,
+            })
+        })
+        .await??;
+        Ok(())
+    }
 }
 
 impl Drop for Server {
@@ -67,6 +97,7 @@ async fn start_server(
         Ok(Arc::new(store))
     })
     .await??;
+    let store_for_test = store.clone();
     let mut upload = UploadConfig::default();
     tweak(&mut upload);
     let tokens = TokenIssuer::random();
@@ -87,6 +118,7 @@ async fn start_server(
     let shutdown = CancellationToken::new();
     tokio::spawn(server.run(shutdown.clone()));
     Ok(Server {
+        store: store_for_test,
         addr,
         tokens,
         task,
@@ -595,5 +627,39 @@ async fn a_super_seed_sends_each_piece_once_before_any_twice() -> Result<()> {
             .await?;
         assert_eq!(got, piece_bytes(0, 1024));
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_super_seed_still_fetching_sends_no_second_copy_until_it_holds_the_task() -> Result<()> {
+    let server = start_server(2, 64 * 1024, |u| u.super_seed = true).await?;
+    server.record_task(false).await?;
+    let (a, b) = (new_peer(), new_peer());
+    let (client_a, client_b) = (DataClient::new(a), DataClient::new(b));
+    let (grant_a, grant_b) = (server.tokens.grant_for(&a), server.tokens.grant_for(&b));
+    let len = server.piece_len as u32;
+    let fetch = |client: &DataClient, grant: Grant, index: u32| {
+        let client = client.clone();
+        let (addr, task) = (server.addr, server.task);
+        async move {
+            client
+                .fetch(addr, &grant, &task, index, len, PIECE_TIMEOUT)
+                .await
+        }
+    };
+    // Every held piece has left once, but the seed is still fetching: the next fresh piece is
+    // coming, and a second copy now would share the uplink with it.
+    fetch(&client_a, grant_a, 0).await?;
+    fetch(&client_a, grant_a, 1).await?;
+    assert!(matches!(
+        fetch(&client_b, grant_b, 0).await,
+        Err(FetchError::Busy)
+    ));
+    // Once it holds the whole task, a second copy is served at once.
+    server.record_task(true).await?;
+    assert_eq!(
+        fetch(&client_b, grant_b, 0).await?,
+        piece_bytes(0, server.piece_len)
+    );
     Ok(())
 }

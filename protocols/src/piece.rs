@@ -1,13 +1,16 @@
 //! Pieces: fixed-size slices of a task's content, each named by the sha2-256 of its bytes.
 //!
 //! The piece length is chosen by whoever fetches the origin ([`piece_length_for`]) and fixed in the
-//! task's header: 1 MiB, or larger for big files so that a task has about 500 pieces at most, up to
-//! 64 MiB. The last piece may be short. A 0-byte task has no pieces.
+//! task's header: 256 KiB, or larger for big files so that a task has about 1000 pieces at most,
+//! up to 64 MiB. The last piece may be short. A 0-byte task has no pieces.
 //!
-//! Why 1 MiB and not 4: a piece is forwarded only once it is whole and verified, so each hop
-//! costs a piece's transfer time. On the testnet bench (4 peers, 32 MiB, 100 Mbit/s links,
-//! T* = 2.68 s) 4 MiB pieces gave df p50 8.0 s / max 8.3 s, 1 MiB pieces 4.7 s / 4.9 s (aria2
-//! BitTorrent in the same runs: 7.7-7.8 s).
+//! Why small pieces: a piece is forwarded only once it is whole and verified, so each hop costs a
+//! piece's transfer time, and every peer's lag behind the seed grows with it. On the testnet bench
+//! (4 peers, 32 MiB, 100 Mbit/s links, T* = 2.68 s) 4 MiB pieces gave df p50 8.0 s / max 8.3 s,
+//! 1 MiB pieces 4.7 s / 4.9 s (aria2 BitTorrent in the same runs: 7.7-7.8 s), and on a later main
+//! 1 MiB 4.26 s / 4.29 s, 256 KiB 3.51 s / 3.51 s. For 256 MiB to 8 peers, 1 MiB, 512 KiB and
+//! 256 KiB pieces all ended within noise (p50 26.9, 26.5, 27.1 s), the last with 1.5 x the peers'
+//! CPU: hence about 1000 pieces, not more.
 
 use std::fmt;
 use std::ops::Range;
@@ -19,9 +22,9 @@ use crate::limits::{MAX_PIECE_LENGTH, MAX_PIECES, MIN_PIECE_LENGTH};
 use crate::task::{CODEC_RAW, MH_SHA2_256};
 
 /// The piece length for content of `content_length` bytes:
-/// clamp(next power of two of length/500, 1 MiB, 64 MiB).
+/// clamp(next power of two of length/1000, 256 KiB, 64 MiB).
 pub fn piece_length_for(content_length: u64) -> u32 {
-    let target = (content_length / 500).max(1).next_power_of_two();
+    let target = (content_length / 1000).max(1).next_power_of_two();
     target.clamp(u64::from(MIN_PIECE_LENGTH), u64::from(MAX_PIECE_LENGTH)) as u32
 }
 
@@ -265,17 +268,19 @@ mod tests {
 
     #[test]
     fn piece_length_is_clamped_power_of_two() {
-        assert_eq!(piece_length_for(0), 1 << 20);
-        assert_eq!(piece_length_for(100 * MIB), 1 << 20);
-        assert_eq!(piece_length_for(600 * MIB), 2 << 20);
-        assert_eq!(piece_length_for(1024 * MIB), 4 << 20);
-        assert_eq!(piece_length_for(4000 * MIB), 8 << 20);
+        assert_eq!(piece_length_for(0), 256 << 10);
+        assert_eq!(piece_length_for(32 * MIB), 256 << 10);
+        assert_eq!(piece_length_for(250 * MIB), 256 << 10);
+        assert_eq!(piece_length_for(256 * MIB), 512 << 10);
+        assert_eq!(piece_length_for(600 * MIB), 1 << 20);
+        assert_eq!(piece_length_for(1024 * MIB), 2 << 20);
+        assert_eq!(piece_length_for(4000 * MIB), 4 << 20);
         assert_eq!(piece_length_for(1 << 50), 64 << 20);
     }
 
     #[test]
     fn layout_boundaries() {
-        let p = MIB;
+        let p = u64::from(MIN_PIECE_LENGTH);
         for (len, count, last) in [
             (0u64, 0u32, 0u32),
             (1, 1, 1),

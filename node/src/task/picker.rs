@@ -58,6 +58,9 @@ pub(crate) struct PickInput<'a> {
     pub endgame: bool,
     /// The piece a local reader waits for, if one streams the content.
     pub reader_at: Option<u32>,
+    /// The in-flight budget is spent: only a seed's free slot may still be filled, with a piece
+    /// no peer holds.
+    pub seed_slot_only: bool,
 }
 
 /// Pieces ahead of a local reader fetched in order.
@@ -68,12 +71,15 @@ pub(crate) const IN_ORDER_WINDOW: u32 = 8;
 struct Caps {
     per_source: usize,
     per_seed: usize,
+    /// Some source is a peer, not a seed.
+    peers_too: bool,
 }
 
 impl Caps {
     fn new(input: &PickInput<'_>) -> Caps {
         let peers_too = input.sources.iter().any(|o| !o.is_seed);
         Caps {
+            peers_too,
             per_source: input.per_source,
             per_seed: if peers_too {
                 input.per_seed
@@ -97,7 +103,7 @@ impl Caps {
 pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, PeerId)> {
     let caps = Caps::new(input);
     let n = input.have.len();
-    if let Some(at) = input.reader_at {
+    if let Some(at) = input.reader_at.filter(|_| !input.seed_slot_only) {
         let only_seeds = input.sources.iter().all(|s| s.is_seed);
         for i in at..at.saturating_add(IN_ORDER_WINDOW).min(n) {
             if input.have.get(i) || !input.hash_known.get(i) || input.excluded.get(i) {
@@ -115,6 +121,12 @@ pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, Pe
                 return Some((i, source));
             }
         }
+    }
+    if let Some(fresh) = pick_fresh(input, caps, rng) {
+        return Some(fresh);
+    }
+    if input.seed_slot_only {
+        return None;
     }
     let mut best: Vec<u32> = Vec::new();
     let mut best_count = usize::MAX;
@@ -160,6 +172,35 @@ pub(crate) fn pick(input: &PickInput<'_>, rng: &mut impl Rng) -> Option<(u32, Pe
     };
     let busy = (input.inflight)(piece);
     let source = pick_source(input, caps, piece, &busy, rng)?;
+    Some((piece, source))
+}
+
+/// A seed's free slot goes to a piece only seeds hold (a fresh one, while the seed fetches the
+/// origin), before any piece a peer can send: pieces reach the swarm only through the seeds'
+/// uplinks, so those must never wait while the requester's budget goes to pieces peers hold. Only
+/// while peers are sources too (from seeds alone, rarity and the reader's window decide).
+fn pick_fresh(input: &PickInput<'_>, caps: Caps, rng: &mut impl Rng) -> Option<(u32, PeerId)> {
+    if !caps.peers_too || !input.sources.iter().any(|s| s.is_seed && caps.usable(s)) {
+        return None;
+    }
+    let fresh: Vec<u32> = (0..input.have.len())
+        .filter(|&i| {
+            !input.have.get(i)
+                && input.hash_known.get(i)
+                && !input.excluded.get(i)
+                && !input.sources.iter().any(|s| !s.is_seed && s.have.get(i))
+                && input
+                    .sources
+                    .iter()
+                    .any(|s| s.is_seed && caps.usable(s) && s.offers(i))
+                && (input.inflight)(i).is_empty()
+        })
+        .collect();
+    if fresh.is_empty() {
+        return None;
+    }
+    let piece = fresh[rng.random_range(0..fresh.len())];
+    let source = pick_source(input, caps, piece, &[], rng)?;
     Some((piece, source))
 }
 
@@ -215,6 +256,7 @@ mod tests {
         inflight: HashMap<u32, Vec<PeerId>>,
         endgame: bool,
         reader_at: Option<u32>,
+        seed_slot_only: bool,
     }
 
     impl Fixture {
@@ -226,6 +268,7 @@ mod tests {
                 inflight: HashMap::new(),
                 endgame: true,
                 reader_at: None,
+                seed_slot_only: false,
             }
         }
 
@@ -242,6 +285,7 @@ mod tests {
                 per_seed: 1,
                 endgame: self.endgame,
                 reader_at: self.reader_at,
+                seed_slot_only: self.seed_slot_only,
             };
             pick(&input, &mut rand::rngs::StdRng::seed_from_u64(seed))
         }

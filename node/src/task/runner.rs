@@ -1488,9 +1488,17 @@ impl Runner {
         let n = self.piece_count();
         let reader_at = Some(self.shared.reader_at.load(Ordering::Relaxed)).filter(|&i| i < n);
         loop {
-            // Runs after every message: the cheap budget check first.
+            // Runs after every message: the cheap budget check first. A spent budget still lets
+            // a seed's free slot be filled (with a piece only seeds hold): pieces enter the swarm
+            // through the seeds' uplinks, which must not idle while requests to peers fill it.
             let total: usize = self.inflight.values().map(Vec::len).sum();
-            if total >= max {
+            let seed_slot_only = total >= max;
+            if seed_slot_only
+                && !self
+                    .sources
+                    .values()
+                    .any(|s| s.is_seed && s.inflight < per_seed)
+            {
                 break;
             }
             let endgame = self.hash_known.is_complete()
@@ -1518,6 +1526,7 @@ impl Runner {
                 per_seed,
                 endgame,
                 reader_at,
+                seed_slot_only,
             };
             let Some((index, peer)) = picker::pick(&input, &mut self.rng) else {
                 break;
