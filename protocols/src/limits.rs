@@ -8,8 +8,8 @@ use std::marker::PhantomData;
 
 use serde::de::{Deserialize, Deserializer, Error as _, SeqAccess, Visitor};
 
-/// Smallest piece length df chooses for its own tasks (256 KiB). Peers may announce smaller ones.
-pub const MIN_PIECE_LENGTH: u32 = 256 << 10;
+/// Smallest piece length df chooses for its own tasks (512 KiB). Peers may announce smaller ones.
+pub const MIN_PIECE_LENGTH: u32 = 512 << 10;
 /// Largest piece length accepted from anyone (64 MiB); also bounds one data-plane response.
 pub const MAX_PIECE_LENGTH: u32 = 64 << 20;
 /// Most pieces a task may have (with 64 MiB pieces: 4 TiB of content).

@@ -1,16 +1,22 @@
 //! Pieces: fixed-size slices of a task's content, each named by the sha2-256 of its bytes.
 //!
 //! The piece length is chosen by whoever fetches the origin ([`piece_length_for`]) and fixed in the
-//! task's header: 256 KiB, or larger for big files so that a task has about 1000 pieces at most,
+//! task's header: 512 KiB, or larger for big files so that a task has about 1000 pieces at most,
 //! up to 64 MiB. The last piece may be short. A 0-byte task has no pieces.
 //!
 //! Why small pieces: a piece is forwarded only once it is whole and verified, so each hop costs a
 //! piece's transfer time, and every peer's lag behind the seed grows with it. On the testnet bench
 //! (4 peers, 32 MiB, 100 Mbit/s links, T* = 2.68 s) 4 MiB pieces gave df p50 8.0 s / max 8.3 s,
 //! 1 MiB pieces 4.7 s / 4.9 s (aria2 BitTorrent in the same runs: 7.7-7.8 s), and on a later main
-//! 1 MiB 4.26 s / 4.29 s, 256 KiB 3.51 s / 3.51 s. For 256 MiB to 8 peers, 1 MiB, 512 KiB and
-//! 256 KiB pieces all ended within noise (p50 26.9, 26.5, 27.1 s), the last with 1.5 x the peers'
-//! CPU: hence about 1000 pieces, not more.
+//! 1 MiB 4.26 s / 4.29 s, 512 KiB 3.77-3.86 s / 3.83-3.88 s, 256 KiB 3.51 s / 3.51 s. For 256 MiB
+//! to 8 peers, 1 MiB, 512 KiB and 256 KiB pieces all ended within noise (p50 26.9, 26.5, 27.1 s),
+//! the last with 1.5 x the peers' CPU: hence about 1000 pieces, not more.
+//!
+//! Why not smaller than 512 KiB: on unshaped loopback, where a piece's transfer is short and its
+//! fixed costs (request, hash announcement, store record, wake-ups of the readers) are not, the
+//! `image_pull` bench (4 hosts, layers of 64/32/16/4 MiB) took 1.67-1.74 x direct with 1 MiB
+//! pieces, 1.98-2.23 x with 512 KiB and 2.22-2.54 x with 256 KiB. 512 KiB keeps the shaped
+//! 32 MiB bench within 1.5 T* and costs the unshaped pull the least of the two that do.
 
 use std::fmt;
 use std::ops::Range;
@@ -22,7 +28,7 @@ use crate::limits::{MAX_PIECE_LENGTH, MAX_PIECES, MIN_PIECE_LENGTH};
 use crate::task::{CODEC_RAW, MH_SHA2_256};
 
 /// The piece length for content of `content_length` bytes:
-/// clamp(next power of two of length/1000, 256 KiB, 64 MiB).
+/// clamp(next power of two of length/1000, 512 KiB, 64 MiB).
 pub fn piece_length_for(content_length: u64) -> u32 {
     let target = (content_length / 1000).max(1).next_power_of_two();
     target.clamp(u64::from(MIN_PIECE_LENGTH), u64::from(MAX_PIECE_LENGTH)) as u32
@@ -268,10 +274,12 @@ mod tests {
 
     #[test]
     fn piece_length_is_clamped_power_of_two() {
-        assert_eq!(piece_length_for(0), 256 << 10);
-        assert_eq!(piece_length_for(32 * MIB), 256 << 10);
-        assert_eq!(piece_length_for(250 * MIB), 256 << 10);
+        assert_eq!(piece_length_for(0), 512 << 10);
+        assert_eq!(piece_length_for(32 * MIB), 512 << 10);
+        assert_eq!(piece_length_for(250 * MIB), 512 << 10);
         assert_eq!(piece_length_for(256 * MIB), 512 << 10);
+        assert_eq!(piece_length_for(500 * MIB), 512 << 10);
+        assert_eq!(piece_length_for(513 * MIB), 1 << 20);
         assert_eq!(piece_length_for(600 * MIB), 1 << 20);
         assert_eq!(piece_length_for(1024 * MIB), 2 << 20);
         assert_eq!(piece_length_for(4000 * MIB), 4 << 20);
