@@ -129,6 +129,19 @@ async fn start_server(
     })
 }
 
+/// Piece `index` of `server`'s task, asked for with `grant`.
+async fn fetch_piece(
+    server: &Server,
+    client: &DataClient,
+    grant: Grant,
+    index: u32,
+) -> Result<bytes::Bytes, FetchError> {
+    let len = server.piece_len as u32;
+    client
+        .fetch(server.addr, &grant, &server.task, index, len, PIECE_TIMEOUT)
+        .await
+}
+
 fn new_peer() -> PeerId {
     libp2p::identity::Keypair::generate_ed25519()
         .public()
@@ -584,20 +597,10 @@ async fn a_super_seed_sends_each_piece_once_before_any_twice() -> Result<()> {
     let (a, b) = (new_peer(), new_peer());
     let (client_a, client_b) = (DataClient::new(a), DataClient::new(b));
     let (grant_a, grant_b) = (server.tokens.grant_for(&a), server.tokens.grant_for(&b));
-    let len = server.piece_len as u32;
-    let fetch = |client: &DataClient, grant: Grant, index: u32| {
-        let client = client.clone();
-        let (addr, task) = (server.addr, server.task);
-        async move {
-            client
-                .fetch(addr, &grant, &task, index, len, PIECE_TIMEOUT)
-                .await
-        }
-    };
-    assert!(fetch(&client_a, grant_a, 0).await.is_ok());
+    assert!(fetch_piece(&server, &client_a, grant_a, 0).await.is_ok());
     // Piece 0 just left; pieces 1 and 2 have not: b is sent to a fresh one.
     assert!(matches!(
-        fetch(&client_b, grant_b, 0).await,
+        fetch_piece(&server, &client_b, grant_b, 0).await,
         Err(FetchError::Busy)
     ));
     // b gets a fresh piece, a the last fresh one; then every piece has left once, and a second
@@ -609,7 +612,7 @@ async fn a_super_seed_sends_each_piece_once_before_any_twice() -> Result<()> {
         (&client_a, grant_a, 1),
     ] {
         assert_eq!(
-            fetch(client, grant, index).await?,
+            fetch_piece(&server, client, grant, index).await?,
             piece_bytes(index, server.piece_len),
             "piece {index}"
         );
@@ -637,28 +640,18 @@ async fn a_super_seed_still_fetching_sends_no_second_copy_until_it_holds_the_tas
     let (a, b) = (new_peer(), new_peer());
     let (client_a, client_b) = (DataClient::new(a), DataClient::new(b));
     let (grant_a, grant_b) = (server.tokens.grant_for(&a), server.tokens.grant_for(&b));
-    let len = server.piece_len as u32;
-    let fetch = |client: &DataClient, grant: Grant, index: u32| {
-        let client = client.clone();
-        let (addr, task) = (server.addr, server.task);
-        async move {
-            client
-                .fetch(addr, &grant, &task, index, len, PIECE_TIMEOUT)
-                .await
-        }
-    };
     // Every held piece has left once, but the seed is still fetching: the next fresh piece is
     // coming, and a second copy now would share the uplink with it.
-    fetch(&client_a, grant_a, 0).await?;
-    fetch(&client_a, grant_a, 1).await?;
+    fetch_piece(&server, &client_a, grant_a, 0).await?;
+    fetch_piece(&server, &client_a, grant_a, 1).await?;
     assert!(matches!(
-        fetch(&client_b, grant_b, 0).await,
+        fetch_piece(&server, &client_b, grant_b, 0).await,
         Err(FetchError::Busy)
     ));
     // Once it holds the whole task, a second copy is served at once.
     server.record_task(true).await?;
     assert_eq!(
-        fetch(&client_b, grant_b, 0).await?,
+        fetch_piece(&server, &client_b, grant_b, 0).await?,
         piece_bytes(0, server.piece_len)
     );
     Ok(())
