@@ -14,9 +14,10 @@
 //!
 //! Why not smaller than 512 KiB: on unshaped loopback, where a piece's transfer is short and its
 //! fixed costs (request, hash announcement, store record, wake-ups of the readers) are not, the
-//! `image_pull` bench (4 hosts, layers of 64/32/16/4 MiB) took 1.67-1.74 x direct with 1 MiB
-//! pieces, 1.98-2.23 x with 512 KiB and 2.22-2.54 x with 256 KiB. 512 KiB keeps the shaped
-//! 32 MiB bench within 1.5 T* and costs the unshaped pull the least of the two that do.
+//! `image_pull` bench (4 hosts, layers of 64/32/16/4 MiB; one build, [`MIN_PIECE_LENGTH`] the only
+//! difference) took 1.67-1.74 x direct with 1 MiB pieces, 1.89-2.23 x with 512 KiB and
+//! 2.22-2.52 x with 256 KiB. 512 KiB keeps the shaped 32 MiB bench within 1.5 T* and costs the
+//! unshaped pull the least of the two that do.
 
 use std::fmt;
 use std::ops::Range;
