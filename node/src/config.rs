@@ -556,6 +556,10 @@ pub struct FaultInjection {
     /// Send only this many bytes of every piece this node uploads, then hold the connection open
     /// without writing (a peer that stops mid-piece).
     pub stall_uploads_after: Option<usize>,
+    /// Members this node's preheat jobs treat as not connected: no direct `preheat` request,
+    /// as in a cluster larger than one node's connections (they hear of the job on the cluster
+    /// topic only).
+    pub unconnected_for_preheat: Vec<libp2p::PeerId>,
 }
 
 #[cfg(test)]

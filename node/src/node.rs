@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use df_protocols::control::{
     ControlError, ControlRequest, ControlResponse, DataAccess, ErrorCode, TaskState,
 };
+use df_protocols::gossip::ClusterMessage;
 use df_protocols::manifest::SignedHeader;
 use df_protocols::task::TaskKey;
 use libp2p::gossipsub::MessageAcceptance;
@@ -847,6 +848,8 @@ async fn dispatch(
     shutdown: CancellationToken,
 ) {
     let ctx = node.ctx().clone();
+    // Preheats heard on the cluster topic and not yet answered (each waits for its task's header).
+    let cluster_preheats = Arc::new(tokio::sync::Semaphore::new(MAX_CLUSTER_PREHEATS));
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -899,6 +902,17 @@ async fn dispatch(
                     let _ = reply.send(resp);
                 });
             }
+            NetworkEvent::Cluster {
+                source,
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let verdict = on_cluster_message(&ctx, &cluster_preheats, source, message);
+                ctx.net
+                    .report_validation(message_id, propagation_source, verdict)
+                    .await;
+            }
             NetworkEvent::PeerSubscribed { peer, task } => {
                 if let Some(h) = ctx.registry.live(&task) {
                     let _ = h.tx.send(RunnerMsg::PeerSubscribed(peer));
@@ -912,6 +926,37 @@ async fn dispatch(
             NetworkEvent::PeerConnected(_) => {}
         }
     }
+}
+
+/// Preheats heard on the cluster topic that one node starts at once; more are not forwarded.
+const MAX_CLUSTER_PREHEATS: usize = 64;
+
+/// A request to every member, heard on the cluster topic: honoured (and forwarded) only when its
+/// author is a trusted member; a preheat starts a download from the swarm.
+fn on_cluster_message(
+    ctx: &Arc<TaskContext>,
+    running: &Arc<tokio::sync::Semaphore>,
+    source: PeerId,
+    message: ClusterMessage,
+) -> MessageAcceptance {
+    let ClusterMessage::Preheat { job, task, origin } = message;
+    if !ctx.trust.trusts_producer(&source) {
+        tracing::warn!(peer = %source, %task, %job, "cluster preheat refused: the asker is not a trusted member");
+        return MessageAcceptance::Reject;
+    }
+    let Ok(permit) = running.clone().try_acquire_owned() else {
+        tracing::info!(peer = %source, %task, %job, "cluster preheat ignored: {MAX_CLUSTER_PREHEATS} already starting");
+        return MessageAcceptance::Ignore;
+    };
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let answer = crate::preheat::on_request(&ctx, source, task, origin).await;
+        if let ControlResponse::Error(e) = answer {
+            tracing::info!(peer = %source, %task, %job, error = %e.message, "cluster preheat failed");
+        }
+        drop(permit);
+    });
+    MessageAcceptance::Accept
 }
 
 /// The API serves what the node implements here ([`api::NodeApi`]); it does not import the node.

@@ -58,7 +58,8 @@ pub struct OriginRequest {
 }
 
 impl OriginRequest {
-    fn validate(&self) -> Result<(), ControlCodecError> {
+    /// Checks the request's lengths against the protocol's limits.
+    pub fn validate(&self) -> Result<(), ControlCodecError> {
         if self.url.len() > MAX_URL_LEN {
             return Err(ControlCodecError::Invalid("url too long"));
         }

@@ -10,17 +10,30 @@
 //! | `header` | producer | the task's signed header, as soon as the origin answered |
 //! | `hashes` | producer | signed hashes of pieces just fetched from origin |
 //! | `have` | any holder | "I now hold these pieces" (batched); `complete` when it holds all |
+//!
+//! One more topic, [`CLUSTER_TOPIC`], carries requests to every member of the cluster (the
+//! cluster's name is part of gossipsub's protocol name, so other clusters never hear them):
+//!
+//! | message | sent by | meaning |
+//! |---|---|---|
+//! | `preheat` | a preheat job's node (scope `all_peers`) | "download this task into your cache from the swarm" — as the control request `preheat`, for members the asker is not connected to. Never carries origin headers (credentials are not broadcast); honoured only from trusted members |
 
 use libp2p_identity::PeerId;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::control::OriginRequest;
 use crate::limits::{
     MAX_GOSSIP_MESSAGE, MAX_HASHES_PER_GOSSIP, MAX_PIECES, some_at_most_max_pieces,
 };
 use crate::manifest::{PieceHashBatch, Signature, SignedHeader, SignedPieceHash, TaskHeader};
-#[cfg(doc)]
 use crate::task::TaskKey;
+
+/// The gossipsub topic of requests to every member of the cluster ([`ClusterMessage`]).
+pub const CLUSTER_TOPIC: &str = "/df/cluster/1";
+
+/// Longest preheat job ID a cluster message may carry.
+pub const MAX_JOB_ID: usize = 64;
 
 /// Why a gossip message was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -125,9 +138,101 @@ impl GossipMessage {
     }
 }
 
+/// A message on [`CLUSTER_TOPIC`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ClusterMessage {
+    /// Download `task` from the swarm, never from its origin (a preheat job `job` of scope
+    /// `all_peers`). `origin` names the task (its key is derived from it) and has no headers.
+    Preheat {
+        job: String,
+        task: TaskKey,
+        origin: OriginRequest,
+    },
+}
+
+impl ClusterMessage {
+    pub fn encode(&self) -> Result<Vec<u8>, GossipCodecError> {
+        self.check()?;
+        let body = serde_json::to_vec(self)?;
+        if body.len() > MAX_GOSSIP_MESSAGE {
+            return Err(GossipCodecError::TooLarge(body.len()));
+        }
+        Ok(body)
+    }
+
+    /// Parses and bounds-checks a message (the author's trust is checked by the node). The
+    /// message is small and its lists are bounded by the size limit, so serde's tagged-enum
+    /// buffering costs at most a few times [`MAX_GOSSIP_MESSAGE`].
+    pub fn decode(body: &[u8]) -> Result<ClusterMessage, GossipCodecError> {
+        if body.len() > MAX_GOSSIP_MESSAGE {
+            return Err(GossipCodecError::TooLarge(body.len()));
+        }
+        let msg: ClusterMessage = serde_json::from_slice(body)?;
+        msg.check()?;
+        Ok(msg)
+    }
+
+    fn check(&self) -> Result<(), GossipCodecError> {
+        match self {
+            ClusterMessage::Preheat { job, origin, .. } => {
+                if job.is_empty() || job.len() > MAX_JOB_ID {
+                    return Err(GossipCodecError::Invalid("job id empty or too long"));
+                }
+                if !origin.headers.is_empty() {
+                    return Err(GossipCodecError::Invalid(
+                        "origin headers are never broadcast",
+                    ));
+                }
+                origin
+                    .validate()
+                    .map_err(|_| GossipCodecError::Invalid("origin request out of bounds"))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn preheat(job: &str, headers: Vec<(String, String)>) -> ClusterMessage {
+        let url = "https://origin.test/f".to_owned();
+        ClusterMessage::Preheat {
+            job: job.to_owned(),
+            task: TaskKey::for_url(&url::Url::parse(&url).unwrap(), ""),
+            origin: OriginRequest {
+                url,
+                headers,
+                tag: String::new(),
+                filtered_query_params: Vec::new(),
+                digest: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_cluster_preheat_round_trips_and_never_carries_credentials() {
+        let m = preheat("job-1", Vec::new());
+        let body = m.encode().unwrap();
+        assert_eq!(ClusterMessage::decode(&body).unwrap(), m);
+        // Headers (credentials) are refused both ways.
+        let with = preheat("job-1", vec![("Authorization".into(), "Bearer x".into())]);
+        assert!(with.encode().is_err());
+        let raw = serde_json::to_vec(&with).unwrap();
+        assert!(ClusterMessage::decode(&raw).is_err());
+        // A job ID out of bounds, an unknown type, garbage.
+        assert!(preheat("", Vec::new()).encode().is_err());
+        assert!(
+            preheat(&"j".repeat(MAX_JOB_ID + 1), Vec::new())
+                .encode()
+                .is_err()
+        );
+        let other = String::from_utf8(body).unwrap().replace("preheat", "purge");
+        assert!(ClusterMessage::decode(other.as_bytes()).is_err());
+        assert!(ClusterMessage::decode(b"\x00").is_err());
+        assert!(ClusterMessage::decode(&vec![b' '; MAX_GOSSIP_MESSAGE + 1]).is_err());
+    }
 
     #[test]
     fn have_round_trips_and_garbage_is_rejected() {

@@ -448,7 +448,9 @@ async fn a_preheated_file_is_served_with_the_origin_down() -> Result<()> {
 }
 
 /// Scope all_peers: every member fetches the file from the swarm (the origin sends it once); a
-/// member that does not trust the asker refuses, and the job says so.
+/// member that does not trust the asker refuses, and the job says so; a member the asker sends
+/// no direct request (as one it has no connection to in a large cluster) hears of the job on the
+/// cluster topic, and the job finds it as a provider and reports its progress.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn preheat_to_all_peers_reaches_every_member_that_trusts_the_asker() -> Result<()> {
     use df_node::preheat::{JobState, PreheatScope};
@@ -458,17 +460,22 @@ async fn preheat_to_all_peers_reaches_every_member_that_trusts_the_asker() -> Re
     origin.put("/everywhere", data.clone());
     let url = origin.url("/everywhere");
     let key = url_task_key(&url)?;
-    let swarm = Swarm::start(2, 2, |_| {}).await?;
+    let swarm = Swarm::start(2, 1, |_| {}).await?;
     seeds_meshed(&swarm).await?;
     let boot = vec![swarm.seeds[0].bootstrap_addr()];
     let stranger = PeerId::random();
-    let wary = TestNode::start(Role::Node, boot, move |c| {
+    let wary = TestNode::start(Role::Node, boot.clone(), move |c| {
         c.trust.producers = vec![stranger]
     })
     .await?;
     assert!(wary.node.wait_for_seeds(2, Duration::from_secs(40)).await);
-    let asker = &swarm.nodes[0];
-    assert!(asker.node.wait_for_peers(4, Duration::from_secs(40)).await);
+    let distant = TestNode::start(Role::Node, boot.clone(), |_| {}).await?;
+    let distant_id = distant.node.peer_id();
+    let asker = TestNode::start(Role::Node, boot, move |c| {
+        c.faults.unconnected_for_preheat = vec![distant_id]
+    })
+    .await?;
+    assert!(asker.node.wait_for_peers(5, Duration::from_secs(40)).await);
 
     let started = asker
         .api
@@ -477,7 +484,12 @@ async fn preheat_to_all_peers_reaches_every_member_that_trusts_the_asker() -> Re
     let job = finished_job(&asker.api, &started.id).await?;
     assert_eq!(job.state, JobState::Failed, "the wary node cannot succeed");
     let hosts = &job.tasks[0].hosts;
-    assert_eq!(hosts.len(), 5, "{hosts:#?}");
+    // Two seeds, the swarm's node, the wary node, the asker, and the distant node found later.
+    assert_eq!(hosts.len(), 6, "{hosts:#?}");
+    assert!(
+        hosts.iter().any(|h| h.peer == distant_id.to_string()),
+        "{hosts:#?}"
+    );
     for h in hosts {
         if h.peer == wary.node.peer_id().to_string() {
             assert_eq!(h.state, JobState::Failed);
@@ -489,13 +501,15 @@ async fn preheat_to_all_peers_reaches_every_member_that_trusts_the_asker() -> Re
             assert_eq!(h.state, JobState::Succeeded, "{h:?}");
         }
     }
-    for m in swarm.all() {
+    for m in swarm.all().chain([&asker, &distant]) {
         let p = complete(&m.node, &key, Duration::from_secs(10)).await?;
         assert_eq!(p.have.count(), p.have.len());
     }
     assert!(wary.node.progress(&key).await.is_none());
     assert_eq!(origin.bytes_sent(), data.len() as u64);
-    wary.stop().await;
+    for n in [wary, distant, asker] {
+        n.stop().await;
+    }
     swarm.stop().await;
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use df_protocols::control::{ControlRequest, ControlResponse};
-use df_protocols::gossip::GossipMessage;
+use df_protocols::gossip::{CLUSTER_TOPIC, ClusterMessage, GossipMessage};
 use df_protocols::limits::MAX_GOSSIP_MESSAGE;
 use df_protocols::task::TaskKey;
 use futures::StreamExt;
@@ -217,6 +217,14 @@ pub enum NetworkEvent {
         request: ControlRequest,
         reply: oneshot::Sender<ControlResponse>,
     },
+    /// A decoded request to every member of the cluster ([`CLUSTER_TOPIC`]), signed by
+    /// `source`. The node must answer with [`NetworkClient::report_validation`].
+    Cluster {
+        source: PeerId,
+        propagation_source: PeerId,
+        message_id: MessageId,
+        message: ClusterMessage,
+    },
     /// A peer subscribed to a task topic.
     PeerSubscribed {
         peer: PeerId,
@@ -234,6 +242,7 @@ enum Command {
     Subscribe(TaskKey),
     Unsubscribe(TaskKey),
     Publish(TaskKey, Vec<u8>, Reply<Result<(), NetworkError>>),
+    PublishCluster(Vec<u8>, Reply<Result<(), NetworkError>>),
     ReportValidation(MessageId, PeerId, MessageAcceptance),
     StartProviding(Vec<u8>),
     StopProviding(Vec<u8>),
@@ -292,6 +301,17 @@ impl NetworkClient {
         let data = envelope::seal(&self.keypair, &task.topic(), &body)
             .map_err(|e| NetworkError::Publish(e.to_string()))?;
         self.call(|r| Command::Publish(task, data, r)).await?
+    }
+
+    /// Sends `msg` to every member of the cluster (gossipsub on [`CLUSTER_TOPIC`]). Members
+    /// reached: unknown here; `Ok` with nobody on the topic.
+    pub async fn publish_cluster(&self, msg: &ClusterMessage) -> Result<(), NetworkError> {
+        let body = msg
+            .encode()
+            .map_err(|e| NetworkError::Publish(e.to_string()))?;
+        let data = envelope::seal(&self.keypair, CLUSTER_TOPIC, &body)
+            .map_err(|e| NetworkError::Publish(e.to_string()))?;
+        self.call(|r| Command::PublishCluster(data, r)).await?
     }
 
     pub async fn report_validation(
@@ -587,6 +607,7 @@ pub async fn spawn(
         state: state.clone(),
         role: settings.role,
         topics: HashMap::new(),
+        cluster_topic: IdentTopic::new(CLUSTER_TOPIC).hash(),
         conn_ips: HashMap::new(),
         pending_requests: HashMap::new(),
         pending_providers: HashMap::new(),
@@ -598,6 +619,7 @@ pub async fn spawn(
         cluster: settings.cluster.clone(),
     };
     ev_loop.await_listeners(listen.len()).await?;
+    ev_loop.subscribe_cluster()?;
     let client = NetworkClient {
         commands: cmd_tx,
         state,
@@ -613,6 +635,17 @@ pub async fn spawn(
     Ok((client, ev_rx, ev_loop))
 }
 
+/// Publishes `data` on `topic`.
+fn publish(b: &mut Behaviour, topic: IdentTopic, data: Vec<u8>) -> Result<(), NetworkError> {
+    match b.gossipsub.publish(topic, data) {
+        Ok(_) => Ok(()),
+        // Nobody else is on the topic yet: nothing to tell, not an error.
+        Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
+        Err(gossipsub::PublishError::Duplicate) => Ok(()),
+        Err(e) => Err(NetworkError::Publish(e.to_string())),
+    }
+}
+
 type InboundReply = futures::future::BoxFuture<
     'static,
     (ResponseChannel<ControlResponse>, Option<ControlResponse>),
@@ -626,6 +659,8 @@ pub struct EventLoop {
     state: Arc<NetState>,
     role: Role,
     topics: HashMap<TopicHash, TaskKey>,
+    /// [`CLUSTER_TOPIC`]'s hash (subscribed from the start).
+    cluster_topic: TopicHash,
     conn_ips: HashMap<ConnectionId, IpAddr>,
     pending_requests: HashMap<OutboundRequestId, RequestReply>,
     pending_providers: HashMap<QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
@@ -700,6 +735,18 @@ impl EventLoop {
                 addr,
                 reason: e.to_string(),
             })
+    }
+
+    /// Joins [`CLUSTER_TOPIC`], scored as a task topic (a member sending invalid requests there
+    /// loses score).
+    fn subscribe_cluster(&mut self) -> Result<(), NetworkError> {
+        let topic = IdentTopic::new(CLUSTER_TOPIC);
+        let g = &mut self.swarm.behaviour_mut().gossipsub;
+        g.set_topic_params(topic.clone(), topic_score_params())
+            .map_err(|e| NetworkError::Build(format!("cluster topic scoring: {e}")))?;
+        g.subscribe(&topic)
+            .map_err(|e| NetworkError::Build(format!("cluster topic: {e}")))?;
+        Ok(())
     }
 
     /// Runs until `shutdown` is cancelled or every client handle is dropped.
@@ -797,15 +844,10 @@ impl EventLoop {
                 b.gossipsub.unsubscribe(&topic);
             }
             Command::Publish(task, data, reply) => {
-                let topic = IdentTopic::new(task.topic());
-                let res = match b.gossipsub.publish(topic, data) {
-                    Ok(_) => Ok(()),
-                    // Nobody else is on the topic yet: nothing to tell, not an error.
-                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
-                    Err(gossipsub::PublishError::Duplicate) => Ok(()),
-                    Err(e) => Err(NetworkError::Publish(e.to_string())),
-                };
-                let _ = reply.send(res);
+                let _ = reply.send(publish(b, IdentTopic::new(task.topic()), data));
+            }
+            Command::PublishCluster(data, reply) => {
+                let _ = reply.send(publish(b, IdentTopic::new(CLUSTER_TOPIC), data));
             }
             Command::ReportValidation(id, source, verdict) => {
                 b.gossipsub
@@ -837,6 +879,11 @@ impl EventLoop {
             Err(mpsc::error::TrySendError::Full(ev)) => {
                 tracing::debug!("node is behind on network events; dropping one");
                 if let NetworkEvent::Gossip {
+                    propagation_source,
+                    message_id,
+                    ..
+                }
+                | NetworkEvent::Cluster {
                     propagation_source,
                     message_id,
                     ..
@@ -1022,10 +1069,12 @@ impl EventLoop {
                         .gossipsub
                         .report_message_validation_result(&message_id, &propagation_source, v);
                 };
-                let Some(task) = self.topics.get(&message.topic).copied() else {
+                let cluster = message.topic == self.cluster_topic;
+                let task = self.topics.get(&message.topic).copied();
+                if task.is_none() && !cluster {
                     verdict_ignore(self, MessageAcceptance::Ignore);
                     return;
-                };
+                }
                 // Checked here, once per message (gossipsub has dropped duplicates): signed by
                 // the source it names, for this topic.
                 let body = message
@@ -1035,6 +1084,22 @@ impl EventLoop {
                 let Some(body) = body else {
                     tracing::debug!(%propagation_source, source = ?message.source, "rejecting gossip: not signed by its source");
                     verdict_ignore(self, MessageAcceptance::Reject);
+                    return;
+                };
+                let Some(task) = task else {
+                    // `body` is signed by `source`, so the source is there.
+                    match (message.source, ClusterMessage::decode(body)) {
+                        (Some(source), Ok(msg)) => self.emit(NetworkEvent::Cluster {
+                            source,
+                            propagation_source,
+                            message_id,
+                            message: msg,
+                        }),
+                        (_, r) => {
+                            tracing::debug!(%propagation_source, error = ?r.err(), "rejecting cluster gossip");
+                            verdict_ignore(self, MessageAcceptance::Reject);
+                        }
+                    }
                     return;
                 };
                 match GossipMessage::decode(body) {

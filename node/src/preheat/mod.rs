@@ -9,9 +9,15 @@
 //!    seed), and replicates it to the next `replicas - 1` as for any task;
 //! 2. **the others** the scope names (`all_seeds`: every connected seed; `all_peers`: every
 //!    connected member and this node) are sent `preheat` and download it from the swarm, never
-//!    from the origin;
+//!    from the origin. For `all_peers` the request also goes to every member on the cluster's
+//!    gossipsub topic ([`ClusterMessage::Preheat`], without origin headers), which reaches the
+//!    members this node has no connection to; the job learns of them as the task's providers in
+//!    the DHT (a member provides a task once it holds a piece) and adds them to its hosts;
 //! 3. **progress** is read from each host (`get_task`) until every one holds the whole task, or
-//!    fails, or the job's deadline passes.
+//!    fails, or the job's deadline passes. An `all_peers` job ends only after two provider
+//!    queries in a row found no new host, so a member still starting is waited for; one that
+//!    refuses a request it heard on the topic (it does not trust this node) logs it and is not
+//!    listed.
 //!
 //! Only trusted producers are sent the origin's credentials; members that are not get the request
 //! without its headers (they need none: they fetch from the swarm).
@@ -23,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use df_protocols::control::{ControlRequest, ControlResponse};
+use df_protocols::gossip::ClusterMessage;
 use df_protocols::task::{ContentDigest, TaskKey};
 use futures::StreamExt;
 use libp2p::PeerId;
@@ -46,6 +53,11 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 const HOST_SILENCE: Duration = Duration::from_secs(30);
 /// An owner may take this long to answer `start_task` (it opens the origin first).
 const OWNER_ASK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often an `all_peers` job looks for the task's providers in the DHT, and how long one
+/// look may take.
+const DISCOVER_EVERY: Duration = Duration::from_secs(2);
+/// Provider queries in a row that found no new host before an `all_peers` job may end.
+const QUIET_DISCOVERIES: u32 = 2;
 
 /// `POST /v1/preheat`.
 #[derive(Clone, Serialize, Deserialize)]
@@ -500,6 +512,7 @@ async fn preheat_task(
     req: DownloadRequest,
 ) -> Result<(), String> {
     let key = req.task_key().map_err(|e| e.to_string())?;
+    let job_id = cell.lock().map(|j| j.id.clone()).unwrap_or_default();
     update(cell, |j| j.tasks[i].state = JobState::Running);
     let owners = owners(ctx, &key);
     if owners.is_empty() {
@@ -573,7 +586,7 @@ async fn preheat_task(
         PreheatScope::AllPeers => {
             let mut h = owners.clone();
             for p in state.connected_peers() {
-                if !h.contains(&p) {
+                if !h.contains(&p) && !ctx.config.faults.unconnected_for_preheat.contains(&p) {
                     h.push(p);
                 }
             }
@@ -635,9 +648,38 @@ async fn preheat_task(
                 .await;
         });
     }
-    // 3. Progress, until every host holds it or failed.
+    // The members this node is not connected to hear of it on the cluster topic.
+    if scope == PreheatScope::AllPeers {
+        let mut origin = req.origin_request();
+        origin.headers.clear();
+        let msg = ClusterMessage::Preheat {
+            job: job_id,
+            task: key,
+            origin,
+        };
+        if let Err(e) = ctx.net.publish_cluster(&msg).await {
+            tracing::warn!(task = %key, error = %e, "preheat: cannot tell the cluster");
+        }
+    }
+    // 3. Progress, until every host holds it or failed (and, for `all_peers`, no new host turned
+    // up in the DHT for a while).
     let mut silent_since: HashMap<PeerId, tokio::time::Instant> = HashMap::new();
+    let mut discovery = (scope == PreheatScope::AllPeers).then(|| Discovery {
+        next: tokio::time::Instant::now() + DISCOVER_EVERY,
+        quiet: 0,
+    });
     loop {
+        if let Some(d) = discovery.as_mut()
+            && tokio::time::Instant::now() >= d.next
+        {
+            let found = discover_hosts(ctx, key).await;
+            let added = update_hosts(cell, i, found, total);
+            d.quiet = if added > 0 { 0 } else { d.quiet + 1 };
+            d.next = tokio::time::Instant::now() + DISCOVER_EVERY;
+            if added > 0 {
+                tracing::info!(task = %key, added, "preheat: more members hold the task");
+            }
+        }
         let pending: Vec<(usize, PeerId)> = {
             let Ok(j) = cell.lock() else {
                 return Err("job state lost".into());
@@ -650,7 +692,10 @@ async fn preheat_task(
                 .filter_map(|(n, h)| h.peer.parse().ok().map(|p| (n, p)))
                 .collect()
         };
-        if pending.is_empty() {
+        let settled = discovery
+            .as_ref()
+            .is_none_or(|d| d.quiet >= QUIET_DISCOVERIES);
+        if pending.is_empty() && settled {
             break;
         }
         let asks: Vec<_> = pending
@@ -715,6 +760,59 @@ async fn preheat_task(
     } else {
         Err(format!("not preheated on {}", failed.join("; ")))
     }
+}
+
+/// When an `all_peers` job next looks for providers, and how many looks in a row found none new.
+struct Discovery {
+    next: tokio::time::Instant,
+    quiet: u32,
+}
+
+/// The members the DHT names as providers of `key` (within [`DISCOVER_EVERY`]), with their
+/// roles where known.
+async fn discover_hosts(ctx: &TaskContext, key: TaskKey) -> Vec<(PeerId, Option<Role>)> {
+    match tokio::time::timeout(DISCOVER_EVERY, ctx.net.get_providers(key.to_bytes())).await {
+        Ok(Ok(p)) => p
+            .into_iter()
+            .filter(|p| *p != ctx.peer_id)
+            .map(|p| (p, ctx.net.state().peer(&p).and_then(|i| i.role)))
+            .collect(),
+        Ok(Err(e)) => {
+            tracing::debug!(task = %key, error = %e, "preheat: no providers query");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Adds the hosts of `found` that task `i` does not list yet (they have started on it); returns
+/// how many.
+fn update_hosts(
+    cell: &Mutex<PreheatJob>,
+    i: usize,
+    found: Vec<(PeerId, Option<Role>)>,
+    total: u32,
+) -> usize {
+    let mut added = 0;
+    update(cell, |j| {
+        let hosts = &mut j.tasks[i].hosts;
+        for (p, role) in found {
+            let peer = p.to_string();
+            if hosts.iter().any(|h| h.peer == peer) {
+                continue;
+            }
+            hosts.push(PreheatHost {
+                peer,
+                role,
+                state: JobState::Running,
+                pieces_done: 0,
+                pieces_total: total,
+                error: None,
+            });
+            added += 1;
+        }
+    });
+    added
 }
 
 /// Asks `host` to download the task from the swarm (this node itself: a local download).
