@@ -17,7 +17,8 @@
 //!    fails, or the job's deadline passes. An `all_peers` job ends only after two provider
 //!    queries in a row found no new host, so a member still starting is waited for; one that
 //!    refuses a request it heard on the topic (it does not trust this node) logs it and is not
-//!    listed.
+//!    listed. The DHT keeps at most 20 providers per key, so a job in a large cluster lists the
+//!    connected members and up to that many others; the rest download unlisted.
 //!
 //! Only trusted producers are sent the origin's credentials; members that are not get the request
 //! without its headers (they need none: they fetch from the swarm).
@@ -672,7 +673,7 @@ async fn preheat_task(
         if let Some(d) = discovery.as_mut()
             && tokio::time::Instant::now() >= d.next
         {
-            let found = discover_hosts(ctx, key).await;
+            let found = discover_hosts(ctx, cell, i, key).await;
             let added = update_hosts(cell, i, found, total);
             d.quiet = if added > 0 { 0 } else { d.quiet + 1 };
             d.next = tokio::time::Instant::now() + DISCOVER_EVERY;
@@ -768,44 +769,74 @@ struct Discovery {
     quiet: u32,
 }
 
-/// The members the DHT names as providers of `key` (within [`DISCOVER_EVERY`]), with their
-/// roles where known.
-async fn discover_hosts(ctx: &TaskContext, key: TaskKey) -> Vec<(PeerId, Option<Role>)> {
-    match tokio::time::timeout(DISCOVER_EVERY, ctx.net.get_providers(key.to_bytes())).await {
-        Ok(Ok(p)) => p
-            .into_iter()
-            .filter(|p| *p != ctx.peer_id)
-            .map(|p| (p, ctx.net.state().peer(&p).and_then(|i| i.role)))
-            .collect(),
-        Ok(Err(e)) => {
-            tracing::debug!(task = %key, error = %e, "preheat: no providers query");
-            Vec::new()
-        }
-        Err(_) => Vec::new(),
-    }
+/// A host found in the DHT, with its role where known and the pieces it holds.
+struct Found {
+    peer: PeerId,
+    role: Option<Role>,
+    held: u32,
+}
+
+/// The members the DHT names as providers of `key` (within [`DISCOVER_EVERY`]) that task `i`
+/// does not list yet and that answer a progress question: a provider record outlives its member
+/// by up to the record's TTL, and a member that is gone is no host of the job.
+async fn discover_hosts(
+    ctx: &Arc<TaskContext>,
+    cell: &Mutex<PreheatJob>,
+    i: usize,
+    key: TaskKey,
+) -> Vec<Found> {
+    let providers =
+        match tokio::time::timeout(DISCOVER_EVERY, ctx.net.get_providers(key.to_bytes())).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::debug!(task = %key, error = %e, "preheat: no providers query");
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+    let listed: std::collections::HashSet<String> = cell
+        .lock()
+        .map(|j| j.tasks[i].hosts.iter().map(|h| h.peer.clone()).collect())
+        .unwrap_or_default();
+    let new = providers
+        .into_iter()
+        .filter(|p| *p != ctx.peer_id && !listed.contains(&p.to_string()))
+        .map(|p| async move {
+            let held = held(ctx, p, key).await.ok()?;
+            let role = ctx.net.state().peer(&p).and_then(|i| i.role);
+            Some(Found {
+                peer: p,
+                role,
+                held,
+            })
+        });
+    futures::stream::iter(new)
+        .buffer_unordered(REQUESTS_AT_ONCE)
+        .filter_map(|f| async move { f })
+        .collect()
+        .await
 }
 
 /// Adds the hosts of `found` that task `i` does not list yet (they have started on it); returns
 /// how many.
-fn update_hosts(
-    cell: &Mutex<PreheatJob>,
-    i: usize,
-    found: Vec<(PeerId, Option<Role>)>,
-    total: u32,
-) -> usize {
+fn update_hosts(cell: &Mutex<PreheatJob>, i: usize, found: Vec<Found>, total: u32) -> usize {
     let mut added = 0;
     update(cell, |j| {
         let hosts = &mut j.tasks[i].hosts;
-        for (p, role) in found {
-            let peer = p.to_string();
+        for f in found {
+            let peer = f.peer.to_string();
             if hosts.iter().any(|h| h.peer == peer) {
                 continue;
             }
             hosts.push(PreheatHost {
                 peer,
-                role,
-                state: JobState::Running,
-                pieces_done: 0,
+                role: f.role,
+                state: if f.held >= total {
+                    JobState::Succeeded
+                } else {
+                    JobState::Running
+                },
+                pieces_done: f.held,
                 pieces_total: total,
                 error: None,
             });
