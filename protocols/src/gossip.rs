@@ -111,21 +111,31 @@ impl<'de> Deserialize<'de> for GossipMessage {
     }
 }
 
+/// `msg` as JSON, at most [`MAX_GOSSIP_MESSAGE`] bytes.
+fn encode_bounded(msg: &impl Serialize) -> Result<Vec<u8>, GossipCodecError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_GOSSIP_MESSAGE {
+        return Err(GossipCodecError::TooLarge(body.len()));
+    }
+    Ok(body)
+}
+
+/// Parses JSON of at most [`MAX_GOSSIP_MESSAGE`] bytes.
+fn decode_bounded<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GossipCodecError> {
+    if body.len() > MAX_GOSSIP_MESSAGE {
+        return Err(GossipCodecError::TooLarge(body.len()));
+    }
+    Ok(serde_json::from_slice(body)?)
+}
+
 impl GossipMessage {
     pub fn encode(&self) -> Result<Vec<u8>, GossipCodecError> {
-        let body = serde_json::to_vec(self)?;
-        if body.len() > MAX_GOSSIP_MESSAGE {
-            return Err(GossipCodecError::TooLarge(body.len()));
-        }
-        Ok(body)
+        encode_bounded(self)
     }
 
     /// Parses and bounds-checks a message (signatures are checked by the node, which knows the task).
     pub fn decode(body: &[u8]) -> Result<GossipMessage, GossipCodecError> {
-        if body.len() > MAX_GOSSIP_MESSAGE {
-            return Err(GossipCodecError::TooLarge(body.len()));
-        }
-        let msg: GossipMessage = serde_json::from_slice(body)?;
+        let msg: GossipMessage = decode_bounded(body)?;
         match &msg {
             GossipMessage::Hashes(b) if b.hashes.len() > MAX_HASHES_PER_GOSSIP => {
                 Err(GossipCodecError::Invalid("too many hashes"))
@@ -138,8 +148,9 @@ impl GossipMessage {
     }
 }
 
-/// A message on [`CLUSTER_TOPIC`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A message on [`CLUSTER_TOPIC`]: a JSON object whose `type` names the variant, beside its
+/// fields (parsed through [`ClusterWire`], as [`GossipMessage`] is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum ClusterMessage {
     /// Download `task` from the swarm, never from its origin (a preheat job `job` of scope
@@ -151,24 +162,43 @@ pub enum ClusterMessage {
     },
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ClusterKind {
+    Preheat,
+}
+
+#[derive(Deserialize)]
+struct ClusterWire {
+    #[serde(rename = "type")]
+    kind: ClusterKind,
+    job: String,
+    task: TaskKey,
+    origin: OriginRequest,
+}
+
+impl<'de> Deserialize<'de> for ClusterMessage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = ClusterWire::deserialize(d)?;
+        Ok(match w.kind {
+            ClusterKind::Preheat => ClusterMessage::Preheat {
+                job: w.job,
+                task: w.task,
+                origin: w.origin,
+            },
+        })
+    }
+}
+
 impl ClusterMessage {
     pub fn encode(&self) -> Result<Vec<u8>, GossipCodecError> {
         self.check()?;
-        let body = serde_json::to_vec(self)?;
-        if body.len() > MAX_GOSSIP_MESSAGE {
-            return Err(GossipCodecError::TooLarge(body.len()));
-        }
-        Ok(body)
+        encode_bounded(self)
     }
 
-    /// Parses and bounds-checks a message (the author's trust is checked by the node). The
-    /// message is small and its lists are bounded by the size limit, so serde's tagged-enum
-    /// buffering costs at most a few times [`MAX_GOSSIP_MESSAGE`].
+    /// Parses and bounds-checks a message (the author's trust is checked by the node).
     pub fn decode(body: &[u8]) -> Result<ClusterMessage, GossipCodecError> {
-        if body.len() > MAX_GOSSIP_MESSAGE {
-            return Err(GossipCodecError::TooLarge(body.len()));
-        }
-        let msg: ClusterMessage = serde_json::from_slice(body)?;
+        let msg: ClusterMessage = decode_bounded(body)?;
         msg.check()?;
         Ok(msg)
     }

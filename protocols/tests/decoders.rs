@@ -10,7 +10,7 @@ use df_protocols::control::{
     self, ControlCodecError, ControlError, ControlRequest, ControlResponse, DataAccess, ErrorCode,
     OriginRequest, TaskState,
 };
-use df_protocols::gossip::{GossipCodecError, GossipMessage};
+use df_protocols::gossip::{ClusterMessage, GossipCodecError, GossipMessage, MAX_JOB_ID};
 use df_protocols::limits::{
     MAX_CONTROL_MESSAGE, MAX_ERROR_MESSAGE, MAX_GOSSIP_MESSAGE, MAX_HASHES_PER_GOSSIP,
     MAX_ORIGIN_HEADER_BYTES, MAX_ORIGIN_HEADERS, MAX_PIECES, MAX_TASK_KEY_BYTES, MAX_URL_LEN,
@@ -516,6 +516,66 @@ proptest! {
             prop_assert!(gossip_within_limits(&m));
         }
     }
+}
+
+fn arb_cluster() -> impl Strategy<Value = ClusterMessage> {
+    ("[a-z0-9-]{1,64}", arb_task_key(), arb_origin()).prop_map(|(job, task, mut origin)| {
+        origin.headers.clear();
+        ClusterMessage::Preheat { job, task, origin }
+    })
+}
+
+fn cluster_within_limits(msg: &ClusterMessage) -> bool {
+    let ClusterMessage::Preheat { job, origin, .. } = msg;
+    !job.is_empty()
+        && job.len() <= MAX_JOB_ID
+        && origin.headers.is_empty()
+        && origin_within_limits(origin)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn cluster_messages_round_trip_and_prefixes_are_errors(
+        msg in arb_cluster(),
+        cut in any::<Index>(),
+        at in any::<Index>(),
+        to in any::<u8>(),
+    ) {
+        let body = msg.encode().unwrap();
+        let (decoded, peak) = counting::peak_during(|| ClusterMessage::decode(&body));
+        prop_assert_eq!(decoded.unwrap(), msg);
+        prop_assert!(peak <= allocation_allowance(body.len()), "{} bytes for {}", peak, body.len());
+        prop_assert!(ClusterMessage::decode(&body[..cut.index(body.len())]).is_err());
+        if let Ok(m) = ClusterMessage::decode(&mutate(&body, at, to)) {
+            prop_assert!(cluster_within_limits(&m));
+        }
+    }
+
+    #[test]
+    fn cluster_decoder_survives_hostile_bodies(body in arb_hostile_body()) {
+        let (res, peak) = counting::peak_during(|| ClusterMessage::decode(&body));
+        prop_assert!(peak <= allocation_allowance(body.len()));
+        if let Ok(m) = res {
+            prop_assert!(cluster_within_limits(&m));
+        }
+    }
+}
+
+#[test]
+fn cluster_messages_of_small_numbers_stop_at_the_list_limit() {
+    // A whole message of filtered query params: stopped at the header-count limit while parsed.
+    let task = arb_task_key_fixed();
+    let before = format!(
+        r#"{{"type":"preheat","job":"j","task":"{task}","origin":{{"url":"http://h/f","filtered_query_params":["#
+    );
+    let n = (MAX_GOSSIP_MESSAGE - 200) / 4;
+    let body = json_list(&before, r#""a""#, n, "]}}", 0);
+    let (res, peak) = counting::peak_during(|| ClusterMessage::decode(&body));
+    assert!(res.is_err(), "{res:?}");
+    assert!(peak <= 1 << 20, "allocated {peak} bytes");
+    assert!(ClusterMessage::decode(br#"{"type":"preheat","job":"j"}"#).is_err());
 }
 
 #[test]
