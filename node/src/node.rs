@@ -932,7 +932,10 @@ async fn dispatch(
 const MAX_CLUSTER_PREHEATS: usize = 64;
 
 /// A request to every member, heard on the cluster topic: honoured (and forwarded) only when its
-/// author is a trusted member; a preheat starts a download from the swarm.
+/// author is a trusted member; a preheat starts a download from the swarm. A request from an
+/// author this node does not trust is ignored, not rejected: the member that relayed it may trust
+/// the author (trust lists can differ), and a rejection would cost that relay gossipsub score on
+/// every topic it shares with this node.
 fn on_cluster_message(
     ctx: &Arc<TaskContext>,
     running: &Arc<tokio::sync::Semaphore>,
@@ -942,7 +945,7 @@ fn on_cluster_message(
     let ClusterMessage::Preheat { job, task, origin } = message;
     if !ctx.trust.trusts_producer(&source) {
         tracing::warn!(peer = %source, %task, %job, "cluster preheat refused: the asker is not a trusted member");
-        return MessageAcceptance::Reject;
+        return MessageAcceptance::Ignore;
     }
     let Ok(permit) = running.clone().try_acquire_owned() else {
         tracing::info!(peer = %source, %task, %job, "cluster preheat ignored: {MAX_CLUSTER_PREHEATS} already starting");

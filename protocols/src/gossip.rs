@@ -16,7 +16,7 @@
 //!
 //! | message | sent by | meaning |
 //! |---|---|---|
-//! | `preheat` | a preheat job's node (scope `all_peers`) | "download this task into your cache from the swarm" — as the control request `preheat`, for members the asker is not connected to. Never carries origin headers (credentials are not broadcast); honoured only from trusted members |
+//! | `preheat` | a preheat job's node (scope `all_peers`) | "download this task into your cache from the swarm" — as the control request `preheat`, for members the asker is not connected to. Never carries origin headers (credentials are not broadcast); honoured and forwarded only from trusted members (others are ignored, not rejected: a relay may trust the author) |
 
 use libp2p_identity::PeerId;
 use serde::de::Error as _;
