@@ -217,6 +217,18 @@ pub struct PieceHashBatch {
 impl PieceHashBatch {
     /// Checks every signature and that every index is below `piece_count`.
     pub fn verify(&self, task: &TaskKey, piece_count: u32) -> Result<(), ManifestError> {
+        self.verify_unknown(task, piece_count, |_| None)
+    }
+
+    /// As [`PieceHashBatch::verify`], but skips the signature of a hash that `known` already gives
+    /// for its piece (it was checked when it became known); every index is still checked, and a
+    /// different hash for a known piece is checked too.
+    pub fn verify_unknown(
+        &self,
+        task: &TaskKey,
+        piece_count: u32,
+        known: impl Fn(u32) -> Option<PieceHash>,
+    ) -> Result<(), ManifestError> {
         if self.hashes.len() > MAX_PIECES as usize {
             return Err(ManifestError::Oversized("hashes"));
         }
@@ -227,7 +239,9 @@ impl PieceHashBatch {
                     count: piece_count,
                 });
             }
-            h.verify(task, &self.producer)?;
+            if known(h.index) != Some(h.hash) {
+                h.verify(task, &self.producer)?;
+            }
         }
         Ok(())
     }
@@ -280,6 +294,31 @@ mod tests {
             },
             producer: key.public().to_peer_id(),
         }
+    }
+
+    #[test]
+    fn verify_unknown_skips_only_hashes_already_known_as_they_are() {
+        let key = Keypair::generate_ed25519();
+        let task = header(&key).task;
+        let sign = |i: u32, h: &[u8]| SignedPieceHash::sign(&task, i, PieceHash::of(h), &key);
+        let mut known_bad = sign(0, b"a").unwrap();
+        known_bad.signature.0[0] ^= 1;
+        let batch = PieceHashBatch {
+            producer: key.public().to_peer_id(),
+            hashes: vec![known_bad, sign(1, b"b").unwrap()],
+        };
+        let known = |i: u32| (i == 0).then(|| PieceHash::of(b"a"));
+        // Piece 0's hash is known as it is: its (broken) signature is not checked.
+        assert!(batch.verify_unknown(&task, 2, known).is_ok());
+        assert!(batch.verify(&task, 2).is_err());
+        // Known as another hash: checked, and the broken signature is caught.
+        assert!(
+            batch
+                .verify_unknown(&task, 2, |i| (i == 0).then(|| PieceHash::of(b"z")))
+                .is_err()
+        );
+        // Indexes are checked whatever is known.
+        assert!(batch.verify_unknown(&task, 1, known).is_err());
     }
 
     #[test]

@@ -315,6 +315,46 @@ fn gossip_within_limits(msg: &GossipMessage) -> bool {
     }
 }
 
+/// A decoder's properties on `body`, the encoding of `msg`: it decodes back to `msg` within the
+/// allocation allowance, every prefix of it is an error, and the body with one byte changed
+/// decodes (if at all) to a message `within` the limits.
+fn decodes_back<T: PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
+    msg: &T,
+    body: &[u8],
+    decode: impl Fn(&[u8]) -> Result<T, E>,
+    within: impl Fn(&T) -> bool,
+    (cut, at, to): (Index, Index, u8),
+) -> Result<(), TestCaseError> {
+    let (decoded, peak) = counting::peak_during(|| decode(body));
+    prop_assert_eq!(&decoded.unwrap(), msg);
+    prop_assert!(
+        peak <= allocation_allowance(body.len()),
+        "{} bytes for {}",
+        peak,
+        body.len()
+    );
+    prop_assert!(decode(&body[..cut.index(body.len())]).is_err());
+    if let Ok(m) = decode(&mutate(body, at, to)) {
+        prop_assert!(within(&m));
+    }
+    Ok(())
+}
+
+/// A decoder on a hostile body stays within the allocation allowance, and whatever it accepts is
+/// `within` the limits.
+fn survives<T, E>(
+    body: &[u8],
+    decode: impl Fn(&[u8]) -> Result<T, E>,
+    within: impl Fn(&T) -> bool,
+) -> Result<(), TestCaseError> {
+    let (res, peak) = counting::peak_during(|| decode(body));
+    prop_assert!(peak <= allocation_allowance(body.len()));
+    if let Ok(m) = res {
+        prop_assert!(within(&m));
+    }
+    Ok(())
+}
+
 // ---- control --------------------------------------------------------------------------------
 
 proptest! {
@@ -328,13 +368,7 @@ proptest! {
         to in any::<u8>(),
     ) {
         let body = control::encode(&req).unwrap();
-        let (decoded, peak) = counting::peak_during(|| control::decode_request(&body));
-        prop_assert_eq!(decoded.unwrap(), req);
-        prop_assert!(peak <= allocation_allowance(body.len()), "{} bytes for {}", peak, body.len());
-        prop_assert!(control::decode_request(&body[..cut.index(body.len())]).is_err());
-        if let Ok(r) = control::decode_request(&mutate(&body, at, to)) {
-            prop_assert!(request_within_limits(&r));
-        }
+        decodes_back(&req, &body, control::decode_request, request_within_limits, (cut, at, to))?;
     }
 
     #[test]
@@ -345,27 +379,13 @@ proptest! {
         to in any::<u8>(),
     ) {
         let body = control::encode(&resp).unwrap();
-        let (decoded, peak) = counting::peak_during(|| control::decode_response(&body));
-        prop_assert_eq!(decoded.unwrap(), resp);
-        prop_assert!(peak <= allocation_allowance(body.len()), "{} bytes for {}", peak, body.len());
-        prop_assert!(control::decode_response(&body[..cut.index(body.len())]).is_err());
-        if let Ok(r) = control::decode_response(&mutate(&body, at, to)) {
-            prop_assert!(response_within_limits(&r));
-        }
+        decodes_back(&resp, &body, control::decode_response, response_within_limits, (cut, at, to))?;
     }
 
     #[test]
     fn control_decoders_survive_hostile_bodies(body in arb_hostile_body()) {
-        let (req, peak) = counting::peak_during(|| control::decode_request(&body));
-        prop_assert!(peak <= allocation_allowance(body.len()));
-        if let Ok(r) = req {
-            prop_assert!(request_within_limits(&r));
-        }
-        let (resp, peak) = counting::peak_during(|| control::decode_response(&body));
-        prop_assert!(peak <= allocation_allowance(body.len()));
-        if let Ok(r) = resp {
-            prop_assert!(response_within_limits(&r));
-        }
+        survives(&body, control::decode_request, request_within_limits)?;
+        survives(&body, control::decode_response, response_within_limits)?;
     }
 
     #[test]
@@ -499,22 +519,12 @@ proptest! {
         to in any::<u8>(),
     ) {
         let body = msg.encode().unwrap();
-        let (decoded, peak) = counting::peak_during(|| GossipMessage::decode(&body));
-        prop_assert_eq!(decoded.unwrap(), msg);
-        prop_assert!(peak <= allocation_allowance(body.len()), "{} bytes for {}", peak, body.len());
-        prop_assert!(GossipMessage::decode(&body[..cut.index(body.len())]).is_err());
-        if let Ok(m) = GossipMessage::decode(&mutate(&body, at, to)) {
-            prop_assert!(gossip_within_limits(&m));
-        }
+        decodes_back(&msg, &body, GossipMessage::decode, gossip_within_limits, (cut, at, to))?;
     }
 
     #[test]
     fn gossip_decoder_survives_hostile_bodies(body in arb_hostile_body()) {
-        let (res, peak) = counting::peak_during(|| GossipMessage::decode(&body));
-        prop_assert!(peak <= allocation_allowance(body.len()));
-        if let Ok(m) = res {
-            prop_assert!(gossip_within_limits(&m));
-        }
+        survives(&body, GossipMessage::decode, gossip_within_limits)?;
     }
 }
 
@@ -544,22 +554,12 @@ proptest! {
         to in any::<u8>(),
     ) {
         let body = msg.encode().unwrap();
-        let (decoded, peak) = counting::peak_during(|| ClusterMessage::decode(&body));
-        prop_assert_eq!(decoded.unwrap(), msg);
-        prop_assert!(peak <= allocation_allowance(body.len()), "{} bytes for {}", peak, body.len());
-        prop_assert!(ClusterMessage::decode(&body[..cut.index(body.len())]).is_err());
-        if let Ok(m) = ClusterMessage::decode(&mutate(&body, at, to)) {
-            prop_assert!(cluster_within_limits(&m));
-        }
+        decodes_back(&msg, &body, ClusterMessage::decode, cluster_within_limits, (cut, at, to))?;
     }
 
     #[test]
     fn cluster_decoder_survives_hostile_bodies(body in arb_hostile_body()) {
-        let (res, peak) = counting::peak_during(|| ClusterMessage::decode(&body));
-        prop_assert!(peak <= allocation_allowance(body.len()));
-        if let Ok(m) = res {
-            prop_assert!(cluster_within_limits(&m));
-        }
+        survives(&body, ClusterMessage::decode, cluster_within_limits)?;
     }
 }
 

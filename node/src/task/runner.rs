@@ -2082,34 +2082,33 @@ async fn verify_and_store(
 }
 
 /// The hashes of `batch` not known yet, each checked against its producer's signature. A hash
-/// already known is skipped unchecked: every probe answer repeats all the hashes a peer knows,
-/// and checking each again cost an ed25519 verification per piece per answer (with the gossip
-/// copy checked twice besides, 40 % of the node's signature work in the `image_pull` bench). A
-/// different hash for a known piece is checked, then ignored with a warning. `None`: an index
-/// at or past `count`, or a bad signature (the sender misbehaves; nothing of the batch is used).
+/// already known is skipped unchecked ([`PieceHashBatch::verify_unknown`]): every probe answer
+/// repeats all the hashes a peer knows, and checking each again cost an ed25519 verification per
+/// piece per answer (with the gossip copy checked twice besides, 40 % of the node's signature work
+/// in the `image_pull` bench). A different hash for a known piece is checked, then ignored with a
+/// warning. `None`: an index at or past `count`, or a bad signature (the sender misbehaves;
+/// nothing of the batch is used).
 fn new_hashes(
     known: &[Option<HashEntry>],
     key: &TaskKey,
     count: u32,
     batch: PieceHashBatch,
 ) -> Option<Vec<SignedPieceHash>> {
+    let had = |i: u32| {
+        known
+            .get(i as usize)
+            .and_then(|e| e.as_ref().map(|e| e.hash))
+    };
+    batch.verify_unknown(key, count, had).ok()?;
     let mut fresh = Vec::new();
     for h in batch.hashes {
-        if h.index >= count {
-            return None;
+        match had(h.index) {
+            None => fresh.push(h),
+            Some(x) if x != h.hash => {
+                tracing::warn!(task = %key, index = h.index, producer = %batch.producer, "conflicting piece hash ignored");
+            }
+            Some(_) => {}
         }
-        let had = known
-            .get(h.index as usize)
-            .and_then(|e| e.as_ref().map(|e| e.hash));
-        if had == Some(h.hash) {
-            continue;
-        }
-        h.verify(key, &batch.producer).ok()?;
-        if had.is_some() {
-            tracing::warn!(task = %key, index = h.index, producer = %batch.producer, "conflicting piece hash ignored");
-            continue;
-        }
-        fresh.push(h);
     }
     Some(fresh)
 }
