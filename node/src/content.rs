@@ -449,6 +449,13 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
     let chunk = match read {
         Ok(Ok(Some(c))) => c,
         Ok(Ok(None)) => {
+            // A task that failed over a changed origin or a full disk frees its data: the piece
+            // is gone because of that failure, which is what the reader is told (reopening the
+            // task here would also forget the failure the client asks for next).
+            let gone = why_gone(&st.progress.borrow());
+            if let Some(why) = gone {
+                return fail(st, why);
+            }
             // A complete task lost a piece (damaged store): reopen it so the next download
             // fetches what is missing instead of failing here forever.
             let store = st.ctx.store.clone();
@@ -469,6 +476,16 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error
     };
     st.offset += chunk.len() as u64;
     Some((Ok(chunk), st))
+}
+
+/// Why a piece the progress listed is no longer stored, when the task itself says so: it failed
+/// (a failure over a changed origin or a full disk deletes the task's data) or started over.
+fn why_gone(p: &Progress) -> Option<String> {
+    match &p.phase {
+        Phase::Failed(e) => Some(e.to_string()),
+        _ if p.header.is_none() => Some(RESTARTED.to_owned()),
+        _ => None,
+    }
 }
 
 /// Bytes a content stream yields at most at once.
@@ -593,6 +610,22 @@ mod tests {
         assert!(ready_piece(&listed, false, None, &no_header).is_err());
         let failed = progress(&[0], 4, Phase::Failed(TaskError::internal("boom")));
         assert!(ready_piece(&listed, false, None, &failed).is_err());
+    }
+
+    #[test]
+    fn a_piece_gone_with_a_failed_task_reports_the_failure_not_a_damaged_store() {
+        let failed = progress(
+            &[0, 1],
+            4,
+            Phase::Failed(TaskError::internal("origin changed")),
+        );
+        assert!(why_gone(&failed).is_some_and(|w| w.contains("origin changed")));
+        let mut restarted = progress(&[0], 4, Phase::Running);
+        restarted.header = None;
+        assert_eq!(why_gone(&restarted).as_deref(), Some(RESTARTED));
+        // Only a task that still claims the piece has a damaged store (and is reopened).
+        assert_eq!(why_gone(&progress(&[0, 1, 2, 3], 4, Phase::Complete)), None);
+        assert_eq!(why_gone(&progress(&[0], 4, Phase::Running)), None);
     }
 
     #[test]

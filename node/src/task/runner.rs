@@ -412,12 +412,17 @@ impl Runner {
             self.unpersisted.clear();
             self.pending_have.clear();
             self.abort_requests();
+            // The failure is published before the data goes: a reader streaming the task then
+            // finds a missing piece only after the progress already says why.
+            self.phase = Phase::Failed(e);
+            self.publish_progress();
             let (store, key) = (self.ctx.store.clone(), self.key);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.delete_task(&key) {
                     tracing::warn!(task = %key, error = %e, "freeing a failed task's data failed");
                 }
             });
+            return;
         }
         self.phase = Phase::Failed(e);
         self.publish_progress();
