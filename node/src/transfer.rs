@@ -231,6 +231,8 @@ pub struct DataServer {
     upload_limit: Limiter,
     /// On a seed with `upload.super_seed`: each piece leaves once before any leaves twice.
     super_seed: Option<SuperSeed>,
+    /// Chunk buffers of finished uploads, for the next ones.
+    chunks: ChunkPool,
 }
 
 impl DataServer {
@@ -269,6 +271,7 @@ impl DataServer {
             stall_after: mode.stall_after,
             upload_limit: mode.upload_limit,
             super_seed: mode.super_seed.then(SuperSeed::default),
+            chunks: ChunkPool::default(),
         }
     }
 
@@ -329,16 +332,40 @@ impl DataServer {
         data: PieceData,
         len: u64,
     ) -> Result<(), ServeError> {
-        let mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match data {
-            PieceData::File { file, .. } => Box::new(tokio::fs::File::from_std(file)),
-            PieceData::Bytes(b) => Box::new(std::io::Cursor::new(b)),
+        let step = self.upload_limit.step(transfer::WRITE_CHUNK).max(1);
+        let (file, offset) = match data {
+            PieceData::Bytes(mut b) => {
+                b.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+                if self.corrupt
+                    && let Some(first) = b.first_mut()
+                {
+                    *first ^= 0xff;
+                }
+                for chunk in b.chunks(step) {
+                    self.upload_limit.take(chunk.len()).await;
+                    self.write(stream, chunk).await?;
+                }
+                return Ok(());
+            }
+            PieceData::File { file, offset, .. } => (Arc::new(file), offset),
         };
-        let step = self.upload_limit.step(transfer::WRITE_CHUNK);
-        let mut buf = vec![0u8; step.min(len as usize)];
+        // One buffer for the whole piece, from the pool: a fresh one per upload made the kernel
+        // fault in and zero its pages each time, since freed memory goes back to the system.
+        let mut buf = self.chunks.take(step);
         let mut sent = 0u64;
         while sent < len {
-            let want = ((len - sent) as usize).min(buf.len());
-            reader.read_exact(&mut buf[..want]).await?;
+            let want = ((len - sent) as usize).min(step);
+            let f = file.clone();
+            let at = offset + sent;
+            let (b, read) = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let r = f.read_exact_at(&mut buf[..want], at);
+                (buf, r)
+            })
+            .await
+            .map_err(|e| ServeError::Io(std::io::Error::other(e)))?;
+            buf = b;
+            read?;
             if self.corrupt && sent == 0 && want > 0 {
                 buf[0] ^= 0xff;
             }
@@ -346,6 +373,7 @@ impl DataServer {
             self.write(stream, &buf[..want]).await?;
             sent += want as u64;
         }
+        self.chunks.give(buf);
         Ok(())
     }
 
@@ -559,6 +587,38 @@ pub struct DataClient {
 /// Most bytes of piece buffers kept for reuse.
 const POOL_BYTES: usize = 32 << 20;
 
+/// Upload chunk buffers kept for reuse, at most this many.
+const MAX_POOLED_CHUNKS: usize = 8;
+
+/// Chunk buffers of finished uploads (see [`DataServer::send_body`]); a failed upload's buffer
+/// is dropped, so the pool never holds more than [`MAX_POOLED_CHUNKS`].
+#[derive(Default)]
+struct ChunkPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl ChunkPool {
+    /// A buffer of exactly `len` bytes (zeroed only when newly allocated).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = self.free.lock().ok().and_then(|mut free| free.pop());
+        match reused {
+            Some(mut b) => {
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut free) = self.free.lock()
+            && free.len() < MAX_POOLED_CHUNKS
+        {
+            free.push(buf);
+        }
+    }
+}
+
 /// Piece buffers given back after their piece was verified and stored, for the next fetch: a
 /// fresh buffer for every piece made the kernel fault in and zero new pages for each received
 /// byte (8 % of a one-hop download's CPU), because the allocator hands freed memory back to the
@@ -739,23 +799,97 @@ impl DataClient {
         let len = len as usize;
         let mut buf = self.buffers.take(len);
         let step = self.limit.step(self.task_limit.step(len));
+        // Wake for the body only once a batch of it is queued, not for every segment: on a
+        // paced link (100 Mbit/s delivers a segment every 120 µs) each wake-up of a task costs
+        // more CPU than copying the segment. The last part of the body waits for all of it.
+        let mut low_water = LOW_WATER.min(len);
+        set_recv_low_water(&s, low_water);
         while buf.len() < len {
-            let want = (len - buf.len()).min(step);
-            let n = self.within(s.read_buf(&mut (&mut buf).limit(want))).await?;
+            let left = len - buf.len();
+            if left < low_water {
+                low_water = left;
+                set_recv_low_water(&s, low_water);
+            }
+            let want = left.min(step);
+            let mut room = (&mut buf).limit(want);
+            let n = match tokio::time::timeout(self.read_timeout, s.read_buf(&mut room)).await {
+                Ok(r) => r?,
+                // Bytes are queued but fewer than the low-water mark: the source is slow (a low
+                // upload limit), not silent. Wake for every byte from now on.
+                Err(_) if queued_bytes(&s) > 0 => {
+                    low_water = 1;
+                    set_recv_low_water(&s, low_water);
+                    continue;
+                }
+                Err(_) => return Err(FetchError::Stalled(self.read_timeout)),
+            };
             if n == 0 {
                 return Err(FetchError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
             self.limit.take(n).await;
             self.task_limit.take(n).await;
         }
+        // A pooled connection's next response header must wake its reader at once.
+        set_recv_low_water(&s, 1);
         self.put_idle(addr, s);
         Ok(buf.freeze())
     }
 }
 
+/// Bytes received on the socket and not read yet (`FIONREAD`); 0 when that cannot be told.
+#[allow(unsafe_code)]
+fn queued_bytes(s: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: the descriptor is the stream's open socket, and FIONREAD writes one c_int.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if r == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Bytes of a piece body queued in the kernel before its reader is woken (`SO_RCVLOWAT`).
+const LOW_WATER: usize = 128 << 10;
+
+/// Sets the socket's receive low-water mark (`SO_RCVLOWAT`): epoll reports it readable, and the
+/// kernel wakes its reader, only once `bytes` are queued (or the peer closed it). A failure only
+/// costs wake-ups, so it is ignored.
+#[allow(unsafe_code)]
+fn set_recv_low_water(s: &TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the stream's open socket, and the option value is a c_int of
+    // the length passed.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const value).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upload_chunks_are_reused_and_the_pool_stays_bounded() {
+        let pool = ChunkPool::default();
+        let first = pool.take(1000);
+        let at = first.as_ptr();
+        pool.give(first);
+        let again = pool.take(800);
+        assert_eq!((again.as_ptr(), again.len()), (at, 800));
+        for _ in 0..20 {
+            pool.give(vec![1; 10]);
+        }
+        assert_eq!(pool.free.lock().unwrap().len(), MAX_POOLED_CHUNKS);
+    }
 
     #[test]
     fn a_given_back_buffer_is_reused_and_the_pool_stays_bounded() {

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use df_node::PeerId;
 use df_node::activity::Activity;
 use df_node::config::{StorageConfig, UploadConfig};
+use df_node::limits::{Limiter, Rate};
 use df_node::metrics::Metrics;
 use df_node::store::{PieceStore, RocksStore, Store, TaskRecord, now_unix};
 use df_node::transfer::{DataClient, DataServer, FetchError, ServeMode, TokenIssuer};
@@ -81,6 +82,16 @@ async fn start_server(
     piece_len: usize,
     tweak: impl FnOnce(&mut UploadConfig),
 ) -> Result<Server> {
+    start_server_with(pieces, piece_len, tweak, Limiter::default()).await
+}
+
+/// [`start_server`] with an upload bucket.
+async fn start_server_with(
+    pieces: u32,
+    piece_len: usize,
+    tweak: impl FnOnce(&mut UploadConfig),
+    upload_limit: Limiter,
+) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
     let task = TaskKey::for_url(&parse_url("http://origin.invalid/blob")?, "");
@@ -111,6 +122,7 @@ async fn start_server(
         Arc::new(Activity::default()),
         ServeMode {
             super_seed: upload.super_seed,
+            upload_limit,
             ..ServeMode::default()
         },
     );
@@ -653,6 +665,43 @@ async fn a_super_seed_still_fetching_sends_no_second_copy_until_it_holds_the_tas
     assert_eq!(
         fetch_piece(&server, &client_b, grant_b, 0).await?,
         piece_bytes(0, server.piece_len)
+    );
+    Ok(())
+}
+
+/// A piece body is read once a batch of it is queued (the socket's low-water mark), yet a source
+/// slower than that batch per read timeout is slow, not silent: its piece still arrives.
+#[tokio::test]
+async fn a_source_slower_than_a_batch_per_read_timeout_still_delivers() -> Result<()> {
+    let server =
+        start_server_with(1, 256 << 10, |_| {}, Limiter::new(Some(Rate(128 << 10)))).await?;
+    let peer = new_peer();
+    let client = DataClient::new(peer).with_read_timeout(Duration::from_millis(400));
+    let piece = fetch_piece(&server, &client, server.tokens.grant_for(&peer), 0).await?;
+    assert_eq!(&piece[..], &piece_bytes(0, 256 << 10)[..]);
+    Ok(())
+}
+
+/// After a piece body, a pooled connection's next answer (a bare header) is read at once: the
+/// body's low-water mark does not outlive it.
+#[tokio::test]
+async fn a_pooled_connection_reads_the_next_short_answer_at_once() -> Result<()> {
+    let read_timeout = Duration::from_secs(3);
+    let server = start_server(1, (1 << 20) + 4321, |_| {}).await?;
+    let peer = new_peer();
+    let client = DataClient::new(peer).with_read_timeout(read_timeout);
+    let grant = server.tokens.grant_for(&peer);
+    let piece = fetch_piece(&server, &client, grant, 0).await?;
+    assert_eq!(piece.len(), (1 << 20) + 4321);
+    let asked = Instant::now();
+    match fetch_piece(&server, &client, grant, 7).await {
+        Err(FetchError::NotFound) => {}
+        other => bail!("expected not found, got {other:?}"),
+    }
+    assert!(
+        asked.elapsed() < read_timeout,
+        "the answer waited {:?} on the pooled connection",
+        asked.elapsed()
     );
     Ok(())
 }

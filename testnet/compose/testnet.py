@@ -234,11 +234,13 @@ def cpu_seconds(names):
 
 
 def host_cpu():
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    """(busy, total) jiffies of the whole machine and its context switches so far, from /proc/stat."""
     with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
+        lines = f.read().splitlines()
+    vals = [int(v) for v in lines[0].split()[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return sum(vals) - idle, sum(vals)
+    ctxt = next((int(line.split()[1]) for line in lines if line.startswith("ctxt ")), 0)
+    return sum(vals) - idle, sum(vals), ctxt, time.time()
 
 
 def cpu_use(before, after, host0, host1, names):
@@ -249,7 +251,10 @@ def cpu_use(before, after, host0, host1, names):
         role = next((r for r in ("seed", "peer", "origin", "tracker", "registry") if f"_{r}_" in c), "other")
         roles[role] = round(roles.get(role, 0.0) + s, 2)
     busy, total = host1[0] - host0[0], host1[1] - host0[1]
-    return {"cpu_s_by_role": roles, "host_busy": round(busy / total, 3) if total else None}
+    # Context switches per second: a wake-up per received segment shows here before it shows as time.
+    secs = host1[3] - host0[3]
+    return {"cpu_s_by_role": roles, "host_busy": round(busy / total, 3) if total else None,
+            "host_ctxt_per_s": round((host1[2] - host0[2]) / secs) if secs > 0 else None}
 
 
 def done_at(out):
@@ -621,7 +626,7 @@ def bench(a):
             r.update(cpu_use(cpu0, cpu_seconds(everyone), host0, host_cpu(), everyone))
             report["methods"][m] = r
             log(f"  ok={r['ok']} p50={r['p50_s']} max={r['max_s']} origin_bytes={r['origin_bytes']} "
-                f"cpu={r['cpu_s_by_role']} host_busy={r['host_busy']}")
+                f"cpu={r['cpu_s_by_role']} host_busy={r['host_busy']} ctxt/s={r['host_ctxt_per_s']}")
     finally:
         if prom.proc and df_window:
             try:
@@ -654,8 +659,8 @@ def report_md(r):
              f"Rates: {r['rates']}. T* = {ts if ts else 'n/a (unshaped)'} s.{goodput}",
              "",
              "| method | ok | p50 (s) | max (s) | p50 / T* | max / T* | p50 / goodput-T* | max / goodput-T* "
-             "| origin bytes / S | CPU s (seeds, peers) | host busy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| origin bytes / S | CPU s (seeds, peers) | host busy | context switches / s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         cpu = m.get("cpu_s_by_role", {})
 
@@ -664,7 +669,8 @@ def report_md(r):
         lines.append(f"| {name} | {m['ok']} | {m['p50_s']} | {m['max_s']} | {ratio(m['p50_s'])} | "
                      f"{ratio(m['max_s'])} | {ratio(m['p50_s'], gts)} | {ratio(m['max_s'], gts)} | "
                      f"{m['origin_bytes'] / r['size_bytes']:.3f} | "
-                     f"{cpu.get('seed', 'n/a')}, {cpu.get('peer', 'n/a')} | {m.get('host_busy', 'n/a')} |")
+                     f"{cpu.get('seed', 'n/a')}, {cpu.get('peer', 'n/a')} | {m.get('host_busy', 'n/a')} | "
+                     f"{m.get('host_ctxt_per_s', 'n/a')} |")
     lines.append("")
     df = r["methods"].get("df", {})
     if "seed_copies" in df:
@@ -679,7 +685,8 @@ def report_md(r):
     lines.append("Times run from the common start to the end of each peer's download; hashing the "
                  "output (to check it) is not timed. CPU s: CPU seconds the containers of each role "
                  "used while the method ran (hashing the outputs included); host busy: the machine's "
-                 "non-idle share of all its cores meanwhile.")
+                 "non-idle share of all its cores meanwhile; context switches / s: the whole machine's, "
+                 "meanwhile (each wake-up of a process or thread counts).")
     if "bittorrent" in r["methods"]:
         lines.append("BitTorrent's origin bytes are the seeder's wire bytes (TCP/IP headers included).")
     for p in r.get("plots", []):
