@@ -398,10 +398,11 @@ impl Runner {
         self.ctx
             .metrics
             .task_finished(self.kind(), false, self.started.elapsed());
-        if matches!(
+        let free = matches!(
             e,
             TaskError::NoSpace { .. } | TaskError::ContentChanged { .. }
-        ) {
+        );
+        if free {
             // What this task holds is what filled the disk, or pieces of an origin version that
             // is gone: free it, so that the store (which reopens itself on the next write) has
             // room for the next download and the next request starts from the origin afresh.
@@ -412,20 +413,19 @@ impl Runner {
             self.unpersisted.clear();
             self.pending_have.clear();
             self.abort_requests();
-            // The failure is published before the data goes: a reader streaming the task then
-            // finds a missing piece only after the progress already says why.
-            self.phase = Phase::Failed(e);
-            self.publish_progress();
+        }
+        // The failure is published before the data goes: a reader streaming the task then finds
+        // a missing piece only after the progress already says why.
+        self.phase = Phase::Failed(e);
+        self.publish_progress();
+        if free {
             let (store, key) = (self.ctx.store.clone(), self.key);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.delete_task(&key) {
                     tracing::warn!(task = %key, error = %e, "freeing a failed task's data failed");
                 }
             });
-            return;
         }
-        self.phase = Phase::Failed(e);
-        self.publish_progress();
     }
 
     /// Whether the task's content digest is known in advance: then any connected peer's header
