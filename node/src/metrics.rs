@@ -86,6 +86,7 @@ pub struct Metrics {
     pieces_corrupt: Counter,
     sources_banned: Counter,
     requests_stalled: Counter,
+    requests_busy: Counter,
     tasks: Family<Labels2, Counter>,
     task_duration: HistogramFamily<Labels1>,
     first_byte: HistogramFamily<Labels1>,
@@ -195,6 +196,11 @@ impl Metrics {
             r,
             "piece_requests_stalled",
             "Piece requests given up on because the source sent nothing for download.read_timeout",
+        );
+        let requests_busy = counter(
+            r,
+            "piece_requests_busy",
+            "Piece requests a source answered busy (its upload slots full, or a fresher piece goes first)",
         );
         let tasks = Family::<Labels2, Counter>::default();
         for k in [TaskKind::File, TaskKind::ImageBlob] {
@@ -312,6 +318,7 @@ impl Metrics {
             pieces_corrupt,
             sources_banned,
             requests_stalled,
+            requests_busy,
             tasks,
             task_duration,
             first_byte,
@@ -370,6 +377,9 @@ impl Metrics {
     }
     pub fn request_stalled(&self) {
         self.requests_stalled.inc();
+    }
+    pub fn request_busy(&self) {
+        self.requests_busy.inc();
     }
 
     /// A download on this node ended.

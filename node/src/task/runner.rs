@@ -1653,7 +1653,10 @@ impl Runner {
                 match e {
                     FetchError::NotFound => s.have.clear(index),
                     // Busy with this piece: ask for others meanwhile (and for this one elsewhere).
-                    FetchError::Busy => s.busy(index, Instant::now()),
+                    FetchError::Busy => {
+                        self.ctx.metrics.request_busy();
+                        s.busy(index, Instant::now());
+                    }
                     _ => {
                         self.ctx.data.forget(s.addr);
                         if s.failed(Instant::now(), max_failures) == AfterFailure::Drop {
