@@ -282,3 +282,39 @@ async fn a_task_rate_limit_slows_that_task_only() -> Result<()> {
     holder.stop().await;
     Ok(())
 }
+
+/// A source with one upload slot answers a requester's other pieces in flight "busy": the
+/// requester counts each such answer (`df_piece_requests_busy_total`), asks again later and still
+/// gets every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_answers_are_counted_and_the_download_still_completes() -> Result<()> {
+    init_test_logs();
+    let origin = TestOrigin::start().await?;
+    let data = content(8 * MIB, 23);
+    origin.put("/busy", data.clone());
+    let url = origin.url("/busy");
+    let seed = TestNode::start(Role::Seed, vec![], |c| {
+        c.upload.max_concurrent = 1;
+        c.limits.upload_rate = Some(Rate(4 * MIB as u64));
+    })
+    .await?;
+    seed.fetch_url(&url).await?;
+    let n = TestNode::start(Role::Node, vec![seed.bootstrap_addr()], |_| {}).await?;
+    assert!(n.node.wait_for_peers(1, Duration::from_secs(10)).await);
+    let (len, digest) = n.fetch_url(&url).await?;
+    assert_eq!(len, data.len() as u64);
+    assert_eq!(digest, sha256_hex(&data));
+    let text = n.node.metrics_text(false);
+    let busy = text
+        .lines()
+        .find_map(|l| l.strip_prefix("df_piece_requests_busy_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    // Up to `download.max_inflight_per_source` (4) requests go to the only source at once.
+    assert!(
+        busy.is_some_and(|b| b >= 1),
+        "busy answers counted: {busy:?}"
+    );
+    n.stop().await;
+    seed.stop().await;
+    Ok(())
+}
