@@ -19,6 +19,9 @@ PANELS = [
     ("received by source", 'sum by (source) (rate(df_received_bytes_total[6s]))', "source", 2**20, "MiB/s"),
     ("uploaded by role", 'sum by (role) (rate(df_uploaded_bytes_total[6s]))', "role", 2**20, "MiB/s"),
     ("piece requests in flight", 'sum by (role) (df_piece_requests_in_flight)', "role", 1, "requests"),
+    # Requests a source answered busy (its upload slots full): asked again elsewhere, a round trip lost.
+    ("piece requests answered busy", 'sum by (role) (rate(df_piece_requests_busy_total[6s]))', "role", 1,
+     "requests/s"),
 ]
 # Bytes by source over the whole run, for the report's table.
 TOTALS = 'sum by (source) (df_received_bytes_total)'

@@ -9,6 +9,8 @@
 //! | [`produce`] | fetching pieces from origin (ranges, retries), hashing and storing them |
 //! | [`owners`] | which seeds own a task (XOR order), for elections and replicas |
 
+pub(crate) mod announce;
+pub(crate) mod election;
 pub mod owners;
 pub(crate) mod picker;
 pub(crate) mod produce;
@@ -364,7 +366,7 @@ pub(crate) enum RunnerMsg {
         peer: PeerId,
         result: Result<(TaskState, Option<std::net::IpAddr>), String>,
     },
-    Elected(runner::Election),
+    Elected(election::Election),
     Opened(
         Result<crate::origin::OriginResponse, OriginError>,
         Vec<u32>,

@@ -8,13 +8,14 @@
 //! Life of a download:
 //! 1. **Discovery**: subscribe to the task topic; ask the DHT for providers; probe each (`get_task`)
 //!    for the header, signed piece hashes, its bitfield and data-plane access.
-//! 2. **Election**, when no provider answered: ask the responsible producer to fetch the origin —
-//!    the seeds in XOR order of distance to the task key, else (no seed took it) the peers closest to
-//!    the key, this node among them. Whoever accepts answers once the origin responded, with the
-//!    header (or the origin's error).
-//! 3. **Transfer**: rarest-first piece picking ([`super::picker`]) over the sources' bitfields, kept
-//!    current by `have` gossip; every piece is checked against its producer-signed hash before it is
-//!    stored and announced. A source sending a bad piece is banned for the task.
+//! 2. **Election** ([`super::election`]), when no provider answered: ask the responsible producer
+//!    to fetch the origin — the seeds in XOR order of distance to the task key, else (no seed took
+//!    it) the peers closest to the key, this node among them. Whoever accepts answers once the
+//!    origin responded, with the header (or the origin's error).
+//! 3. **Transfer**: rarest-first piece picking ([`super::picker`]) over the sources' bitfields
+//!    ([`super::source`]), kept current by `have` gossip; every piece is checked against its
+//!    producer-signed hash before it is stored and announced ([`super::announce`]). A source
+//!    sending a bad piece is banned for the task.
 //! 4. **Stall recovery**: with no progress for `stall_timeout`, re-probe; if pieces remain that no
 //!    live source can serve and no producer is fetching them, elect a new producer for just those.
 //! 5. **Completion**: verify the whole-content digest when one is known, mark the task complete,
@@ -42,34 +43,23 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
+use super::announce::{Announcements, HavePace};
+use super::election::{self, Ballot, Candidates, Election};
 use super::picker::{self, PickInput, SourceView};
 use super::produce::{FirstBody, ProduceError, ProductionJob};
 use super::source::{AfterFailure, Source};
 use super::{DownloadRequest, Phase, PieceMark, Progress, RunnerMsg, TaskContext, TaskError};
 use crate::config::Role;
 use crate::metrics::{ByteSource, TaskKind};
-use crate::network::NetworkError;
 use crate::origin::Requester;
 use crate::store::TaskRecord;
 use crate::transfer::FetchError;
 
 const TICK: Duration = Duration::from_millis(100);
-/// How often a peer (not a seed) gossips the pieces it gained. Every copy of a gossip message is
-/// decoded and its signature verified by each mesh neighbour before deduplication: in an
-/// 8-peer bench, 100 ms haves from every peer cost a node 30 % of its CPU (perf). Seeds keep the
-/// tick (their fresh pieces start the swarm); so do a peer's first and last haves and a piece no
-/// other peer is known to hold (the rest of the swarm can get it only from this peer).
-const PEER_HAVE_INTERVAL: Duration = Duration::from_millis(400);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROVIDERS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connected peers asked directly when the DHT names no provider for a task.
 const MAX_DIRECT_PROBES: usize = 64;
-/// How long a candidate producer may take to accept a task (it opens the origin first).
-const ELECT_ASK_TIMEOUT: Duration = Duration::from_secs(20);
-/// A candidate whose request fails within `ELECT_RETRY_IF_FASTER` is asked up to this many times.
-const ELECT_ASK_ATTEMPTS: u32 = 3;
-const ELECT_RETRY_IF_FASTER: Duration = Duration::from_secs(2);
-const ELECT_RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// After a stall, how long probes get to answer before the producer question is decided.
 const STALL_SETTLE: Duration = Duration::from_secs(1);
 /// Producers whose content failed its digest, each banned in turn, before the task fails.
@@ -82,19 +72,6 @@ pub(crate) enum FetchFailure {
     Corrupt,
     Transfer(FetchError),
     Store(crate::store::StoreError),
-}
-
-/// The outcome of a producer election.
-#[derive(Debug)]
-pub(crate) enum Election {
-    /// A peer accepted and answered with the header.
-    Started {
-        producer: PeerId,
-        header: Box<SignedHeader>,
-    },
-    /// This node should fetch the origin itself.
-    Local,
-    Failed(TaskError),
 }
 
 #[derive(Clone)]
@@ -152,15 +129,8 @@ pub(crate) struct Runner {
     producer_lost: bool,
     /// Peers that said they are fetching from origin, and when.
     live_producers: HashMap<PeerId, Instant>,
-    pending_have: Vec<u32>,
-    /// When this node last gossiped a have (peers batch theirs, see `PEER_HAVE_INTERVAL`).
-    last_have_sent: Option<Instant>,
-    /// A pending have is of a piece no other peer (seeds aside) is known to hold: it goes out at
-    /// the next tick.
-    have_urgent: bool,
-    unpersisted: Vec<(PeerId, SignedPieceHash)>,
-    unannounced: Vec<SignedPieceHash>,
-    providing: bool,
+    /// Haves and hashes not yet gossiped or stored.
+    announce: Announcements,
     last_progress: Instant,
     stall_since: Option<Instant>,
     from_peers: u64,
@@ -229,12 +199,7 @@ impl Runner {
             replica_of: None,
             producer_lost: false,
             live_producers: HashMap::new(),
-            pending_have: Vec::new(),
-            last_have_sent: None,
-            have_urgent: false,
-            unpersisted: Vec::new(),
-            unannounced: Vec::new(),
-            providing: false,
+            announce: Announcements::default(),
             last_progress: Instant::now(),
             started: Instant::now(),
             first_byte_counted: false,
@@ -409,9 +374,7 @@ impl Runner {
             // Nothing of it is announced or persisted on the way out either: hashes written
             // back after the deletion made the next download of the same URL on this node
             // meet the gone version's hashes (and refuse the new version's pieces as corrupt).
-            self.unannounced.clear();
-            self.unpersisted.clear();
-            self.pending_have.clear();
+            self.announce.clear();
             self.abort_requests();
         }
         // The failure is published before the data goes: a reader streaming the task then finds
@@ -728,7 +691,7 @@ impl Runner {
             let msg = msg.clone();
             let key = self.key;
             tokio::spawn(async move {
-                match tokio::time::timeout(ELECT_ASK_TIMEOUT, net.request(peer, msg)).await {
+                match tokio::time::timeout(election::ASK_TIMEOUT, net.request(peer, msg)).await {
                     Ok(Ok((ControlResponse::Replicating, _))) => {
                         tracing::debug!(task = %key, seed = %peer, "replica owner accepted");
                     }
@@ -886,22 +849,24 @@ impl Runner {
         let anyone = self.digest_task() && !req.carries_credentials();
         let may_ask = move |p: &PeerId| anyone || trust.trusts_producer(p);
         let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let outcome = run_election(
-                net,
-                key,
-                me,
-                role,
-                req,
+        let ballot = Ballot {
+            key,
+            me,
+            role,
+            start: ControlRequest::StartTask {
+                task: key,
+                origin: req.origin_request(),
                 missing,
-                Candidates {
-                    exclude,
-                    may_ask: Box::new(may_ask),
-                },
-                local_ok,
-                seedless_ok,
-            )
-            .await;
+            },
+            candidates: Candidates {
+                exclude,
+                may_ask: Box::new(may_ask),
+            },
+            local_ok,
+            seedless_ok,
+        };
+        tokio::spawn(async move {
+            let outcome = election::run(&net, ballot).await;
             let _ = tx.send(RunnerMsg::Elected(outcome));
         });
     }
@@ -1060,7 +1025,7 @@ impl Runner {
                 signature: h.signature.clone(),
             });
             if persist {
-                self.unpersisted.push((producer, h));
+                self.announce.learned(producer, h);
             }
         }
         if added {
@@ -1425,12 +1390,11 @@ impl Runner {
                         producer: self.ctx.peer_id,
                         signature: signed.signature.clone(),
                     });
-                    self.unpersisted.push((self.ctx.peer_id, signed.clone()));
-                    self.unannounced.push(signed);
+                    self.announce.produced(self.ctx.peer_id, signed);
                 }
                 self.from_origin += u64::from(len);
                 tracing::debug!(target: "df_piece", task = %self.key, index, len, from = "origin", "piece");
-                self.piece_held(index, PieceMark::FromOrigin);
+                self.piece_held(index, PieceMark::FromOrigin, false);
             }
             Err(e) => {
                 tracing::warn!(task = %self.key, index, error = %e, "origin production failed");
@@ -1452,9 +1416,9 @@ impl Runner {
 
     // ---- transfer ------------------------------------------------------------------------
 
-    fn piece_held(&mut self, index: u32, mark: PieceMark) {
+    fn piece_held(&mut self, index: u32, mark: PieceMark, urgent: bool) {
         if self.have.set(index) {
-            self.pending_have.push(index);
+            self.announce.gained(index, urgent);
             self.shared.mark_piece(index, mark);
         }
         if !self.first_byte_counted {
@@ -1630,11 +1594,11 @@ impl Runner {
                 self.ctx
                     .metrics
                     .piece_received(from, u64::from(len), elapsed);
-                if !self.held_by_other_peer(index, &peer) {
-                    self.have_urgent = true;
-                }
+                // A piece no other peer is known to hold: the rest of the swarm can get it only
+                // from this node, so its have does not wait for the batch.
+                let urgent = !self.held_by_other_peer(index, &peer);
                 tracing::debug!(target: "df_piece", task = %self.key, index, len, from = %peer, "piece");
-                self.piece_held(index, mark);
+                self.piece_held(index, mark, urgent);
             }
             Err(FetchFailure::Corrupt) => {
                 self.ctx.metrics.piece_corrupt();
@@ -1835,9 +1799,7 @@ impl Runner {
         self.have = Bitfield::new(0);
         self.shared.reset_pieces(&self.have);
         self.early_hashes.clear();
-        self.pending_have.clear();
-        self.unpersisted.clear();
-        self.unannounced.clear();
+        self.announce.clear();
         self.producer = None;
         self.elected.clear();
         self.live_producers.clear();
@@ -1861,53 +1823,39 @@ impl Runner {
 
     /// Gossips new hashes, and new haves when due (`all`: every pending have, due or not).
     async fn flush_announcements(&mut self, all: bool) {
-        if !self.unannounced.is_empty() {
-            let batch = PieceHashBatch {
-                producer: self.ctx.peer_id,
-                hashes: std::mem::take(&mut self.unannounced),
-            };
-            for chunk in batch.chunks_for_gossip() {
-                if let Err(e) = self
-                    .ctx
-                    .net
-                    .publish(self.key, &GossipMessage::Hashes(chunk))
-                    .await
-                {
-                    tracing::debug!(task = %self.key, error = %e, "announcing hashes failed");
-                }
+        for chunk in self.announce.take_hashes(self.ctx.peer_id) {
+            if let Err(e) = self
+                .ctx
+                .net
+                .publish(self.key, &GossipMessage::Hashes(chunk))
+                .await
+            {
+                tracing::debug!(task = %self.key, error = %e, "announcing hashes failed");
             }
         }
-        if !self.pending_have.is_empty() && (all || self.have_due()) {
-            self.last_have_sent = Some(Instant::now());
-            self.have_urgent = false;
-            if !self.providing {
-                self.providing = true;
-                let _ = self.ctx.net.start_providing(self.key.to_bytes()).await;
-            }
-            let pieces = std::mem::take(&mut self.pending_have);
-            let complete = self.have.is_complete();
-            for chunk in pieces.chunks(8192) {
-                let msg = GossipMessage::Have {
-                    pieces: chunk.to_vec(),
-                    complete,
-                };
-                if let Err(e) = self.ctx.net.publish(self.key, &msg).await {
-                    tracing::debug!(task = %self.key, error = %e, "announcing pieces failed");
-                }
-            }
-        }
-    }
-
-    /// Whether pending haves go out now: always on a seed, for a peer's first have and once it
-    /// is complete (or failing/exiting), else after `PEER_HAVE_INTERVAL`.
-    fn have_due(&self) -> bool {
-        self.ctx.config.role == Role::Seed
-            || self.have_urgent
+        // A seed's fresh pieces start the swarm; a peer batches its haves until it is complete
+        // (or failing, or exiting).
+        let pace = if self.ctx.config.role == Role::Seed
             || !matches!(self.phase, Phase::Running)
             || self.have.is_complete()
-            || self
-                .last_have_sent
-                .is_none_or(|t| t.elapsed() >= PEER_HAVE_INTERVAL)
+        {
+            HavePace::Now
+        } else {
+            HavePace::Batched
+        };
+        let Some(batch) = self.announce.take_have(pace, all, Instant::now()) else {
+            return;
+        };
+        if batch.first {
+            let _ = self.ctx.net.start_providing(self.key.to_bytes()).await;
+        }
+        let complete = self.have.is_complete();
+        for pieces in batch.chunks {
+            let msg = GossipMessage::Have { pieces, complete };
+            if let Err(e) = self.ctx.net.publish(self.key, &msg).await {
+                tracing::debug!(task = %self.key, error = %e, "announcing pieces failed");
+            }
+        }
     }
 
     /// Whether a source other than `from`, and not a seed, is known to hold piece `index`.
@@ -1917,22 +1865,11 @@ impl Runner {
             .any(|(p, s)| p != from && !s.is_seed && s.have.get(index))
     }
 
-    fn take_unpersisted(&mut self) -> Vec<PieceHashBatch> {
-        let mut by_producer: HashMap<PeerId, Vec<SignedPieceHash>> = HashMap::new();
-        for (p, h) in self.unpersisted.drain(..) {
-            by_producer.entry(p).or_default().push(h);
-        }
-        by_producer
-            .into_iter()
-            .map(|(producer, hashes)| PieceHashBatch { producer, hashes })
-            .collect()
-    }
-
     fn persist_hashes(&mut self) {
-        if self.unpersisted.is_empty() {
+        if !self.announce.has_unpersisted() {
             return;
         }
-        let batches = self.take_unpersisted();
+        let batches = self.announce.take_unpersisted();
         let store = self.ctx.store.clone();
         let key = self.key;
         let tx = self.tx.clone();
@@ -1947,10 +1884,10 @@ impl Runner {
     }
 
     async fn persist_hashes_now(&mut self) {
-        if self.unpersisted.is_empty() {
+        if !self.announce.has_unpersisted() {
             return;
         }
-        let batches = self.take_unpersisted();
+        let batches = self.announce.take_unpersisted();
         let store = self.ctx.store.clone();
         let key = self.key;
         let r = tokio::task::spawn_blocking(move || {
@@ -2130,178 +2067,6 @@ enum Applied {
     Refused,
     /// An index out of range or a bad signature: the sender misbehaves.
     Bad,
-}
-
-/// Who an election may ask.
-struct Candidates {
-    /// Producers that failed, vanished, were banned or whose header was rejected.
-    exclude: HashSet<PeerId>,
-    /// The trust check: only peers it admits are asked.
-    may_ask: Box<dyn Fn(&PeerId) -> bool + Send>,
-}
-
-impl Candidates {
-    fn admits(&self, p: &PeerId) -> bool {
-        !self.exclude.contains(p) && (self.may_ask)(p)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_election(
-    net: crate::network::NetworkClient,
-    key: TaskKey,
-    me: PeerId,
-    role: Role,
-    req: DownloadRequest,
-    missing: Vec<u32>,
-    candidates: Candidates,
-    local_ok: bool,
-    seedless_ok: bool,
-) -> Election {
-    let start = ControlRequest::StartTask {
-        task: key,
-        origin: req.origin_request(),
-        missing,
-    };
-    let mut last_error: Option<TaskError> = None;
-    let ask = |peer: PeerId| {
-        let net = net.clone();
-        let start = start.clone();
-        async move {
-            let mut attempt = 0;
-            loop {
-                let began = tokio::time::Instant::now();
-                let r = tokio::time::timeout(ELECT_ASK_TIMEOUT, net.request(peer, start.clone()))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(NetworkError::Request {
-                            peer,
-                            reason: "no answer in time".into(),
-                        })
-                    });
-                // A request that failed at once (its connection was replaced or closed under
-                // it, e.g. while both sides dialed each other) is asked again; a peer that did
-                // not answer in time is not.
-                attempt += 1;
-                match r {
-                    Err(e)
-                        if attempt < ELECT_ASK_ATTEMPTS
-                            && began.elapsed() < ELECT_RETRY_IF_FASTER =>
-                    {
-                        tracing::debug!(%peer, error = %e, "asking again");
-                        tokio::time::sleep(ELECT_RETRY_PAUSE).await;
-                    }
-                    r => return r,
-                }
-            }
-        }
-    };
-    // Only peers we are connected to can take the task (the DHT remembers departed ones).
-    let connected: HashSet<PeerId> = net.state().connected_peers().into_iter().collect();
-
-    // 1. Seeds, closest first.
-    let mut seeds: Vec<PeerId> = net
-        .state()
-        .seeds()
-        .into_iter()
-        .filter(|s| *s != me && candidates.admits(s) && connected.contains(s))
-        .collect();
-    super::owners::owner_order(&key, &mut seeds);
-    let seeds_asked = seeds.len();
-    let mut seed_refusal: Option<String> = None;
-    if role == Role::Seed && local_ok && !candidates.exclude.contains(&me) {
-        // A seed is responsible for what it is asked to download itself (unless the request
-        // forbids the origin: a preheat's copy comes from the task's owner).
-        return Election::Local;
-    }
-    for s in seeds {
-        match ask(s).await {
-            Ok((ControlResponse::Started { header }, _)) => {
-                return Election::Started {
-                    producer: s,
-                    header: Box::new(header),
-                };
-            }
-            Ok((ControlResponse::Error(e), _)) => match TaskError::from_control(&e) {
-                Some(
-                    err @ (TaskError::OriginStatus { .. }
-                    | TaskError::ContentChanged { .. }
-                    | TaskError::BadRequest { .. }),
-                ) => {
-                    return Election::Failed(err);
-                }
-                Some(err) => last_error = Some(err),
-                None => {
-                    tracing::info!(%key, seed = %s, reason = %e.message, "seed declined the task");
-                    seed_refusal = Some(e.message);
-                }
-            },
-            Ok(_) => {}
-            Err(e) => {
-                tracing::info!(%key, seed = %s, error = %e, "seed did not take the task");
-                seed_refusal = Some(e.to_string());
-            }
-        }
-    }
-
-    // 2. No seed took it: the peers XOR-closest to the key, this node among them.
-    if seedless_ok {
-        // Ranked among the connected peers (not a DHT query, which times out on saturated links
-        // and names departed peers), so that the nodes of a swarm rank the same set and agree.
-        let mut candidates: Vec<PeerId> = connected
-            .iter()
-            .copied()
-            .filter(|p| *p != me && candidates.admits(p))
-            .collect();
-        if local_ok && role != Role::Ephemeral {
-            candidates.push(me);
-        }
-        super::owners::owner_order(&key, &mut candidates);
-        for c in candidates {
-            if c == me {
-                return Election::Local;
-            }
-            match ask(c).await {
-                Ok((ControlResponse::Started { header }, _)) => {
-                    return Election::Started {
-                        producer: c,
-                        header: Box::new(header),
-                    };
-                }
-                Ok((ControlResponse::Error(e), _)) => match TaskError::from_control(&e) {
-                    Some(
-                        err @ (TaskError::OriginStatus { .. }
-                        | TaskError::ContentChanged { .. }
-                        | TaskError::BadRequest { .. }),
-                    ) => {
-                        return Election::Failed(err);
-                    }
-                    Some(err) => last_error = Some(err),
-                    None => {}
-                },
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(%key, peer = %c, error = %e, "peer did not take the task")
-                }
-            }
-        }
-        if local_ok {
-            return Election::Local;
-        }
-    }
-    Election::Failed(last_error.unwrap_or_else(|| {
-        let why = match (seeds_asked, seed_refusal) {
-            (0, _) => "no trusted seed is connected".to_owned(),
-            (n, Some(r)) => format!("{n} seed(s) asked; the last answered: {r}"),
-            (n, None) => format!("{n} seed(s) asked"),
-        };
-        TaskError::NoSource {
-            message: format!(
-                "no seed or peer has this content or could fetch it, and back-to-source is \
-                 disabled ({why})"
-            ),
-        }
-    }))
 }
 
 #[cfg(test)]
