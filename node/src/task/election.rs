@@ -18,6 +18,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use df_protocols::control::{ControlRequest, ControlResponse};
@@ -107,31 +108,35 @@ pub(crate) struct Ballot {
     pub(crate) seedless_ok: bool,
 }
 
-/// What one candidate's answer means for the election.
-enum Answer {
-    Took(Box<SignedHeader>),
-    /// Settles the task for every candidate: the election fails with it.
-    Final(TaskError),
-    /// The candidate failed with this error; the next is asked.
-    Failed(TaskError),
-    /// Declined or unreachable, for this reason.
-    Declined(String),
-}
-
-fn answer_of(r: Result<ControlResponse, NetworkError>) -> Answer {
-    match r {
-        Ok(ControlResponse::Started { header }) => Answer::Took(Box::new(header)),
+/// Asks `peer` to take the task. `Break`: the election ends with this outcome (it took the task,
+/// or answered what holds for every candidate: the origin's status, changed content, a bad
+/// request). `Continue`: on to the next candidate, with the reason when it declined or could not
+/// be reached (another failure is kept in `last_error`).
+async fn canvass<N: Electorate>(
+    net: &N,
+    peer: PeerId,
+    start: &ControlRequest,
+    last_error: &mut Option<TaskError>,
+) -> ControlFlow<Election, Option<String>> {
+    match ask(net, peer, start).await {
+        Ok(ControlResponse::Started { header }) => ControlFlow::Break(Election::Started {
+            producer: peer,
+            header: Box::new(header),
+        }),
         Ok(ControlResponse::Error(e)) => match TaskError::from_control(&e) {
             Some(
                 err @ (TaskError::OriginStatus { .. }
                 | TaskError::ContentChanged { .. }
                 | TaskError::BadRequest { .. }),
-            ) => Answer::Final(err),
-            Some(err) => Answer::Failed(err),
-            None => Answer::Declined(e.message),
+            ) => ControlFlow::Break(Election::Failed(err)),
+            Some(err) => {
+                *last_error = Some(err);
+                ControlFlow::Continue(None)
+            }
+            None => ControlFlow::Continue(Some(e.message)),
         },
-        Ok(other) => Answer::Declined(format!("unexpected answer {other:?}")),
-        Err(e) => Answer::Declined(e.to_string()),
+        Ok(other) => ControlFlow::Continue(Some(format!("unexpected answer {other:?}"))),
+        Err(e) => ControlFlow::Continue(Some(e.to_string())),
     }
 }
 
@@ -191,19 +196,13 @@ pub(crate) async fn run<N: Electorate>(net: &N, ballot: Ballot) -> Election {
         return Election::Local;
     }
     for s in seeds {
-        match answer_of(ask(net, s, &start).await) {
-            Answer::Took(header) => {
-                return Election::Started {
-                    producer: s,
-                    header,
-                };
-            }
-            Answer::Final(err) => return Election::Failed(err),
-            Answer::Failed(err) => last_error = Some(err),
-            Answer::Declined(reason) => {
+        match canvass(net, s, &start, &mut last_error).await {
+            ControlFlow::Break(outcome) => return outcome,
+            ControlFlow::Continue(Some(reason)) => {
                 tracing::info!(%key, seed = %s, %reason, "seed did not take the task");
                 seed_refusal = Some(reason);
             }
+            ControlFlow::Continue(None) => {}
         }
     }
 
@@ -222,18 +221,12 @@ pub(crate) async fn run<N: Electorate>(net: &N, ballot: Ballot) -> Election {
             if c == me {
                 return Election::Local;
             }
-            match answer_of(ask(net, c, &start).await) {
-                Answer::Took(header) => {
-                    return Election::Started {
-                        producer: c,
-                        header,
-                    };
-                }
-                Answer::Final(err) => return Election::Failed(err),
-                Answer::Failed(err) => last_error = Some(err),
-                Answer::Declined(reason) => {
+            match canvass(net, c, &start, &mut last_error).await {
+                ControlFlow::Break(outcome) => return outcome,
+                ControlFlow::Continue(Some(reason)) => {
                     tracing::debug!(%key, peer = %c, %reason, "peer did not take the task");
                 }
+                ControlFlow::Continue(None) => {}
             }
         }
         if local_ok {
