@@ -45,7 +45,8 @@ pub(crate) struct Announcements {
 /// How a node sends its haves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum HavePace {
-    /// At once (a seed, or a peer that is complete, failing or exiting).
+    /// At once, due or not (a seed, a peer that is complete, failing or exiting, or a flush of
+    /// everything pending).
     Now,
     /// Batched every [`PEER_HAVE_INTERVAL`] (a downloading peer).
     Batched,
@@ -101,18 +102,12 @@ impl Announcements {
         batch.chunks_for_gossip().collect()
     }
 
-    /// The `have` to gossip now, if one is due at `now` (`all`: every pending piece, due or not).
-    pub(crate) fn take_have(
-        &mut self,
-        pace: HavePace,
-        all: bool,
-        now: Instant,
-    ) -> Option<HaveBatch> {
+    /// The `have` to gossip now, if one is due at `now`.
+    pub(crate) fn take_have(&mut self, pace: HavePace, now: Instant) -> Option<HaveBatch> {
         if self.pending_have.is_empty() {
             return None;
         }
-        let due = all
-            || pace == HavePace::Now
+        let due = pace == HavePace::Now
             || self.urgent
             || self
                 .last_have_sent
@@ -167,28 +162,24 @@ mod tests {
     fn a_peer_sends_its_first_have_at_once_then_batches_for_the_interval() {
         let t0 = Instant::now();
         let mut a = Announcements::default();
-        assert_eq!(
-            a.take_have(HavePace::Batched, false, t0),
-            None,
-            "nothing pending"
-        );
+        assert_eq!(a.take_have(HavePace::Batched, t0), None, "nothing pending");
         a.gained(0, false);
         let first = a
-            .take_have(HavePace::Batched, false, t0)
+            .take_have(HavePace::Batched, t0)
             .expect("the first goes out");
         assert_eq!(first.chunks, vec![vec![0]]);
         assert!(first.first);
         a.gained(1, false);
         a.gained(2, false);
         let almost = t0 + PEER_HAVE_INTERVAL - Duration::from_millis(1);
-        assert_eq!(a.take_have(HavePace::Batched, false, almost), None);
+        assert_eq!(a.take_have(HavePace::Batched, almost), None);
         let due = a
-            .take_have(HavePace::Batched, false, t0 + PEER_HAVE_INTERVAL)
+            .take_have(HavePace::Batched, t0 + PEER_HAVE_INTERVAL)
             .expect("due after the interval");
         assert_eq!(due.chunks, vec![vec![1, 2]]);
         assert!(!due.first, "only the first have registers the provider");
         assert_eq!(
-            a.take_have(HavePace::Now, true, t0 + PEER_HAVE_INTERVAL * 9),
+            a.take_have(HavePace::Now, t0 + PEER_HAVE_INTERVAL * 9),
             None
         );
     }
@@ -198,19 +189,16 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Announcements::default();
         a.gained(0, false);
-        a.take_have(HavePace::Batched, false, t0).unwrap();
+        a.take_have(HavePace::Batched, t0).unwrap();
         a.gained(1, false);
-        assert_eq!(a.take_have(HavePace::Batched, false, t0), None);
+        assert_eq!(a.take_have(HavePace::Batched, t0), None);
         a.gained(2, true);
-        let b = a.take_have(HavePace::Batched, false, t0).expect("urgent");
+        let b = a.take_have(HavePace::Batched, t0).expect("urgent");
         assert_eq!(b.chunks, vec![vec![1, 2]]);
         // The urgency went out with it: the next piece waits for the interval again.
         a.gained(3, false);
-        assert_eq!(a.take_have(HavePace::Batched, false, t0), None);
-        assert!(
-            a.take_have(HavePace::Batched, true, t0).is_some(),
-            "all: due or not"
-        );
+        assert_eq!(a.take_have(HavePace::Batched, t0), None);
+        assert!(a.take_have(HavePace::Now, t0).is_some(), "all: due or not");
     }
 
     #[test]
@@ -218,13 +206,13 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Announcements::default();
         a.gained(0, false);
-        a.take_have(HavePace::Now, false, t0).unwrap();
+        a.take_have(HavePace::Now, t0).unwrap();
         let n = MAX_HAVE_PIECES as u32 + 5;
         for i in 1..=n {
             a.gained(i, false);
         }
         let b = a
-            .take_have(HavePace::Now, false, t0)
+            .take_have(HavePace::Now, t0)
             .expect("a seed does not wait");
         assert_eq!(b.chunks.len(), 2);
         assert_eq!(b.chunks[0].len(), MAX_HAVE_PIECES);
@@ -270,16 +258,16 @@ mod tests {
         let me_id = me.public().to_peer_id();
         let mut a = Announcements::default();
         a.gained(0, false);
-        a.take_have(HavePace::Batched, false, t0).unwrap();
+        a.take_have(HavePace::Batched, t0).unwrap();
         a.gained(1, true);
         a.produced(me_id, signed(&me, 1));
         a.clear();
         assert!(a.take_hashes(me_id).is_empty());
         assert!(!a.has_unpersisted());
-        assert_eq!(a.take_have(HavePace::Now, true, t0), None);
+        assert_eq!(a.take_have(HavePace::Now, t0), None);
         a.gained(2, false);
         assert_eq!(
-            a.take_have(HavePace::Batched, false, t0),
+            a.take_have(HavePace::Batched, t0),
             None,
             "the cleared piece's urgency is gone"
         );

@@ -1835,7 +1835,8 @@ impl Runner {
         }
         // A seed's fresh pieces start the swarm; a peer batches its haves until it is complete
         // (or failing, or exiting).
-        let pace = if self.ctx.config.role == Role::Seed
+        let pace = if all
+            || self.ctx.config.role == Role::Seed
             || !matches!(self.phase, Phase::Running)
             || self.have.is_complete()
         {
@@ -1843,7 +1844,7 @@ impl Runner {
         } else {
             HavePace::Batched
         };
-        let Some(batch) = self.announce.take_have(pace, all, Instant::now()) else {
+        let Some(batch) = self.announce.take_have(pace, Instant::now()) else {
             return;
         };
         if batch.first {
