@@ -77,6 +77,11 @@ fn piece_buckets() -> Histogram {
 /// The outcomes of a replica request (`df_replica_requests_total{outcome}`).
 pub const REPLICA_OUTCOMES: [&str; 4] = ["accepted", "refused", "declined", "failed"];
 
+/// What happened to a have frame sent or received on a direct stream (`df_direct_haves_total{event}`):
+/// `sent` (queued for a peer's stream), `received` (read from a peer's stream), `dropped` (a peer's
+/// queue was full, or the node was too far behind to take one in).
+pub const DIRECT_HAVE_EVENTS: [&str; 3] = ["sent", "received", "dropped"];
+
 /// Every metric the node exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -95,6 +100,7 @@ pub struct Metrics {
     evicted_bytes: Counter,
     mirror_requests: Family<Labels2, Counter>,
     replica_requests: Family<Labels1, Counter>,
+    direct_haves: Family<Labels1, Counter>,
     piece_requests_in_flight: Gauge,
     uploads_in_flight: Gauge,
     data_connections: Gauge,
@@ -268,6 +274,16 @@ impl Metrics {
              the asker is not a trusted producer; declined: not a seed, or too many tasks; failed)",
             replica_requests.clone(),
         );
+        let direct_haves = Family::<Labels1, Counter>::default();
+        for event in DIRECT_HAVE_EVENTS {
+            let _ = direct_haves.get_or_create(&[("event", event)]);
+        }
+        r.register(
+            "direct_haves",
+            "Have frames on direct peer streams (/df/have/1), by event (sent: queued for a peer; \
+             received; dropped: a peer's queue full, or this node too far behind)",
+            direct_haves.clone(),
+        );
         let gauge = |r: &mut Registry, name: &str, help: &str, unit: Option<Unit>| {
             let g = Gauge::default();
             match unit {
@@ -327,6 +343,7 @@ impl Metrics {
             evicted_bytes,
             mirror_requests,
             replica_requests,
+            direct_haves,
             piece_requests_in_flight,
             uploads_in_flight,
             data_connections,
@@ -424,6 +441,16 @@ impl Metrics {
         self.replica_requests
             .get_or_create(&[("outcome", outcome)])
             .get()
+    }
+
+    /// A have frame on a direct stream; `event` is one of [`DIRECT_HAVE_EVENTS`].
+    pub fn direct_have(&self, event: &'static str) {
+        self.direct_haves.get_or_create(&[("event", event)]).inc();
+    }
+
+    /// Have frames with `event` so far.
+    pub fn direct_haves(&self, event: &'static str) -> u64 {
+        self.direct_haves.get_or_create(&[("event", event)]).get()
     }
 
     /// Counts a piece request until the returned guard is dropped.

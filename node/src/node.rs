@@ -913,6 +913,28 @@ async fn dispatch(
                     .report_validation(message_id, propagation_source, verdict)
                     .await;
             }
+            NetworkEvent::Have { peer, frame } => match ctx.registry.live(&frame.task) {
+                // Bounded as gossip is: a runner this far behind loses haves, not memory.
+                Some(h)
+                    if h.shared.pending_gossip.load(Ordering::Relaxed)
+                        < crate::task::MAX_PENDING_GOSSIP =>
+                {
+                    h.shared.pending_gossip.fetch_add(1, Ordering::Relaxed);
+                    if h.tx
+                        .send(RunnerMsg::Have {
+                            peer,
+                            pieces: frame.pieces,
+                            complete: frame.complete,
+                        })
+                        .is_err()
+                    {
+                        h.shared.pending_gossip.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                Some(_) => ctx.metrics.direct_have("dropped"),
+                // Not (or no longer) a task here: nothing to learn from it.
+                None => {}
+            },
             NetworkEvent::PeerSubscribed { peer, task } => {
                 if let Some(h) = ctx.registry.live(&task) {
                     let _ = h.tx.send(RunnerMsg::PeerSubscribed(peer));

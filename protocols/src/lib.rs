@@ -9,11 +9,13 @@
 //! | [`manifest`] | the producer's signed task header and signed piece hashes |
 //! | [`control`] | `/df/control/1` request/response messages (task state, start a task) |
 //! | [`gossip`] | per-task gossipsub topic messages (header, hashes, have) |
+//! | [`have`] | `/df/have/1`: haves sent straight to connected peers on a task |
 //! | [`transfer`] | the data plane: piece bytes over plain TCP, access tokens |
 //! | [`limits`] | size limits for everything read from the network |
 
 pub mod control;
 pub mod gossip;
+pub mod have;
 pub mod limits;
 pub mod manifest;
 pub mod piece;

@@ -1,13 +1,15 @@
 //! The libp2p side of a node.
 //!
 //! [`spawn`] builds the swarm (TCP + noise + yamux and QUIC, DNS; identify, ping, Kademlia,
-//! gossipsub with validation, and the `/df/control/1` request-response protocol) and returns a
+//! gossipsub with validation, the `/df/control/1` request-response protocol, and `/df/have/1` streams
+//! for direct haves, see [`have`]) and returns a
 //! cloneable [`NetworkClient`], a stream of curated [`NetworkEvent`]s, and the [`EventLoop`] that alone
 //! owns the `Swarm`. Raw swarm events never leave this module. Read-mostly facts (connected peers and
 //! their addresses, listen addresses, known seeds) are published in [`NetState`].
 
 mod codec;
 mod envelope;
+mod have;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use df_protocols::control::{ControlRequest, ControlResponse};
 use df_protocols::gossip::{CLUSTER_TOPIC, ClusterMessage, GossipMessage};
+use df_protocols::have::{HAVE_PROTOCOL, HaveFrame};
 use df_protocols::limits::MAX_GOSSIP_MESSAGE;
 use df_protocols::task::TaskKey;
 use futures::StreamExt;
@@ -93,6 +96,8 @@ pub struct PeerInfo {
     pub ip: Option<IpAddr>,
     pub role: Option<Role>,
     connections: usize,
+    /// It takes direct haves (`/df/have/1` in its identify protocols).
+    direct_haves: bool,
 }
 
 /// Read-mostly network facts, updated by the event loop.
@@ -225,6 +230,11 @@ pub enum NetworkEvent {
         message_id: MessageId,
         message: ClusterMessage,
     },
+    /// A have sent straight to this node on `peer`'s authenticated connection (`/df/have/1`).
+    Have {
+        peer: PeerId,
+        frame: HaveFrame,
+    },
     /// A peer subscribed to a task topic.
     PeerSubscribed {
         peer: PeerId,
@@ -242,6 +252,7 @@ enum Command {
     Subscribe(TaskKey),
     Unsubscribe(TaskKey),
     Publish(TaskKey, Vec<u8>, Reply<Result<(), NetworkError>>),
+    SendHave(TaskKey, Arc<[u8]>, Reply<bool>),
     PublishCluster(Vec<u8>, Reply<Result<(), NetworkError>>),
     ReportValidation(MessageId, PeerId, MessageAcceptance),
     StartProviding(Vec<u8>),
@@ -303,6 +314,18 @@ impl NetworkClient {
         self.call(|r| Command::Publish(task, data, r)).await?
     }
 
+    /// Sends a have straight to every connected peer on the task's topic that takes direct haves,
+    /// on its authenticated connection (unsigned: see [`df_protocols::have`]). Returns whether some
+    /// peer on the topic does not take them (or has not identified yet), so the have must be
+    /// gossiped as well.
+    pub async fn send_have(&self, frame: &HaveFrame) -> Result<bool, NetworkError> {
+        let data: Arc<[u8]> = frame
+            .encode()
+            .map_err(|e| NetworkError::Publish(e.to_string()))?
+            .into();
+        self.call(|r| Command::SendHave(frame.task, data, r)).await
+    }
+
     /// Sends `msg` to every member of the cluster (gossipsub on [`CLUSTER_TOPIC`]). Members
     /// reached: unknown here; `Ok` with nobody on the topic.
     pub async fn publish_cluster(&self, msg: &ClusterMessage) -> Result<(), NetworkError> {
@@ -356,6 +379,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     control: request_response::Behaviour<ControlCodec>,
+    stream: libp2p_stream::Behaviour,
 }
 
 fn agent_version(role: Role, cluster: &str) -> String {
@@ -462,6 +486,7 @@ fn behaviour(
         kad,
         gossipsub,
         control,
+        stream: libp2p_stream::Behaviour::new(),
     })
 }
 
@@ -597,6 +622,11 @@ pub async fn spawn(
                 reason: e.to_string(),
             })?;
     }
+    let have_protocol = cluster_protocol(HAVE_PROTOCOL, &settings.cluster)?;
+    let mut streams = swarm.behaviour().stream.new_control();
+    let have_incoming = streams
+        .accept(have_protocol.clone())
+        .map_err(|e| NetworkError::Build(e.to_string()))?;
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(MAX_PENDING_EVENTS);
     let state = Arc::new(NetState::default());
@@ -615,6 +645,14 @@ pub async fn spawn(
         inbound_replies: FuturesUnordered::new(),
         bootstrapped: false,
         bootstrap: Vec::new(),
+        have_writers: have::HaveWriters::new(
+            streams,
+            have_protocol.clone(),
+            settings.metrics.clone(),
+        ),
+        have_readers: have::HaveReaders::default(),
+        have_incoming,
+        have_protocol,
         metrics: settings.metrics.clone(),
         cluster: settings.cluster.clone(),
     };
@@ -669,6 +707,10 @@ pub struct EventLoop {
     bootstrapped: bool,
     /// Bootstrap addresses, redialled while no peer is connected.
     bootstrap: Vec<Multiaddr>,
+    have_writers: have::HaveWriters,
+    have_readers: have::HaveReaders,
+    have_incoming: libp2p_stream::IncomingStreams,
+    have_protocol: StreamProtocol,
     metrics: Arc<crate::metrics::Metrics>,
     cluster: String,
 }
@@ -771,6 +813,15 @@ impl EventLoop {
                         let _ = self.swarm.behaviour_mut().control.send_response(channel, resp);
                     }
                 }
+                Some((peer, stream)) = self.have_incoming.next() => {
+                    self.have_readers.accept(
+                        peer,
+                        stream,
+                        self.events.clone(),
+                        self.metrics.clone(),
+                        shutdown.child_token(),
+                    );
+                }
                 _ = seeds_tick.tick() => self.refresh_seeds(),
                 _ = &mut redial => {
                     if self.state.connected_peers().is_empty() && !self.bootstrap.is_empty() {
@@ -846,6 +897,9 @@ impl EventLoop {
             Command::Publish(task, data, reply) => {
                 let _ = reply.send(publish(b, IdentTopic::new(task.topic()), data));
             }
+            Command::SendHave(task, data, reply) => {
+                let _ = reply.send(self.send_have(task, data));
+            }
             Command::PublishCluster(data, reply) => {
                 let _ = reply.send(publish(b, IdentTopic::new(CLUSTER_TOPIC), data));
             }
@@ -868,6 +922,31 @@ impl EventLoop {
                 self.pending_requests.insert(id, reply);
             }
         }
+    }
+
+    /// Queues a have for every connected peer on `task`'s topic that takes direct haves; true when
+    /// some peer on the topic does not (or has not identified yet).
+    fn send_have(&mut self, task: TaskKey, data: Arc<[u8]>) -> bool {
+        let topic = IdentTopic::new(task.topic()).hash();
+        let Ok(peers) = self.state.peers.read() else {
+            return true;
+        };
+        let mut direct = Vec::new();
+        let mut others = false;
+        for (peer, topics) in self.swarm.behaviour().gossipsub.all_peers() {
+            if !topics.contains(&&topic) {
+                continue;
+            }
+            match peers.get(peer) {
+                Some(info) if info.direct_haves => direct.push(*peer),
+                _ => others = true,
+            }
+        }
+        drop(peers);
+        for peer in direct {
+            self.have_writers.send(peer, data.clone());
+        }
+        others
     }
 
     /// Hands an event to the node. When the node is this far behind, gossip is ignored (not
@@ -939,6 +1018,7 @@ impl EventLoop {
                         ip,
                         role: None,
                         connections: 0,
+                        direct_haves: false,
                     });
                     e.connections += 1;
                     if e.ip.is_none() {
@@ -968,6 +1048,7 @@ impl EventLoop {
                         peers.remove(&peer_id);
                     }
                     self.state.update_identified();
+                    self.have_writers.forget(&peer_id);
                     tracing::debug!(%peer_id, "peer disconnected");
                     self.emit(NetworkEvent::PeerDisconnected(peer_id));
                 } else if let Ok(mut peers) = self.state.peers.write()
@@ -991,7 +1072,7 @@ impl EventLoop {
             BehaviourEvent::Identify(e) => m.record(e),
             BehaviourEvent::Kad(e) => m.record(e),
             BehaviourEvent::Gossipsub(e) => m.record(e),
-            BehaviourEvent::Control(_) => {}
+            BehaviourEvent::Control(_) | BehaviourEvent::Stream(()) => {}
         }
         match ev {
             BehaviourEvent::Ping(ping::Event {
@@ -1049,6 +1130,7 @@ impl EventLoop {
                     && let Some(p) = peers.get_mut(&peer_id)
                 {
                     p.role = role.or(Some(Role::Node));
+                    p.direct_haves = info.protocols.contains(&self.have_protocol);
                     if p.ip.is_none() {
                         p.ip = listed_ip;
                     }

@@ -358,6 +358,12 @@ pub(crate) enum RunnerMsg {
         message_id: MessageId,
         message: GossipMessage,
     },
+    /// A have sent straight to this node on `peer`'s connection (`/df/have/1`).
+    Have {
+        peer: PeerId,
+        pieces: Vec<u32>,
+        complete: bool,
+    },
     PeerSubscribed(PeerId),
     PeerDisconnected(PeerId),
     // Results of the runner's own jobs.
@@ -408,7 +414,8 @@ pub(crate) struct TaskContext {
 
 /// Live runners one peer may have started on this node with `start_task`.
 const MAX_RUNNERS_PER_PEER: usize = 64;
-/// Gossip messages waiting in one runner's mailbox; more are ignored (not forwarded).
+/// Gossip messages and direct haves waiting in one runner's mailbox; more are ignored (gossip is
+/// then not forwarded).
 pub(crate) const MAX_PENDING_GOSSIP: usize = 1024;
 
 struct Entry {
@@ -424,7 +431,8 @@ struct Entry {
 /// What a runner shares with the rest of the node without a message.
 #[derive(Debug)]
 pub(crate) struct RunnerShared {
-    /// Gossip messages sent to it and not handled yet (bounded by [`MAX_PENDING_GOSSIP`]).
+    /// Gossip messages and direct haves sent to it and not handled yet (bounded by
+    /// [`MAX_PENDING_GOSSIP`]).
     pub pending_gossip: AtomicUsize,
     /// The piece a local reader (an API content stream) waits for next; `u32::MAX`: none. The
     /// picker fetches the pieces from there on in order when that costs the swarm nothing.

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use df_protocols::control::{ControlRequest, ControlResponse, OriginRequest, TaskState};
 use df_protocols::gossip::GossipMessage;
+use df_protocols::have::HaveFrame;
 use df_protocols::limits::{MAX_PIECES, MIN_PIECE_LENGTH};
 use df_protocols::manifest::{
     PieceHashBatch, SignedHeader, SignedPieceHash, TaskHeader, Validators,
@@ -104,6 +105,8 @@ pub(crate) struct Runner {
     request: Option<DownloadRequest>,
     sources: HashMap<PeerId, Source>,
     probing: HashSet<PeerId>,
+    /// Haves heard from peers whose probe is on its way (the answer may predate them).
+    early_haves: HashMap<PeerId, Bitfield>,
     banned: HashSet<PeerId>,
     inflight: HashMap<u32, Vec<(PeerId, AbortHandle)>>,
     header_waiters: Vec<oneshot::Sender<Result<SignedHeader, TaskError>>>,
@@ -181,6 +184,7 @@ impl Runner {
             request: None,
             sources: HashMap::new(),
             probing: HashSet::new(),
+            early_haves: HashMap::new(),
             banned: HashSet::new(),
             inflight: HashMap::new(),
             header_waiters: Vec::new(),
@@ -471,6 +475,16 @@ impl Runner {
                     .net
                     .report_validation(message_id, propagation_source, verdict)
                     .await;
+            }
+            RunnerMsg::Have {
+                peer,
+                pieces,
+                complete,
+            } => {
+                self.shared.pending_gossip.fetch_sub(1, Ordering::Relaxed);
+                if self.on_have(peer, pieces, complete) == MessageAcceptance::Reject {
+                    tracing::debug!(task = %self.key, %peer, "direct have names pieces the task does not have");
+                }
             }
             RunnerMsg::PeerSubscribed(peer) => {
                 self.probe(peer);
@@ -1071,32 +1085,48 @@ impl Runner {
                     Applied::Bad => MessageAcceptance::Reject,
                 }
             }
-            GossipMessage::Have { pieces, complete } => {
-                let Some(peer) = source else {
-                    return MessageAcceptance::Reject;
-                };
-                if peer == self.ctx.peer_id {
-                    return MessageAcceptance::Ignore;
+            GossipMessage::Have { pieces, complete } => match source {
+                Some(peer) => self.on_have(peer, pieces, complete),
+                None => MessageAcceptance::Reject,
+            },
+        }
+    }
+
+    /// `peer` holds `pieces` (every piece when `complete`), heard by gossip or on its connection.
+    /// A peer that is not a source yet is probed; what it says meanwhile is kept for the answer.
+    fn on_have(&mut self, peer: PeerId, pieces: Vec<u32>, complete: bool) -> MessageAcceptance {
+        if peer == self.ctx.peer_id {
+            return MessageAcceptance::Ignore;
+        }
+        if self.header.is_some() {
+            let n = self.piece_count();
+            if pieces.iter().any(|&i| i >= n) {
+                return MessageAcceptance::Reject;
+            }
+            let is_source = self.sources.contains_key(&peer);
+            let have = match self.sources.get_mut(&peer) {
+                Some(s) => Some(&mut s.have),
+                None if self.probing.contains(&peer) => Some(
+                    self.early_haves
+                        .entry(peer)
+                        .or_insert_with(|| Bitfield::new(n)),
+                ),
+                None => None,
+            };
+            if let Some(have) = have {
+                if complete {
+                    *have = Bitfield::full(n);
                 }
-                if self.header.is_some() {
-                    let n = self.piece_count();
-                    if pieces.iter().any(|&i| i >= n) {
-                        return MessageAcceptance::Reject;
-                    }
-                    if let Some(s) = self.sources.get_mut(&peer) {
-                        if complete {
-                            s.have = Bitfield::full(n);
-                        }
-                        for i in pieces {
-                            s.have.set(i);
-                        }
-                        return MessageAcceptance::Accept;
-                    }
+                for i in pieces {
+                    have.set(i);
                 }
-                self.probe(peer);
-                MessageAcceptance::Accept
+            }
+            if is_source {
+                return MessageAcceptance::Accept;
             }
         }
+        self.probe(peer);
+        MessageAcceptance::Accept
     }
 
     async fn on_probed(
@@ -1106,6 +1136,7 @@ impl Runner {
     ) {
         self.probing.remove(&peer);
         self.awaiting_probes = self.awaiting_probes.saturating_sub(1);
+        let early = self.early_haves.remove(&peer);
         match result {
             Err(e) => {
                 tracing::debug!(task = %self.key, %peer, error = %e, "probe failed");
@@ -1125,10 +1156,19 @@ impl Runner {
                 }
                 if let (Some(data), Some(ip), true) = (state.data, ip, self.header.is_some()) {
                     let n = self.piece_count();
-                    let have = state
+                    let mut have = state
                         .bitfield
                         .filter(|b| b.len() == n)
                         .unwrap_or_else(|| Bitfield::new(n));
+                    // Haves can overtake the answer (they come on another stream), and pieces are
+                    // only ever added: what it said before or since the answer stands (a piece it
+                    // no longer holds is cleared by its "not found").
+                    let heard = early.iter().chain(self.sources.get(&peer).map(|s| &s.have));
+                    for b in heard.filter(|b| b.len() == n) {
+                        for i in b.iter_set() {
+                            have.set(i);
+                        }
+                    }
                     let is_seed = self.ctx.net.state().seeds().contains(&peer)
                         || self
                             .header
@@ -1789,6 +1829,7 @@ impl Runner {
             self.ctx.data.forget(s.addr);
         }
         self.sources.clear();
+        self.early_haves.clear();
         self.header = None;
         self.layout = PieceLayout {
             content_length: 0,
@@ -1821,7 +1862,10 @@ impl Runner {
         self.schedule();
     }
 
-    /// Gossips new hashes, and new haves when due (`all`: every pending have, due or not).
+    /// Gossips new hashes, and sends new haves when due (`all`: every pending have, due or not):
+    /// straight to the connected peers on the task, and by gossip too when it is the first or the
+    /// last (so peers not connected here learn of this holder) or some peer on the topic takes no
+    /// direct haves.
     async fn flush_announcements(&mut self, all: bool) {
         for chunk in self.announce.take_hashes(self.ctx.peer_id) {
             if let Err(e) = self
@@ -1852,7 +1896,27 @@ impl Runner {
         }
         let complete = self.have.is_complete();
         for pieces in batch.chunks {
-            let msg = GossipMessage::Have { pieces, complete };
+            let frame = HaveFrame {
+                task: self.key,
+                pieces,
+                complete,
+            };
+            let gossip = batch.first
+                || complete
+                || match self.ctx.net.send_have(&frame).await {
+                    Ok(others) => others,
+                    Err(e) => {
+                        tracing::debug!(task = %self.key, error = %e, "sending haves failed");
+                        true
+                    }
+                };
+            if !gossip {
+                continue;
+            }
+            let msg = GossipMessage::Have {
+                pieces: frame.pieces,
+                complete,
+            };
             if let Err(e) = self.ctx.net.publish(self.key, &msg).await {
                 tracing::debug!(task = %self.key, error = %e, "announcing pieces failed");
             }
