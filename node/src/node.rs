@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use df_protocols::control::{
     ControlError, ControlRequest, ControlResponse, DataAccess, ErrorCode, TaskState,
@@ -862,26 +861,17 @@ async fn dispatch(
                 propagation_source,
                 message_id,
                 message,
-            } => match ctx.registry.live(&task) {
-                Some(h)
-                    if h.shared.pending_gossip.load(Ordering::Relaxed)
-                        < crate::task::MAX_PENDING_GOSSIP =>
-                {
-                    h.shared.pending_gossip.fetch_add(1, Ordering::Relaxed);
-                    if h.tx
-                        .send(RunnerMsg::Gossip {
-                            source,
-                            propagation_source,
-                            message_id,
-                            message,
-                        })
-                        .is_err()
-                    {
-                        h.shared.pending_gossip.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
+            } => {
+                let sent = ctx.registry.live(&task).is_some_and(|h| {
+                    h.send_bounded(RunnerMsg::Gossip {
+                        source,
+                        propagation_source,
+                        message_id: message_id.clone(),
+                        message,
+                    })
+                });
                 // No runner, or one this far behind: not forwarded, not penalised.
-                _ => {
+                if !sent {
                     ctx.net
                         .report_validation(
                             message_id,
@@ -890,7 +880,7 @@ async fn dispatch(
                         )
                         .await;
                 }
-            },
+            }
             NetworkEvent::Request {
                 peer,
                 request,
@@ -913,28 +903,19 @@ async fn dispatch(
                     .report_validation(message_id, propagation_source, verdict)
                     .await;
             }
-            NetworkEvent::Have { peer, frame } => match ctx.registry.live(&frame.task) {
-                // Bounded as gossip is: a runner this far behind loses haves, not memory.
-                Some(h)
-                    if h.shared.pending_gossip.load(Ordering::Relaxed)
-                        < crate::task::MAX_PENDING_GOSSIP =>
+            // Not (or no longer) a task here: nothing to learn from it. Bounded as gossip is: a
+            // runner this far behind loses haves, not memory.
+            NetworkEvent::Have { peer, frame } => {
+                if let Some(h) = ctx.registry.live(&frame.task)
+                    && !h.send_bounded(RunnerMsg::Have {
+                        peer,
+                        pieces: frame.pieces,
+                        complete: frame.complete,
+                    })
                 {
-                    h.shared.pending_gossip.fetch_add(1, Ordering::Relaxed);
-                    if h.tx
-                        .send(RunnerMsg::Have {
-                            peer,
-                            pieces: frame.pieces,
-                            complete: frame.complete,
-                        })
-                        .is_err()
-                    {
-                        h.shared.pending_gossip.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    ctx.metrics.direct_have("dropped");
                 }
-                Some(_) => ctx.metrics.direct_have("dropped"),
-                // Not (or no longer) a task here: nothing to learn from it.
-                None => {}
-            },
+            }
             NetworkEvent::PeerSubscribed { peer, task } => {
                 if let Some(h) = ctx.registry.live(&task) {
                     let _ = h.tx.send(RunnerMsg::PeerSubscribed(peer));

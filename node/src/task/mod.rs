@@ -18,7 +18,7 @@ pub(crate) mod runner;
 pub(crate) mod source;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -513,6 +513,23 @@ struct RegistryInner {
 pub(crate) struct RunnerHandle {
     pub tx: mpsc::UnboundedSender<RunnerMsg>,
     pub shared: Arc<RunnerShared>,
+}
+
+impl RunnerHandle {
+    /// Sends gossip or a direct have unless [`MAX_PENDING_GOSSIP`] such messages already wait
+    /// (the runner decrements the count as it takes each). False when not sent: the runner is this
+    /// far behind, or gone.
+    pub(crate) fn send_bounded(&self, msg: RunnerMsg) -> bool {
+        if self.shared.pending_gossip.load(Ordering::Relaxed) >= MAX_PENDING_GOSSIP {
+            return false;
+        }
+        self.shared.pending_gossip.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(msg).is_err() {
+            self.shared.pending_gossip.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 impl TaskRegistry {
