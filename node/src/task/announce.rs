@@ -15,16 +15,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use df_protocols::have::MAX_HAVE_PIECES_PER_FRAME as MAX_HAVE_PIECES;
 use df_protocols::manifest::{PieceHashBatch, SignedPieceHash};
 use libp2p::PeerId;
 
-/// How often a peer (not a seed) gossips the pieces it gained. Every copy of a gossip message is
-/// decoded and its signature verified by each mesh neighbour before deduplication: in an
-/// 8-peer bench, 100 ms haves from every peer cost a node 30 % of its CPU (perf).
+/// How often a peer (not a seed) sends the pieces it gained. When every have was gossiped, 100 ms
+/// haves from every peer of an 8-peer bench cost a node 30 % of its CPU (perf); direct haves
+/// (`/df/have/1`) are cheaper, but each still wakes every peer on the task.
 pub(crate) const PEER_HAVE_INTERVAL: Duration = Duration::from_millis(400);
-
-/// Most piece indices in one `have` message.
-const MAX_HAVE_PIECES: usize = 8192;
 
 #[derive(Default)]
 pub(crate) struct Announcements {

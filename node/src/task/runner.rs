@@ -13,7 +13,8 @@
 //!    it) the peers closest to the key, this node among them. Whoever accepts answers once the
 //!    origin responded, with the header (or the origin's error).
 //! 3. **Transfer**: rarest-first piece picking ([`super::picker`]) over the sources' bitfields
-//!    ([`super::source`]), kept current by `have` gossip; every piece is checked against its
+//!    ([`super::source`]), kept current by haves (sent on each peer's connection, the first and
+//!    last also gossiped); every piece is checked against its
 //!    producer-signed hash before it is stored and announced ([`super::announce`]). A source
 //!    sending a bad piece is banned for the task.
 //! 4. **Stall recovery**: with no progress for `stall_timeout`, re-probe; if pieces remain that no
@@ -1103,26 +1104,23 @@ impl Runner {
             if pieces.iter().any(|&i| i >= n) {
                 return MessageAcceptance::Reject;
             }
-            let is_source = self.sources.contains_key(&peer);
-            let have = match self.sources.get_mut(&peer) {
-                Some(s) => Some(&mut s.have),
-                None if self.probing.contains(&peer) => Some(
-                    self.early_haves
-                        .entry(peer)
-                        .or_insert_with(|| Bitfield::new(n)),
-                ),
-                None => None,
-            };
-            if let Some(have) = have {
+            let add = |have: &mut Bitfield| {
                 if complete {
                     *have = Bitfield::full(n);
                 }
                 for i in pieces {
                     have.set(i);
                 }
-            }
-            if is_source {
+            };
+            if let Some(s) = self.sources.get_mut(&peer) {
+                add(&mut s.have);
                 return MessageAcceptance::Accept;
+            }
+            if self.probing.contains(&peer) {
+                add(self
+                    .early_haves
+                    .entry(peer)
+                    .or_insert_with(|| Bitfield::new(n)));
             }
         }
         self.probe(peer);
