@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench -p df-proxy --bench image_pull` (needs `docker-registry`, `skopeo`, `umoci`).
 //! `DF_BENCH_PEERS` (default 4), `DF_BENCH_LAYERS_MIB` (comma-separated layer sizes, default
-//! `64,32,16,4`).
+//! `64,32,16,4`), `DF_BENCH_TIMELINE=1` (also print, every 100 ms of the df pulls, what the nodes
+//! had received and finished and what their mirrors had sent).
 //!
 //! The clients are `skopeo copy docker://… dir:…` processes (they verify every blob's digest). On
 //! loopback nothing is shaped, so the time comparison shows the mirror's overhead; the registry
@@ -42,6 +43,50 @@ fn summary(times: &mut [Duration]) -> (f64, f64) {
     let max = times.last().map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let p50 = times[times.len() / 2].as_secs_f64();
     (max, p50)
+}
+
+/// One sample of the df pulls: seconds since they began, bytes the nodes had received (from any
+/// source), blob tasks they had finished, bytes their mirrors had sent to the clients.
+type Sample = (f64, f64, f64, f64);
+
+/// The value of a Prometheus sample line after its metric name and `{`.
+fn metric_value(rest: &str) -> f64 {
+    rest.rsplit_once(' ')
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Samples the df pulls every 100 ms until `done`.
+async fn sample(
+    swarm: &Swarm,
+    mirrors: &[Mirror],
+    done: &std::sync::atomic::AtomicBool,
+) -> Vec<Sample> {
+    let t0 = Instant::now();
+    let mut rows = Vec::new();
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let (mut received, mut finished) = (0.0, 0.0);
+        for n in &swarm.nodes {
+            for l in n.node.metrics_text(false).lines() {
+                if let Some(v) = l.strip_prefix("df_received_bytes_total{") {
+                    received += metric_value(v);
+                } else if let Some(v) = l.strip_prefix("df_task_duration_seconds_count{") {
+                    finished += metric_value(v);
+                }
+            }
+        }
+        let sent: u64 = mirrors
+            .iter()
+            .map(|m| {
+                m.stats()
+                    .blob_bytes_sent
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum();
+        rows.push((t0.elapsed().as_secs_f64(), received, finished, sent as f64));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rows
 }
 
 fn registry_blob_bytes(reg: &Registry) -> u64 {
@@ -116,10 +161,22 @@ async fn main() -> Result<()> {
             skopeo_pull(&r, &dest, Some(&conf)).await
         }));
     }
-    let mut via_df = Vec::new();
-    for j in jobs {
-        via_df.push(j.await??);
-    }
+    let pulls_done = std::sync::atomic::AtomicBool::new(false);
+    let wait = async {
+        let mut times = Vec::new();
+        for j in jobs {
+            times.push(j.await??);
+        }
+        pulls_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        anyhow::Ok(times)
+    };
+    let timeline = std::env::var("DF_BENCH_TIMELINE").is_ok_and(|v| v == "1");
+    let (via_df, rows) = if timeline {
+        tokio::join!(wait, sample(&swarm, &mirrors, &pulls_done))
+    } else {
+        (wait.await, Vec::new())
+    };
+    let mut via_df = via_df?;
     let df_bytes = registry_blob_bytes(&reg) - before;
     let served_by_mirrors: u64 = mirrors
         .iter()
@@ -183,6 +240,19 @@ async fn main() -> Result<()> {
     }
     for (what, (sum, count)) in sums.iter().filter(|(_, (_, c))| *c > 0.0) {
         println!("{what}: mean {:.0} ms over {count}", 1000.0 * sum / count);
+    }
+    if !rows.is_empty() {
+        println!();
+        println!(
+            "timeline (DF_BENCH_TIMELINE=1): s | MiB received by the nodes | blob tasks done | MiB sent to the clients"
+        );
+        for (t, received, finished, sent) in &rows {
+            println!(
+                "{t:5.1} | {:7.1} | {finished:3} | {:7.1}",
+                received / 1048576.0,
+                sent / 1048576.0
+            );
+        }
     }
     for m in mirrors {
         m.shutdown().await;
