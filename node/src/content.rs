@@ -289,7 +289,7 @@ fn ready_piece(
         return Err(std::io::Error::other(RESTARTED));
     }
     let last = (listed.len() as u32).saturating_sub(1);
-    let complete = p.phase == Phase::Complete;
+    let complete = p.phase.content_final();
     let may_list = |i: u32| {
         !listed.get(i as usize).copied().unwrap_or(true) && (!gate_last || i != last || complete)
     };
@@ -403,14 +403,14 @@ async fn wait_for_piece(st: &mut StreamState, index: u32) -> Result<(), std::io:
                 // what was streamed so far is not to be trusted.
                 return Err(std::io::Error::other(RESTARTED));
             }
-            let complete = p.phase == Phase::Complete;
+            let complete = p.phase.content_final();
             if p.have.get(index) && (!st.gate_last || index != last || complete) {
                 return Ok(());
             }
         }
         if st.progress.changed().await.is_err() {
             let p = st.progress.borrow();
-            if p.phase == Phase::Complete {
+            if p.phase.content_final() {
                 return Ok(());
             }
             return Err(std::io::Error::other(match &p.phase {
@@ -593,8 +593,13 @@ mod tests {
         assert_eq!(ready_piece(&listed, false, Some(2), &all).unwrap(), Some(2));
         listed[2] = true;
         assert_eq!(ready_piece(&listed, false, Some(3), &all).unwrap(), Some(3));
-        // The gated last piece still waits for the digest.
+        // The gated last piece still waits for the digest, not for the store's durability.
         assert_eq!(ready_piece(&listed, true, Some(3), &all).unwrap(), None);
+        let verified = progress(&[0, 1, 2, 3], 4, Phase::Verified);
+        assert_eq!(
+            ready_piece(&listed, true, Some(3), &verified).unwrap(),
+            Some(3)
+        );
     }
 
     #[test]

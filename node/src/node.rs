@@ -451,8 +451,10 @@ impl Node {
                 loop {
                     let winding_down = {
                         let p = rx.borrow();
-                        matches!(p.phase, Phase::Complete | Phase::Failed(_))
-                            || (!p.have.is_empty() && p.have.count() == p.have.len())
+                        matches!(
+                            p.phase,
+                            Phase::Verified | Phase::Complete | Phase::Failed(_)
+                        ) || (!p.have.is_empty() && p.have.count() == p.have.len())
                     };
                     if !winding_down || rx.changed().await.is_err() {
                         break;

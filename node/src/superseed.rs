@@ -7,6 +7,10 @@
 //! the task it has not sent to anybody yet, a request for a piece it is sending now, or finished
 //! sending less than [`SETTLE`] ago, is answered "busy": the requester asks for another piece and
 //! gets this one from the peer that has it (which announces it within a gossip round).
+//! The data server also answers such a request "busy" while the node still fetches the task, or
+//! any other task, from its origin: the next fresh piece is coming (with an image's layers
+//! fetched at once, second copies of the layers finished first took uplink from the fresh pieces
+//! of the others).
 //!
 //! The rule never idles the uplink for long: once every held piece has left at least once, any
 //! request is served; a first send still running after [`STALLED_SEND`] (a slow or stuck

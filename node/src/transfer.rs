@@ -448,12 +448,18 @@ impl DataServer {
                 None => (None, None),
             };
             let store = self.store.clone();
+            // While this node fetches any task from its origin, its uplink is for their fresh
+            // pieces: with several tasks at once (an image's layers), a second copy of a piece
+            // of a task it finished fetching took uplink from the fresh pieces of the others
+            // (the seed sent 1.17 × the image's bytes).
+            let fetching_elsewhere = self.activity.origin_fetches() > 0;
             let piece = tokio::task::spawn_blocking(move || {
                 if let Some(sent) = sent_already {
                     // While this node still fetches the task, a second copy waits even when no
                     // fresh piece is held: the next fresh one is coming, and a second copy would
                     // share the uplink with it.
-                    let fetching = store.task(&task)?.is_some_and(|r| !r.complete);
+                    let fetching =
+                        fetching_elsewhere || store.task(&task)?.is_some_and(|r| !r.complete);
                     if fetching || store.held_count(&task)? > sent {
                         return Ok(Err(PieceStatus::Busy));
                     }

@@ -33,6 +33,7 @@ struct Server {
     piece_len: usize,
     shutdown: CancellationToken,
     store: Store,
+    activity: Arc<Activity>,
     _dir: tempfile::TempDir,
 }
 
@@ -109,6 +110,7 @@ async fn start_server_with(
     })
     .await??;
     let store_for_test = store.clone();
+    let activity = Arc::new(Activity::default());
     let mut upload = UploadConfig::default();
     tweak(&mut upload);
     let tokens = TokenIssuer::random();
@@ -119,7 +121,7 @@ async fn start_server_with(
         tokens.clone(),
         &upload,
         Arc::new(Metrics::default()),
-        Arc::new(Activity::default()),
+        activity.clone(),
         ServeMode {
             super_seed: upload.super_seed,
             upload_limit,
@@ -131,6 +133,7 @@ async fn start_server_with(
     tokio::spawn(server.run(shutdown.clone()));
     Ok(Server {
         store: store_for_test,
+        activity,
         addr,
         tokens,
         task,
@@ -662,6 +665,31 @@ async fn a_super_seed_still_fetching_sends_no_second_copy_until_it_holds_the_tas
     ));
     // Once it holds the whole task, a second copy is served at once.
     server.record_task(true).await?;
+    assert_eq!(
+        fetch_piece(&server, &client_b, grant_b, 0).await?,
+        piece_bytes(0, server.piece_len)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_super_seed_fetching_another_task_sends_no_second_copy_meanwhile() -> Result<()> {
+    let server = start_server(2, 64 * 1024, |u| u.super_seed = true).await?;
+    server.record_task(true).await?;
+    let (a, b) = (new_peer(), new_peer());
+    let (client_a, client_b) = (DataClient::new(a), DataClient::new(b));
+    let (grant_a, grant_b) = (server.tokens.grant_for(&a), server.tokens.grant_for(&b));
+    fetch_piece(&server, &client_a, grant_a, 0).await?;
+    fetch_piece(&server, &client_a, grant_a, 1).await?;
+    // This task is whole and every piece has left once, but another task is being fetched from
+    // its origin: its fresh pieces get the uplink first.
+    let other = server.activity.origin_fetch();
+    assert!(matches!(
+        fetch_piece(&server, &client_b, grant_b, 0).await,
+        Err(FetchError::Busy)
+    ));
+    // Once no task is fetched from origin, a second copy is served at once.
+    drop(other);
     assert_eq!(
         fetch_piece(&server, &client_b, grant_b, 0).await?,
         piece_bytes(0, server.piece_len)

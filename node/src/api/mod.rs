@@ -237,7 +237,8 @@ impl TaskInfo {
     pub fn from_progress(key: &TaskKey, p: &Progress) -> TaskInfo {
         let (state, error) = match &p.phase {
             Phase::Starting => ("starting", None),
-            Phase::Running => ("running", None),
+            // Verified: the bytes are all here and checked, not yet durable.
+            Phase::Running | Phase::Verified => ("running", None),
             Phase::Complete => ("complete", None),
             Phase::Failed(e) => ("failed", Some(e.clone())),
         };

@@ -267,8 +267,18 @@ pub enum Phase {
     /// Looking for the header (peers, seeds, origin).
     Starting,
     Running,
+    /// Every piece is here and verified, with the whole-content digest when there is one: a
+    /// reader may take all of it. The node is making it durable before it says `Complete`.
+    Verified,
     Complete,
     Failed(TaskError),
+}
+
+impl Phase {
+    /// Whether a reader may take every piece, the last one included (see [`Phase::Verified`]).
+    pub fn content_final(&self) -> bool {
+        matches!(self, Phase::Verified | Phase::Complete)
+    }
 }
 
 /// A task's progress, published by its runner.

@@ -9,7 +9,8 @@
 //!   [`IN_ORDER_WINDOW`] pieces from the one it waits for goes first, when that costs the swarm
 //!   nothing: a peer (not a seed) holds it, or every source is a seed (one hop: nobody to trade
 //!   with). Download and streaming then overlap instead of the stream waiting for piece 0 while
-//!   random pieces arrive.
+//!   random pieces arrive. Fresh pieces (only seeds hold them) are then picked among the
+//!   [`FRESH_AHEAD_OF_READER`] nearest ahead of the reader, not from the whole content.
 //! * Endgame: once every missing piece has been requested, a piece in flight from one source is
 //!   requested from a second one; the first answer wins. (Not earlier: while the producer is still
 //!   publishing hashes, duplicates would only waste the seed's uplink.)
@@ -65,6 +66,13 @@ pub(crate) struct PickInput<'a> {
 
 /// Pieces ahead of a local reader fetched in order.
 pub(crate) const IN_ORDER_WINDOW: u32 = 8;
+
+/// While a local reader streams, the fresh pieces (only seeds hold them) asked for are the first
+/// this many ahead of it, picked at random among them: peers starting together still ask the seed
+/// for different pieces and trade them, but near the reader, so the stream keeps pace with the
+/// download (4 mirrors streaming a 64 MiB blob had received a fifth of what their nodes held when
+/// fresh pieces were picked from the whole blob).
+pub(crate) const FRESH_AHEAD_OF_READER: usize = 2 * IN_ORDER_WINDOW as usize;
 
 /// Requests each kind of source may have in flight now.
 #[derive(Clone, Copy)]
@@ -183,7 +191,10 @@ fn pick_fresh(input: &PickInput<'_>, caps: Caps, rng: &mut impl Rng) -> Option<(
     if !caps.peers_too || !input.sources.iter().any(|s| s.is_seed && caps.usable(s)) {
         return None;
     }
-    let fresh: Vec<u32> = (0..input.have.len())
+    // A local reader streams: only the fresh pieces nearest ahead of it, so the stream keeps pace
+    // with the download instead of waiting for pieces the seed sent out in random order.
+    let from = input.reader_at.unwrap_or(0);
+    let fresh: Vec<u32> = (from..input.have.len())
         .filter(|&i| {
             !input.have.get(i)
                 && input.hash_known.get(i)
@@ -194,6 +205,11 @@ fn pick_fresh(input: &PickInput<'_>, caps: Caps, rng: &mut impl Rng) -> Option<(
                     .iter()
                     .any(|s| s.is_seed && caps.usable(s) && s.offers(i))
                 && (input.inflight)(i).is_empty()
+        })
+        .take(if input.reader_at.is_some() {
+            FRESH_AHEAD_OF_READER
+        } else {
+            usize::MAX
         })
         .collect();
     if fresh.is_empty() {
@@ -493,5 +509,42 @@ mod tests {
         for r in 0..20 {
             assert_eq!(f.pick(&s, r), Some((9, peer)));
         }
+    }
+
+    #[test]
+    fn a_reader_in_a_swarm_gets_fresh_pieces_near_it_spread_among_peers() {
+        let n = 200;
+        let mut f = Fixture::new(n);
+        let (seed, peer) = (PeerId::random(), PeerId::random());
+        let all = Bitfield::full(n);
+        let peer_has = bf(n, &[199]);
+        f.have = bf(n, &(0..50).collect::<Vec<_>>());
+        let s = [src(seed, &all, true), src(peer, &peer_has, false)];
+        let picks = |f: &Fixture| -> Vec<u32> {
+            (0..100)
+                .filter_map(|r| f.pick(&s, r))
+                .filter(|p| p.1 == seed)
+                .map(|p| p.0)
+                .collect()
+        };
+        // No reader: fresh pieces come from anywhere in the content.
+        let anywhere = picks(&f);
+        assert!(
+            anywhere
+                .iter()
+                .any(|&i| i >= 50 + FRESH_AHEAD_OF_READER as u32)
+        );
+        // A reader waits for piece 50: fresh pieces come from just ahead of it, still at random
+        // among those (peers starting together ask the seed for different ones).
+        f.reader_at = Some(50);
+        let near = picks(&f);
+        assert_eq!(near.len(), 100);
+        assert!(
+            near.iter()
+                .all(|&i| (50..50 + FRESH_AHEAD_OF_READER as u32).contains(&i)),
+            "{near:?}"
+        );
+        let distinct: std::collections::HashSet<u32> = near.into_iter().collect();
+        assert!(distinct.len() > FRESH_AHEAD_OF_READER / 2, "{distinct:?}");
     }
 }

@@ -114,6 +114,8 @@ pub(crate) struct Runner {
     start_waiters: Vec<oneshot::Sender<ControlResponse>>,
     /// Pieces being fetched from origin by this node, and how many production jobs run.
     producing: Option<Bitfield>,
+    /// Held while `producing` is set: counts this task among the node's origin fetches.
+    origin_fetch: Option<crate::activity::OriginFetch>,
     production_jobs: usize,
     production_handles: Vec<AbortHandle>,
     opening: bool,
@@ -191,6 +193,7 @@ impl Runner {
             header_waiters: Vec::new(),
             start_waiters: Vec::new(),
             producing: None,
+            origin_fetch: None,
             production_jobs: 0,
             production_handles: Vec::new(),
             opening: false,
@@ -321,6 +324,15 @@ impl Runner {
             let _ = self.ctx.net.unsubscribe(self.key).await;
         }
         tracing::debug!(task = %self.key, phase = ?self.phase, "runner exits");
+    }
+
+    /// Sets the pieces being fetched from origin (`None`: none), and counts the task among the
+    /// node's origin fetches while there are some.
+    fn set_producing(&mut self, marks: Option<Bitfield>) {
+        if marks.is_some() != self.origin_fetch.is_some() {
+            self.origin_fetch = marks.as_ref().map(|_| self.ctx.activity.origin_fetch());
+        }
+        self.producing = marks;
     }
 
     fn publish_progress(&self) {
@@ -525,7 +537,7 @@ impl Runner {
             RunnerMsg::ProductionDone => {
                 self.production_jobs = self.production_jobs.saturating_sub(1);
                 if self.production_jobs == 0 {
-                    self.producing = None;
+                    self.set_producing(None);
                 }
                 self.publish_progress();
                 self.check_complete();
@@ -1337,7 +1349,7 @@ impl Runner {
             .collect();
         pieces.sort_unstable();
         pieces.dedup();
-        let mut marks = self.producing.take().unwrap_or_else(|| Bitfield::new(n));
+        let mut marks = self.producing.clone().unwrap_or_else(|| Bitfield::new(n));
         for &i in &pieces {
             marks.set(i);
         }
@@ -1380,7 +1392,7 @@ impl Runner {
             ranged: resp.ranged,
             tx: self.tx.clone(),
         };
-        self.producing = Some(marks);
+        self.set_producing(Some(marks));
         self.production_jobs += 1;
         self.publish_progress();
         self.production_handles.retain(|h| !h.is_finished());
@@ -1436,7 +1448,7 @@ impl Runner {
             }
             Err(e) => {
                 tracing::warn!(task = %self.key, index, error = %e, "origin production failed");
-                self.producing = None;
+                self.set_producing(None);
                 let err = match e {
                     ProduceError::Origin(o) => TaskError::from(o),
                     ProduceError::HashMismatch(_) => TaskError::ContentChanged {
@@ -1703,7 +1715,10 @@ impl Runner {
     fn check_complete(&mut self) {
         if self.header.is_none()
             || !self.have.is_complete()
-            || matches!(self.phase, Phase::Complete | Phase::Failed(_))
+            || matches!(
+                self.phase,
+                Phase::Verified | Phase::Complete | Phase::Failed(_)
+            )
             || self.digest_checking
         {
             return;
@@ -1778,6 +1793,11 @@ impl Runner {
             self.fail(e);
             return;
         }
+        // Readers (a mirror's client, `df get`) may take the last piece now: they need not wait
+        // while this node makes its store durable (fsyncs of the content files written since the
+        // last flush, then RocksDB's memtables).
+        self.phase = Phase::Verified;
+        self.publish_progress();
         self.persist_hashes_now().await;
         if let Some(h) = self.header.clone() {
             let store = self.ctx.store.clone();
