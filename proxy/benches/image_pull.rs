@@ -56,6 +56,18 @@ fn metric_value(rest: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Blob bytes the mirrors have sent to their clients.
+fn mirrors_sent(mirrors: &[Mirror]) -> u64 {
+    mirrors
+        .iter()
+        .map(|m| {
+            m.stats()
+                .blob_bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum()
+}
+
 /// Samples the df pulls every 100 ms until `done`.
 async fn sample(
     swarm: &Swarm,
@@ -75,14 +87,7 @@ async fn sample(
                 }
             }
         }
-        let sent: u64 = mirrors
-            .iter()
-            .map(|m| {
-                m.stats()
-                    .blob_bytes_sent
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .sum();
+        let sent = mirrors_sent(mirrors);
         rows.push((t0.elapsed().as_secs_f64(), received, finished, sent as f64));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -178,14 +183,7 @@ async fn main() -> Result<()> {
     };
     let mut via_df = via_df?;
     let df_bytes = registry_blob_bytes(&reg) - before;
-    let served_by_mirrors: u64 = mirrors
-        .iter()
-        .map(|m| {
-            m.stats()
-                .blob_bytes_sent
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
+    let served_by_mirrors = mirrors_sent(&mirrors);
 
     let (dmax, dp50) = summary(&mut direct);
     let (fmax, fp50) = summary(&mut via_df);
